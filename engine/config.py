@@ -1,0 +1,217 @@
+"""Model and run settings as small dataclasses.
+
+`ModelConfig` describes the shape of a checkpoint (it is built from a Hugging Face
+`config.json` or from GGUF metadata). `GenerationConfig` describes one run: which decoding
+strategy, which attention backend, how to sample, how many tokens. Both validate themselves in
+`__post_init__`, so a bad value fails early with a one-line message instead of deep inside a
+matrix multiply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+STRATEGIES = ("naive", "kv", "paged")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work. The message is meant for the user, as is."""
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The architecture of one checkpoint. Field names follow the papers, not one library."""
+
+    family: str = "llama"           # llama | qwen2 | gpt2
+    vocab_size: int = 49152
+    dim: int = 576                  # width of the residual stream (d_model)
+    n_layers: int = 30
+    n_heads: int = 9                # query heads
+    n_kv_heads: int = 3             # key/value heads (< n_heads means grouped-query attention)
+    head_dim: int = 64
+    ffn_dim: int = 1536             # hidden width of the MLP
+    max_seq_len: int = 8192         # the context the model was trained for
+    norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling: dict | None = None
+    tie_embeddings: bool = True     # LM head shares the token-embedding matrix
+    qkv_bias: bool = False          # Qwen2 adds biases to Q, K and V
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(
+                f"unsupported architecture {self.family!r}; supported: {', '.join(FAMILIES)}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "ffn_dim", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"model config: {name} must be positive")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError("model config: n_heads must be a multiple of n_kv_heads")
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        """Named shapes, used for random-weight timing and tests."""
+        presets = {
+            "smollm2-135m": dict(),
+            "tiny-llama": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                               head_dim=16, ffn_dim=128, max_seq_len=512, rope_theta=10000.0),
+            "tiny-qwen2": dict(family="qwen2", vocab_size=256, dim=64, n_layers=2, n_heads=4,
+                               n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=512,
+                               rope_theta=10000.0, qkv_bias=True, tie_embeddings=False),
+            "tiny-gpt2": dict(family="gpt2", vocab_size=256, dim=64, n_layers=2, n_heads=4,
+                              n_kv_heads=4, head_dim=16, ffn_dim=256, max_seq_len=512,
+                              norm_eps=1e-5, bos_token_id=None, eos_token_ids=(255,)),
+        }
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(presets)}")
+        return cls(**presets[name])
+
+    # ------------------------------------------------------- Hugging Face config.json
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Read a Hugging Face `config.json` dictionary."""
+        mt = hf.get("model_type", "")
+        if mt == "llama":
+            family = "llama"
+        elif mt == "qwen2":
+            family = "qwen2"
+        elif mt == "gpt2":
+            family = "gpt2"
+        else:
+            raise ConfigError(
+                f"unsupported architecture {mt or hf.get('architectures')!r}; "
+                f"supported: {', '.join(FAMILIES)}")
+        eos = hf.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        if family == "gpt2":
+            n_heads = hf["n_head"]
+            dim = hf["n_embd"]
+            return cls(family=family, vocab_size=hf["vocab_size"], dim=dim,
+                       n_layers=hf["n_layer"], n_heads=n_heads, n_kv_heads=n_heads,
+                       head_dim=dim // n_heads, ffn_dim=hf.get("n_inner") or 4 * dim,
+                       max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                       tie_embeddings=True, bos_token_id=hf.get("bos_token_id"),
+                       eos_token_ids=eos)
+        n_heads = hf["num_attention_heads"]
+        rope_theta = hf.get("rope_theta")
+        scaling = hf.get("rope_scaling")
+        params = hf.get("rope_parameters")   # newer transformers keep theta in here
+        if isinstance(params, dict):
+            rope_theta = rope_theta or params.get("rope_theta")
+            if params.get("rope_type", "default") != "default":
+                scaling = params
+        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+        return cls(family=family, vocab_size=hf["vocab_size"], dim=hf["hidden_size"],
+                   n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+                   n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                   head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+                   ffn_dim=hf["intermediate_size"],
+                   max_seq_len=hf.get("max_position_embeddings", 2048),
+                   norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   rope_theta=float(rope_theta or 10000.0), rope_scaling=scaling,
+                   tie_embeddings=bool(hf.get("tie_word_embeddings", family == "llama")),
+                   qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
+                   bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The inverse of `from_hf`: a `config.json` that transformers can load."""
+        eos = list(self.eos_token_ids)
+        eos_value = eos[0] if len(eos) == 1 else eos
+        if self.family == "gpt2":
+            return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"],
+                        vocab_size=self.vocab_size, n_embd=self.dim, n_layer=self.n_layers,
+                        n_head=self.n_heads, n_inner=self.ffn_dim, n_positions=self.max_seq_len,
+                        layer_norm_epsilon=self.norm_eps, activation_function="gelu_new",
+                        bos_token_id=self.bos_token_id, eos_token_id=eos_value,
+                        tie_word_embeddings=True)
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.family]
+        out = dict(model_type=self.family, architectures=[arch], vocab_size=self.vocab_size,
+                   hidden_size=self.dim, num_hidden_layers=self.n_layers,
+                   num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
+                   head_dim=self.head_dim, intermediate_size=self.ffn_dim,
+                   max_position_embeddings=self.max_seq_len, rms_norm_eps=self.norm_eps,
+                   rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+                   tie_word_embeddings=self.tie_embeddings, hidden_act="silu",
+                   bos_token_id=self.bos_token_id, eos_token_id=eos_value)
+        if self.family == "llama":
+            out["attention_bias"] = self.qkv_bias
+        return out
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V for one token across all layers: 2 × layers × kv_heads × head_dim × bytes."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class SamplingConfig:
+    """How the next token is chosen from the logits. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ConfigError(f"top-k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not (0.0 <= self.min_p <= 1.0):
+            raise ConfigError(f"min-p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(
+                f"repetition penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ConfigError(f"seed must be in [0, 2^63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(slots=True)
+class GenerationConfig:
+    """One run: strategy, backend, sampling, length, and what to record."""
+
+    strategy: str = "kv"
+    backend: str = "sdpa"
+    max_new_tokens: int = 50
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    block_size: int = 16            # tokens per block of the paged cache
+    num_blocks: int | None = None   # paged pool size; None = just enough for this run
+    capacity: int | None = None     # contiguous cache size; None = prompt + max_new_tokens
+    stop: tuple[str, ...] = ()      # stop strings
+    stop_at_eos: bool = True
+    attention_rows: bool = True     # emit the new token's attention row (off for benchmarks)
+    keep_logits: bool = False       # attach each step's logits to its Token event (tests, bench)
+    flash_tile: int = 64            # key/value tile size of the flash backend
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max new tokens must be ≥ 0, got {self.max_new_tokens}")
+        if self.block_size <= 0:
+            raise ConfigError(f"block size must be a positive integer, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"number of blocks must be positive, got {self.num_blocks}")
+        if self.flash_tile <= 0:
+            raise ConfigError(f"flash tile size must be positive, got {self.flash_tile}")
+        self.stop = tuple(self.stop)

@@ -1,0 +1,74 @@
+"""Choosing the next token from the logits: a ladder of small, pure steps.
+
+    logits → repetition penalty → temperature → top-k → top-p → min-p → softmax → draw
+
+Temperature 0 short-circuits to argmax (greedy). Sampling draws from a `torch.Generator` owned by
+the run and always on the CPU, so a seed gives the same tokens on every device, strategy and
+backend (as long as their logits agree).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import SamplingConfig
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float):
+    """CTRL-style: make already-seen tokens less likely (divide positive, multiply negative)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k highest logits; the rest become −∞."""
+    if k is None or k >= logits.numel():
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability sums to ≥ p."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    drop = cum - torch.softmax(sorted_logits, dim=-1) >= p   # mass *before* this token ≥ p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(0, order, sorted_logits)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
+    """Drop tokens less likely than min_p × the most likely token's probability."""
+    if not min_p:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor,
+           gen: torch.Generator) -> int:
+    """Pick the next token id from float32 logits (vocab,)."""
+    logits = apply_repetition_penalty(logits.float().cpu(), seen, cfg.repetition_penalty)
+    if cfg.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / cfg.temperature
+    logits = top_k_filter(logits, cfg.top_k)
+    logits = top_p_filter(logits, cfg.top_p)
+    logits = min_p_filter(logits, cfg.min_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
