@@ -54,6 +54,7 @@ class LoadedModel:
     source: str               # the path or id it came from
     load_seconds: float
     converted: bool = False   # True when this load converted a GGUF (a cold start)
+    hf_folder: str | None = None   # a Hugging Face-format folder with these weights, if any
 
 
 # ----------------------------------------------------------------------------- devices, dtypes
@@ -390,21 +391,23 @@ def convert_gguf(path: Path, progress: Progress | None = None) -> tuple[Path | N
 
 
 def load_gguf(path: Path, device, dtype, progress: Progress | None = None):
-    """Load a GGUF through the conversion cache. Returns (model, tokenizer, cfg, converted)."""
+    """Load a GGUF through the conversion cache.
+
+    Returns (model, tokenizer, cfg, converted, cache folder or None)."""
     folder = cache_root() / gguf_cache_key(path)
     if folder.is_dir() and _cache_complete(folder):
         model, tok, cfg = load_hf_folder(folder, device, dtype, progress)
-        return model, tok, cfg, False
+        return model, tok, cfg, False, folder
     folder, (cfg, sd, tok_json, tok_cfg) = convert_gguf(path, progress)
     if folder is not None:
         model, tok, cfg = load_hf_folder(folder, device, dtype, progress)
-        return model, tok, cfg, True
+        return model, tok, cfg, True, folder
     # Cache not writable: build everything in memory.
     from tokenizers import Tokenizer as HFTokenizer
     model = build_model(cfg, hf_to_engine(sd, cfg), device, dtype)
     tok = Tokenizer(HFTokenizer.from_str(tok_json), cfg.bos_token_id, cfg.eos_token_ids,
                     tok_cfg.get("add_bos_token", False))
-    return model, tok, cfg, True
+    return model, tok, cfg, True, None
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -426,11 +429,12 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "floa
                 raise ModelLoadError(f"model path not found: {spec}")
     if progress:
         progress(f"loading {name or path.name}", 0.0)
-    converted = False
+    converted, hf_folder = False, None
     if path.is_dir():
         model, tok, cfg = load_hf_folder(path, dev, dt, progress)
+        hf_folder = path
     elif path.suffix == ".gguf" or _is_gguf(path):
-        model, tok, cfg, converted = load_gguf(path, dev, dt, progress)
+        model, tok, cfg, converted, hf_folder = load_gguf(path, dev, dt, progress)
     elif path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
         raise ModelLoadError(f"{path.name} is a pickle checkpoint, which can run arbitrary code "
                              f"when loaded; only .safetensors and .gguf are accepted")
@@ -440,7 +444,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "floa
         progress("ready", 1.0)
     return LoadedModel(model=model, tokenizer=tok, config=cfg, name=name or path.name,
                        source=str(path), load_seconds=time.perf_counter() - t0,
-                       converted=converted)
+                       converted=converted, hf_folder=str(hf_folder) if hf_folder else None)
 
 
 def _is_gguf(path: Path) -> bool:
