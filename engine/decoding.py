@@ -82,6 +82,7 @@ class CachedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         start = self.start
+        self.backend.current_layer = layer        # only used to label traces (flash tiles)
         if self.cache is None:
             keys, values = k, v                                   # (B, n_kv, T, hd), all fresh
             out = self.backend.attend(q, keys, values, q_offset=0)

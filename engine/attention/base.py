@@ -30,6 +30,9 @@ class Capabilities:
 class AttentionBackend:
     name: str = "base"
     caps: Capabilities = Capabilities()
+    # The model layer of the coming call, set by the caller (engine.decoding.CachedAttention).
+    # Backends ignore it, except to label what they record (the flash backend's tile trace).
+    current_layer: int = 0
 
     def __init__(self, **options):
         """Backends take their tuning knobs as keyword options and ignore the others."""
