@@ -1,0 +1,101 @@
+"""The `triton` backend: the FlashAttention algorithm as real GPU kernels (engine/attention/
+triton_kernels.py), plus a PagedAttention kernel that reads K/V through the block table.
+
+    attend        contiguous K/V (no cache, or the `kv` cache): the fused attention kernel
+    attend_paged  the `paged` cache: the paged kernel walks the block table, so no gathered copy
+                  of the sequence's K/V is ever made (caps.paged_native)
+
+On a machine without a GPU the same kernels run under Triton's interpreter (TRITON_INTERPRET=1
+in the environment before the first call) — slowly, in NumPy, but exactly the code the GPU runs,
+which is how CI tests them. Importing this file never needs triton; only using the backend does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import register
+from .base import AttentionBackend, Capabilities
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    """The next power of two ≥ n: Triton's tl.arange only makes power-of-two ranges."""
+    return max(at_least, 1 << (int(n) - 1).bit_length())
+
+
+@register
+class TritonAttention(AttentionBackend):
+    name = "triton"
+    caps = Capabilities(needs_cuda=True, paged_native=True,
+                        description="Triton kernels: fused FlashAttention prefill, "
+                                    "PagedAttention decode through the block table")
+
+    def __init__(self, tile: int = 64, **options):
+        # Query/key tile of the fused kernel. tl.dot needs tiles of at least 16 on a GPU,
+        # and tl.arange a power of two, so the requested size is rounded up.
+        self.block = _pow2(tile, at_least=16)
+        self._kernel = "—"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        try:
+            from .triton_kernels import interpreting
+        except ImportError as exc:
+            return f"Triton is not installed ({exc.msg}); `pip install triton` (Linux)"
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "CUDA is not available on this machine"
+        if interpreting():
+            return None
+        return (f"Triton kernels need a CUDA GPU; on {device.type} set TRITON_INTERPRET=1 to run "
+                f"them in Triton's (slow) interpreter")
+
+    def last_info(self) -> dict:
+        return {"kernel": self._kernel}
+
+    # ------------------------------------------------------------------ contiguous K/V
+    def attend(self, q, k, v, q_offset: int) -> torch.Tensor:
+        from .triton_kernels import interpreting, kernels
+        attention_fwd, _ = kernels()
+        B, H, Tq, hd = q.shape
+        n_kv, Tk = k.shape[1], k.shape[2]
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out = torch.empty(B, H, Tq, hd, dtype=q.dtype, device=q.device)   # (B, H, Tq, hd)
+        grid = (triton_cdiv(Tq, self.block), B * H)    # (query blocks, batch × heads)
+        attention_fwd[grid](
+            q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            H, H // n_kv, Tq, Tk, q_offset, 1.0 / math.sqrt(hd),
+            HD=hd, BLOCK_D=_pow2(hd, 16), BLOCK_M=self.block, BLOCK_N=self.block,
+            # fp32 inputs: true fp32 products (a GPU's default, tf32, keeps only 10 mantissa bits)
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting())
+        self._kernel = "fused attention"
+        return out
+
+    # ------------------------------------------------------------------ paged K/V
+    def attend_paged(self, q, k_pool, v_pool, block_table, seq_len: int,
+                     q_offset: int) -> torch.Tensor:
+        """q: (1, H, Tq, hd); pools: (num_blocks, n_kv, block_size, hd); block_table int32."""
+        from .triton_kernels import kernels
+        _, paged_decode = kernels()
+        B, H, Tq, hd = q.shape
+        if B != 1:
+            raise ValueError("the paged cache holds one sequence per block table (batch 1)")
+        n_kv, block_size = k_pool.shape[1], k_pool.shape[2]
+        G = H // n_kv
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        out = torch.empty(1, H, Tq, hd, dtype=q.dtype, device=q.device)   # (1, H, Tq, hd)
+        # One program per (query, K/V head). For a prompt (Tq > 1) this reads K/V once per
+        # query, unlike the fused kernel; decode — one query — is what this kernel is for.
+        grid = (Tq, n_kv)
+        paged_decode[grid](
+            q, k_pool, v_pool, out, block_table,
+            q.stride(1), q.stride(2), *k_pool.stride()[:3], *v_pool.stride()[:3],
+            out.stride(1), out.stride(2), q_offset, 1.0 / math.sqrt(hd),
+            G=G, BLOCK_G=_pow2(G), HD=hd, BLOCK_D=_pow2(hd), BLOCK_SIZE=block_size,
+            BLOCK_N=_pow2(block_size))
+        self._kernel = "paged attention"
+        return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
