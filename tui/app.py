@@ -1,0 +1,485 @@
+"""The Textual app: a prompt, four panes, a status bar, and keys for everything.
+
+Data flows one way. The app sends a run request to an engine client; the client's reader
+thread posts `EngineEvents` batches (about 12 a second, whatever the token rate); the app draws
+each batch inside `batch_update()` so a batch is one repaint. The model never runs in this
+process (tui/engine_process.py explains why), and nothing here waits on the engine.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterable
+
+from textual import events
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Container, Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Label, ProgressBar, Static
+
+import themes
+from themes import ramps
+
+from .bridge import EngineClient
+from .engine_process import RaceRequest, RunRequest
+from .messages import (AttentionUpdated, CacheUpdated, EngineEvents, EngineFailed,
+                       EngineProgress, EngineReady, RaceFinished)
+from .screens.help import HelpScreen
+from .screens.race import RaceScreen, verdict
+from .screens.settings import SettingsScreen
+from .widgets.attention import AttentionPane
+from .widgets.kv_cache import KVCachePane
+from .widgets.latency import LatencyPane
+from .widgets.status_bar import StatusBar
+from .widgets.token_stream import TokenStream
+
+STRATEGIES = ("naive", "kv", "paged")
+DEFAULT_BACKENDS = ("naive", "sdpa", "flash", "triton")
+MIN_WIDTH, MIN_HEIGHT, NARROW_WIDTH = 60, 18, 110
+CHART_HZ = 4
+
+
+@dataclass
+class Settings:
+    """What the command line can set (engine/cli.py `add_ui_args`)."""
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    strategy: str = "kv"
+    backend: str = "sdpa"
+    prompt: str = "Deep learning is"
+    max_new_tokens: int = 50
+    theme: str = "dark"
+    truecolor: bool = False
+    sampling: dict = field(default_factory=lambda: dict(temperature=0.0))
+
+    @classmethod
+    def from_args(cls, args) -> "Settings":
+        s = cls()
+        for name in ("model", "device", "dtype", "strategy", "backend", "prompt",
+                     "max_new_tokens", "theme", "truecolor"):
+            if getattr(args, name, None) is not None:
+                setattr(s, name, getattr(args, name))
+        return s
+
+
+def sampling_text(sampling: dict, max_new: int) -> str:
+    t = sampling.get("temperature") or 0.0
+    parts = ["greedy" if t == 0 else f"T={t:g}"]
+    for key, short in (("top_k", "top-k"), ("top_p", "top-p"), ("min_p", "min-p"),
+                       ("seed", "seed")):
+        if sampling.get(key) is not None:
+            parts.append(f"{short}={sampling[key]:g}")
+    if sampling.get("repetition_penalty", 1.0) != 1.0:
+        parts.append(f"rep={sampling['repetition_penalty']:g}")
+    parts.append(f"max {max_new}")
+    return " ".join(parts)
+
+
+class MiniLLMApp(App[int]):
+    """Watch a small language model generate: tokens, KV cache, attention, latency."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "Mini LLM"
+    AUTO_FOCUS = "#tokens"
+
+    BINDINGS = [
+        Binding("slash", "edit_prompt", "Prompt"),
+        Binding("enter", "run", "Run"),
+        Binding("x", "stop", "Stop"),
+        Binding("s", "cycle_strategy", "Strategy"),
+        Binding("b", "cycle_backend", "Backend"),
+        Binding("R", "race", "Race"),
+        Binding("t", "show_race", "Race table", show=False),
+        Binding("o", "settings", "Sampling"),
+        Binding("left_square_bracket", "attention('layer', -1)", "Layer−", show=False),
+        Binding("right_square_bracket", "attention('layer', 1)", "Layer+", show=False),
+        Binding("left_curly_bracket", "attention('head', -1)", "Head−", show=False),
+        Binding("right_curly_bracket", "attention('head', 1)", "Head+", show=False),
+        Binding("m", "attention('mode', 0)", "Row/matrix", show=False),
+        Binding("k", "tokens('boundaries')", "Token shades", show=False),
+        Binding("c", "tokens('latency')", "Latency colours", show=False),
+        Binding("T", "cycle_theme", "Theme", show=False),
+        Binding("C", "cycle_depth", "Colour depth", show=False),
+        Binding("question_mark,f1", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, settings: Settings | None = None, client: EngineClient | None = None,
+                 color_depth: str | None = None) -> None:
+        super().__init__()
+        self.settings = settings or Settings()
+        if client is None:
+            from .bridge import ProcessEngineClient
+            s = self.settings
+            client = ProcessEngineClient(s.model, s.device, s.dtype)
+        self.client = client
+        self.forced_depth = color_depth
+        self.info: dict | None = None           # from EngineReady
+        self.run_counter = 0
+        self.current_run: int | None = None     # the run whose events are drawn
+        self.race_runs: dict[int, str] = {}     # run_id → "strategy/backend" of a live race
+        self.racing = False
+        self.last_race: RaceFinished | None = None
+        self.last_single: tuple | None = None   # (prompt, sampling, tokens) of the last run
+        self.finished: list = []                # Finished events, newest last (tests read it)
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return dict(themes.VARIABLE_DEFAULTS)
+
+    # ------------------------------------------------------------------ layout
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="prompt-row"):
+            yield Input(self.settings.prompt, placeholder="Type a prompt, enter runs it",
+                        id="prompt")
+        with Horizontal(id="loading"):
+            yield Label("starting the engine…", id="loading-text")
+            yield ProgressBar(total=1.0, show_eta=False, id="load-progress")
+        with Container(id="panes"):
+            yield TokenStream(id="tokens")
+            yield AttentionPane(id="attention")
+            yield KVCachePane(id="kv")
+            yield LatencyPane(id="latency")
+        yield Static(f"The window is too small.\nMake it at least {MIN_WIDTH}×{MIN_HEIGHT} "
+                     f"(columns × rows).", id="too-small")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for theme in themes.ALL:
+            self.register_theme(theme)
+        self.theme = themes.theme_name(self.settings.theme)
+        titles = {"tokens": "Token stream", "attention": "Attention",
+                  "kv": "KV cache", "latency": "Latency"}
+        for wid, title in titles.items():
+            self.query_one(f"#{wid}").border_title = title
+        depth = self.forced_depth or ramps.depth_of(self.console.color_system)
+        self.query_one(AttentionPane).depth = depth
+        self._update_status()
+        self._apply_size(self.size.width, self.size.height)
+        self.set_interval(1 / CHART_HZ, self._redraw_charts)
+        self.client.start(self.post_message)
+
+    def on_unmount(self) -> None:
+        self.client.close()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._apply_size(event.size.width, event.size.height)
+
+    def _apply_size(self, width: int, height: int) -> None:
+        self.set_class(width < MIN_WIDTH or height < MIN_HEIGHT, "-too-small")
+        self.set_class(width < NARROW_WIDTH, "-narrow")
+
+    def _update_status(self) -> None:
+        bar = self.query_one(StatusBar)
+        s = self.settings
+        bar.strategy, bar.backend = s.strategy, s.backend
+        bar.sampling = sampling_text(s.sampling, s.max_new_tokens)
+
+    def _redraw_charts(self) -> None:
+        self.query_one(LatencyPane).redraw()
+
+    # ------------------------------------------------------------------ engine messages
+    def on_engine_progress(self, message: EngineProgress) -> None:
+        self.query_one("#loading-text", Label).update(message.text)
+        self.query_one("#load-progress", ProgressBar).update(progress=message.fraction)
+        self.query_one(StatusBar).model = "loading…"
+
+    def on_engine_ready(self, message: EngineReady) -> None:
+        self.info = info = message.info
+        self.query_one("#loading").add_class("-done")
+        bar = self.query_one(StatusBar)
+        bar.model, bar.device, bar.dtype = info["name"], info["device"], info["dtype"]
+        reason = info["backends"].get(self.settings.backend, "unknown backend")
+        if self.settings.backend not in info["backends"] or reason:
+            self.notify(f"backend {self.settings.backend!r} is unavailable here: {reason}; "
+                        f"using sdpa", title="Backend", severity="error", timeout=8)
+            self.settings.backend = "sdpa"
+            self._update_status()
+        self.notify(f"{info['name']} ready on {info['device']}", timeout=3)
+
+    def on_engine_failed(self, message: EngineFailed) -> None:
+        self.notify(message.text, title="Engine", severity="error", timeout=10)
+        if message.fatal:
+            self.query_one("#loading-text", Label).update(message.text)
+            self.query_one(StatusBar).model = "no model"
+        if message.run_id is not None and message.run_id == self.current_run:
+            self.current_run = None
+
+    def on_engine_events(self, message: EngineEvents) -> None:
+        if (self.racing and message.run_id in self.race_runs
+                and self.current_run is not None and message.run_id > self.current_run):
+            self.current_run = message.run_id      # the race moved on to its next contestant
+        if message.run_id != self.current_run:
+            return                       # a run we stopped following
+        from engine.events import (AttentionRow, CacheSnapshot, Finished, FlashTiles, Prefill,
+                                   Started, Token)
+        tokens = self.query_one(TokenStream)
+        attention = self.query_one(AttentionPane)
+        kv = self.query_one(KVCachePane)
+        latency = self.query_one(LatencyPane)
+        pieces, points, rows, snapshot = [], [], [], None
+        with self.batch_update():
+            for ev in message.events:
+                if isinstance(ev, Token):
+                    pieces.append((ev.text, False, ev.latency_s))
+                    attention.pieces.append(ev.text)
+                    points.append((ev.position, ev.latency_s))
+                elif isinstance(ev, CacheSnapshot):
+                    if snapshot is not None and snapshot.kind == "none":
+                        kv.recomputed_total += snapshot.recomputed_tokens
+                    snapshot = ev.stats
+                elif isinstance(ev, AttentionRow):
+                    rows.append(ev)
+                elif isinstance(ev, FlashTiles):
+                    attention.flash = ev
+                elif isinstance(ev, Prefill):
+                    tokens.set_prompt(ev.prompt_pieces)
+                    attention.reset(ev.prompt_pieces)
+                elif isinstance(ev, Started):
+                    tokens.clear()
+                    kv.reset()
+                    attention.reset()
+                    latency.start_run(f"{ev.strategy}/{ev.backend}")
+                elif isinstance(ev, Finished):
+                    self._finish(ev)
+            if pieces:
+                tokens.append(pieces)
+            if points:
+                latency.add_points(points)
+            if rows:
+                attention.add_rows(rows)
+                attention.post_message(AttentionUpdated(rows[-1].position))
+            if snapshot is not None:
+                kv.post_message(CacheUpdated(snapshot))
+
+    def _finish(self, ev) -> None:
+        self.finished.append(ev)
+        if ev.metrics is not None:
+            self.query_one(LatencyPane).show_metrics(ev.metrics, ev.reason)
+        if ev.tail:
+            self.query_one(TokenStream).append([(ev.tail, False, 0.0)])
+        if self.racing:
+            return
+        self.current_run = None
+        if ev.reason == "cancelled":
+            self.notify(f"stopped after {len(ev.tokens)} tokens", timeout=3)
+        elif ev.reason == "error":
+            return
+        s = self.settings
+        key = (s.prompt, tuple(sorted(s.sampling.items())), s.max_new_tokens)
+        if (ev.reason != "cancelled" and self.last_single is not None
+                and self.last_single[0] == key and (s.sampling.get("temperature") or 0) == 0):
+            bar = self.query_one(StatusBar)
+            bar.identical, bar.delta = self.last_single[1] == ev.tokens, None
+        if ev.reason != "cancelled":
+            self.last_single = (key, ev.tokens)
+
+    def on_race_finished(self, message: RaceFinished) -> None:
+        self.racing = False
+        self.current_run = None
+        self.race_runs.clear()
+        self.last_race = message
+        bar = self.query_one(StatusBar)
+        bar.identical, bar.delta = message.identical, message.max_delta
+        self.notify(verdict(message), title="Race finished", timeout=6,
+                    severity="information" if message.identical is not False else "warning")
+        self.push_screen(RaceScreen(message))
+
+    # ------------------------------------------------------------------ actions
+    @property
+    def busy(self) -> bool:
+        return self.current_run is not None or self.racing
+
+    def _next_run_id(self) -> int:
+        self.run_counter += 1
+        return self.run_counter
+
+    def _prompt_text(self) -> str | None:
+        text = self.query_one("#prompt", Input).value
+        if not text.strip():
+            self.notify("the prompt is empty: type some text to continue", severity="warning")
+            return None
+        self.settings.prompt = text
+        return text
+
+    def _loading_note(self) -> None:
+        if self.info is None:
+            self.notify("the model is still loading; the run starts when it is ready",
+                        timeout=4)
+
+    def action_run(self) -> None:
+        if self.busy:
+            self.notify("a run is in progress: press x to stop it first", severity="warning")
+            return
+        prompt = self._prompt_text()
+        if prompt is None:
+            return
+        s = self.settings
+        run_id = self._next_run_id()
+        self.current_run = run_id
+        self._loading_note()
+        self.client.run(RunRequest(run_id=run_id, prompt=prompt, strategy=s.strategy,
+                                   backend=s.backend, max_new_tokens=s.max_new_tokens,
+                                   sampling=dict(s.sampling)))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "prompt":
+            self.query_one(TokenStream).focus()
+            self.action_run()
+
+    def on_key(self, event: events.Key) -> None:
+        if event.key == "escape" and isinstance(self.focused, Input):
+            self.query_one(TokenStream).focus()
+            event.stop()
+
+    def action_edit_prompt(self) -> None:
+        self.query_one("#prompt", Input).focus()
+
+    def action_stop(self) -> None:
+        if not self.busy:
+            self.notify("nothing is running", timeout=2)
+            return
+        self.client.cancel()
+
+    def race_combos(self) -> list[tuple[str, str]]:
+        """Every strategy on sdpa, then every other backend that can run here on kv."""
+        combos = [(s, "sdpa") for s in STRATEGIES]
+        for name, reason in self._backends().items():
+            if name != "sdpa" and reason is None:
+                combos.append(("kv", name))
+        return combos
+
+    def action_race(self) -> None:
+        if self.busy:
+            self.notify("a run is in progress: press x to stop it first", severity="warning")
+            return
+        prompt = self._prompt_text()
+        if prompt is None:
+            return
+        combos = self.race_combos()
+        ids = tuple(self._next_run_id() for _ in combos)
+        self.race_runs = {rid: f"{a}/{b}" for rid, (a, b) in zip(ids, combos)}
+        self.racing = True
+        self.current_run = ids[0]
+        s = self.settings
+        self._loading_note()
+        self.notify(f"racing {len(combos)} combinations: "
+                    f"{', '.join(self.race_runs.values())}", timeout=4)
+        self.client.race(RaceRequest(race_id=self._next_run_id(), run_ids=ids, prompt=prompt,
+                                     combos=tuple(combos), max_new_tokens=s.max_new_tokens,
+                                     sampling=dict(s.sampling)))
+
+    def _backends(self) -> dict[str, str | None]:
+        if self.info is not None:
+            return self.info["backends"]
+        return {name: None for name in DEFAULT_BACKENDS}
+
+    def set_strategy(self, name: str) -> None:
+        self.settings.strategy = name
+        self._update_status()
+
+    def set_backend(self, name: str) -> None:
+        reason = self._backends().get(name, "unknown backend")
+        if reason:
+            self.notify(f"backend {name!r} is unavailable here: {reason}", title="Backend",
+                        severity="error")
+            return
+        self.settings.backend = name
+        self._update_status()
+
+    def action_cycle_strategy(self) -> None:
+        i = STRATEGIES.index(self.settings.strategy) if self.settings.strategy in STRATEGIES else -1
+        self.set_strategy(STRATEGIES[(i + 1) % len(STRATEGIES)])
+
+    def action_cycle_backend(self) -> None:
+        usable = [n for n, reason in self._backends().items() if reason is None]
+        if not usable:
+            return
+        cur = self.settings.backend
+        i = usable.index(cur) if cur in usable else -1
+        self.set_backend(usable[(i + 1) % len(usable)])
+
+    def action_show_race(self) -> None:
+        if self.last_race is None:
+            self.notify("no race yet: press R to race", timeout=3)
+            return
+        self.push_screen(RaceScreen(self.last_race))
+
+    def action_settings(self) -> None:
+        def done(result) -> None:
+            if result is not None:
+                self.settings.sampling, self.settings.max_new_tokens = result
+                self._update_status()
+        self.push_screen(SettingsScreen(self.settings.sampling, self.settings.max_new_tokens),
+                         done)
+
+    def action_attention(self, what: str, delta: int) -> None:
+        pane = self.query_one(AttentionPane)
+        if what == "mode":
+            pane.action_toggle_mode()
+        elif what == "layer":
+            pane.action_layer(delta)
+        else:
+            pane.action_head(delta)
+
+    def action_tokens(self, what: str) -> None:
+        pane = self.query_one(TokenStream)
+        if what == "latency":
+            pane.action_toggle_latency()
+        else:
+            pane.action_toggle_boundaries()
+
+    def action_cycle_theme(self) -> None:
+        names = [t.name for t in themes.ALL]
+        i = names.index(self.theme) if self.theme in names else -1
+        self.theme = names[(i + 1) % len(names)]
+        self.notify(f"theme: {self.theme}", timeout=2)
+
+    def action_cycle_depth(self) -> None:
+        pane = self.query_one(AttentionPane)
+        order = ["truecolor", "256", "16"]
+        pane.depth = order[(order.index(pane.depth) + 1) % 3]
+        self.notify(f"heatmap drawn for {pane.depth} colours", timeout=2)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Run", "Generate from the prompt", self.action_run)
+        yield SystemCommand("Stop", "Stop the current run or race", self.action_stop)
+        yield SystemCommand("Race", "Same prompt through every strategy/backend",
+                            self.action_race)
+        for name in STRATEGIES:
+            yield SystemCommand(f"Strategy: {name}", f"Decode with the {name} strategy",
+                                partial(self.set_strategy, name))
+        for name, reason in self._backends().items():
+            yield SystemCommand(f"Backend: {name}",
+                                reason or f"Attention computed by the {name} backend",
+                                partial(self.set_backend, name))
+        yield SystemCommand("Sampling settings", "Temperature, top-k/p, seed, max tokens",
+                            self.action_settings)
+        yield SystemCommand("Help", "What each pane shows and why it matters", self.action_help)
+
+
+def run_app(args) -> int:
+    """Entry point for `python main.py` (engine/cli.py `cmd_ui`)."""
+    settings = Settings.from_args(args)
+    if settings.truecolor or os.environ.get("MINILLM_TRUECOLOR", "") not in ("", "0"):
+        # Rich reads COLORTERM when the app's console is created: over SSH it is often not
+        # forwarded, and the app would fall back to 256 colours on a truecolor terminal.
+        os.environ["COLORTERM"] = "truecolor"
+    from engine.config import STRATEGIES as known
+    if settings.strategy not in known:
+        print(f"error: unknown strategy {settings.strategy!r}; choose one of: "
+              f"{', '.join(known)}")
+        return 2
+    app = MiniLLMApp(settings)
+    app.run()
+    return 0

@@ -1,0 +1,173 @@
+"""A stand-in engine for tests and demos: synthetic events, no model, the real serving loop.
+
+`FakeEngineClient` runs `EngineLoop` (the same loop as the engine process) in a thread, with a
+`fake_generate` that makes believable events: a prompt split into words, tokens from a fixed
+text, a cache that fills like `kv`/`paged`/`naive` would, attention rows that look at the start
+and the recent past, and per-token latencies that grow with position for `naive`.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from .bridge import Post, QueueClient
+from .engine_process import EngineLoop
+
+WORDS = (" the model reads the prompt once and then writes one token at a time, keeping keys and"
+         " values so that each new step only pays for itself and not for the whole past again."
+         ).split(" ")[1:]
+N_LAYERS, N_HEADS, N_KV, HEAD_DIM = 4, 6, 2, 16
+BACKENDS = {"naive": None, "sdpa": None, "flash": None,
+            "triton": "needs a CUDA GPU (or TRITON_INTERPRET=1)"}
+
+
+def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0):
+    from engine.cache.base import CacheStats, SequenceBlocks
+    from engine.config import ConfigError
+    from engine.events import (AttentionRow, CacheSnapshot, Finished, FlashTiles, Prefill,
+                               Started, Token)
+    from engine.metrics import RunMetrics
+
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {cfg.backend!r}")
+    if BACKENDS[cfg.backend]:
+        raise ConfigError(f"backend {cfg.backend!r} cannot run here: {BACKENDS[cfg.backend]}")
+    pieces = [(" " if i else "") + w for i, w in enumerate(prompt.split())] or [""]
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty: type some text to continue")
+    n_prompt = len(pieces)
+    yield Started(strategy=cfg.strategy, backend=cfg.backend, device="cpu", dtype="float32",
+                  prompt=prompt, max_new_tokens=cfg.max_new_tokens)
+    bpt = 2 * N_LAYERS * N_KV * HEAD_DIM * 4
+    capacity = n_prompt + cfg.max_new_tokens
+    rng = np.random.default_rng(0)
+    tokens, latencies = [], []
+    reason = "length"
+    for index in range(cfg.max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            reason = "cancelled"
+            break
+        if delay:
+            time.sleep(delay)
+        seq = n_prompt + index
+        if index == 0:
+            yield Prefill(prompt_tokens=tuple(range(n_prompt)), prompt_pieces=tuple(pieces),
+                          seconds=0.02)
+        lat = 0.02 + (0.0004 * seq if cfg.strategy == "naive" else 0.0) + 0.001 * (index % 3)
+        latencies.append(lat)
+        tok = index % len(WORDS)
+        tokens.append(tok)
+        logits = np.zeros(64, dtype=np.float32)
+        logits[tok % 64] = 10.0
+        if cfg.backend == "naive":
+            logits = logits + np.float32(1e-6)      # a rounding-sized difference
+        yield Token(id=tok, text=" " + WORDS[tok], position=seq, index=index, latency_s=lat,
+                    logits=logits if cfg.keep_logits else None)
+        held = seq + 1
+        if cfg.strategy == "naive":
+            stats = CacheStats(kind="none", tokens=0, capacity=0, n_layers=N_LAYERS,
+                               bytes_per_token=bpt, bytes_used=0, bytes_reserved=0,
+                               bytes_without_gqa=0, recomputed_tokens=seq)
+        elif cfg.strategy == "kv":
+            stats = CacheStats(kind="kv", tokens=held, capacity=capacity, n_layers=N_LAYERS,
+                               bytes_per_token=bpt, bytes_used=held * bpt,
+                               bytes_reserved=capacity * bpt,
+                               bytes_without_gqa=capacity * bpt * N_HEADS // N_KV)
+        else:
+            bs = cfg.block_size
+            total = -(-capacity // bs)
+            used = -(-held // bs)
+            stats = CacheStats(kind="paged", tokens=held, capacity=total * bs, n_layers=N_LAYERS,
+                               bytes_per_token=bpt, bytes_used=held * bpt,
+                               bytes_reserved=total * bs * bpt,
+                               bytes_without_gqa=total * bs * bpt * N_HEADS // N_KV,
+                               block_size=bs, blocks_total=total, blocks_used=used,
+                               sequences=(SequenceBlocks(0, tuple(range(used)), held,
+                                                         used * bs - held),))
+        yield CacheSnapshot(stats=stats)
+        if cfg.attention_rows:
+            t = seq + 1
+            j = np.arange(t)
+            base = np.exp(-(t - 1 - j) / 3.0) + 0.6 * (j == 0)
+            probs = np.stack([np.stack([base ** (1 + 0.3 * h + 0.2 * layer) for h in range(N_HEADS)])
+                              for layer in range(N_LAYERS)])
+            probs = probs + 0.01 * rng.random(probs.shape)
+            probs /= probs.sum(-1, keepdims=True)
+            yield AttentionRow(position=seq, probs=probs.astype(np.float16))
+        if cfg.backend == "flash":
+            n_tiles = max(1, math.ceil((seq + 1) / cfg.flash_tile))
+            yield FlashTiles(layer=0, head=0, tile_size=cfg.flash_tile,
+                             running_max=tuple(1.0 + 0.1 * i for i in range(n_tiles)),
+                             running_sum=tuple(2.0 + i for i in range(n_tiles)))
+    total = sum(latencies)
+    ttft = latencies[0] if latencies else float("nan")
+    n = len(latencies)
+    tpot = (total - ttft) / (n - 1) if n > 1 else float("nan")
+    metrics = RunMetrics(prompt_tokens=n_prompt, new_tokens=n, total_s=total, ttft_s=ttft,
+                         tpot_s=tpot, itl_p50_s=tpot, itl_p99_s=tpot, prefill_s=0.02,
+                         prefill_tokens_per_s=n_prompt / 0.02,
+                         decode_tokens_per_s=1 / tpot if n > 1 else float("nan"),
+                         peak_memory_bytes=300 * 2**20, kv_bytes=capacity * bpt)
+    yield Finished(reason=reason, tokens=tuple(tokens),
+                   text="".join(" " + WORDS[t] for t in tokens), metrics=metrics)
+
+
+class FakeLoop(EngineLoop):
+    def info(self) -> dict:
+        return dict(name="fake-model (synthetic events)", device="cpu", dtype="float32",
+                    backends=dict(BACKENDS), n_layers=N_LAYERS, n_heads=N_HEADS,
+                    n_kv_heads=N_KV, head_dim=HEAD_DIM, max_seq_len=2048)
+
+
+class FakeEngineClient(QueueClient):
+    """Replays synthetic events through the real serving loop, in a thread.
+
+    delay: seconds per token (0 = as fast as possible); load_error: make loading fail.
+    """
+
+    def __init__(self, delay: float = 0.0, load_error: str | None = None,
+                 flush_interval: float = 1 / 12):
+        super().__init__()
+        self.delay, self.load_error = delay, load_error
+        self.commands: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        self.cancel_event = threading.Event()
+        self.requests: list = []          # what the app asked for, for tests to inspect
+
+        def gen(model, tokenizer, prompt, cfg, cancel=None):
+            return fake_generate(model, tokenizer, prompt, cfg, cancel, delay=self.delay)
+        self.loop = FakeLoop(self.results.put, self.cancel_event, gen, flush_interval,
+                             freeze_gc=False)
+        self._thread = threading.Thread(target=self._serve, name="fake-engine", daemon=True)
+
+    def _serve(self) -> None:
+        def load(progress):
+            progress("loading fake model", 0.5)
+            if self.load_error:
+                raise FileNotFoundError(self.load_error)
+            return SimpleNamespace(model=None, tokenizer=None, name="fake")
+        self.loop.load(load)
+        self.loop.serve(self.commands.get)
+
+    def start(self, post: Post) -> None:
+        self._thread.start()
+        self._start_reader(post)
+
+    def run(self, request) -> None:
+        self.requests.append(request)
+        super().run(request)
+
+    def race(self, request) -> None:
+        self.requests.append(request)
+        super().race(request)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.cancel_event.set()
+        self.commands.put(None)

@@ -1,0 +1,68 @@
+"""The help screen: what each pane shows, why it matters, and the keys."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP = """\
+# Mini LLM — what you are looking at
+
+## Token stream
+The prompt (dimmed) and the generated text, cut at token boundaries: alternate shades show where
+one token ends and the next begins (`k` toggles them), `c` colours each token by how long its step took.
+**Why it matters:** a model never sees words, only tokens. Odd splits (" learn"+"ing", a space
+glued to the front) explain many quirks, and the colours show which steps were slow.
+
+## KV cache
+For `kv`, the preallocated buffer and how much is still unused; for `paged`, the block grid
+(used, partly filled, free) of a shared pool; for `naive`, how many positions each step recomputes.
+Always: bytes used/reserved, bytes per token, and what grouped-query attention saves.
+**Why it matters:** in serving, memory for K/V — not compute — limits how many requests run at
+once. Contiguous buffers reserve for the worst case; paging wastes at most one block per sequence.
+
+## Attention
+The newest token's attention over every earlier position, one row per head, for one layer
+(`[` `]` layer, `{` `}` head, `m` switches to the causal matrix of one head). With the flash
+backend, the running max and sum of the online softmax per tile.
+**Why it matters:** this is what the cache is for — each step reads every previous key. Heads
+specialise (some look at the first token, some at the previous one), and flash attention gets
+the same numbers without ever writing this matrix out.
+
+## Latency
+Milliseconds per token against position, this run over the previous ones; TTFT, TPOT, tokens/s
+and peak memory. **Why it matters:** `naive` recomputes the whole sequence each step, so its line
+climbs; with a cache it stays flat. TTFT is what a user waits for; TPOT is how fast text flows.
+
+## Status bar
+Model, device, dtype, strategy/backend, sampling, and whether the last compared runs produced
+**identical tokens** (with the largest logit difference). **Why it matters:** an optimisation
+that changes the output is a bug, not a speed-up.
+
+## Keys
+`/` edit the prompt · `enter` run · `x` stop · `s` / `b` cycle strategy / backend ·
+`R` race (the same prompt through every strategy/backend) · `t` last race table ·
+`o` sampling settings · `T` theme · `C` colour depth (truecolor/256/16) · `ctrl+p` commands ·
+`?` this help · `q` quit.
+
+Press `escape` to close.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    """Why each pane matters."""
+
+    BINDINGS = [("escape", "app.pop_screen", "Close"), ("q", "app.pop_screen", "Close"),
+                ("question_mark", "app.pop_screen", "Close")]
+
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 90%; max-width: 110; height: 90%;
+                                  background: $surface; border: thick $primary; padding: 0 1; }
+    """
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Markdown(HELP)
