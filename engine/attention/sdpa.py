@@ -13,12 +13,15 @@ import torch.nn.functional as F
 from .base import AttentionBackend, Capabilities, causal_mask
 
 
-def _cuda_kernel_guess(q: torch.Tensor, k: torch.Tensor, has_mask: bool) -> str:
-    """Which SDPA kernel CUDA will run, by asking PyTorch's own eligibility checks."""
+def _cuda_kernel_guess(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None, causal: bool) -> str:
+    """Which SDPA kernel CUDA will run, by asking PyTorch's own eligibility checks with the
+    same arguments as the real call (in PyTorch's order of preference: flash, then
+    memory-efficient, else math)."""
     try:
         from torch.backends.cuda import (SDPAParams, can_use_efficient_attention,
                                          can_use_flash_attention)
-        params = SDPAParams(q, k, k, None, 0.0, not has_mask, k.shape[1] != q.shape[1])
+        params = SDPAParams(q, k, v, mask, 0.0, causal, k.shape[1] != q.shape[1])
         if torch.backends.cuda.flash_sdp_enabled() and can_use_flash_attention(params):
             return "flash"
         if torch.backends.cuda.mem_efficient_sdp_enabled() and can_use_efficient_attention(params):
@@ -47,7 +50,7 @@ class SDPAAttention(AttentionBackend):
         else:
             mask, causal = causal_mask(tq, tk, q_offset, q.device), False
         if q.is_cuda:
-            self._kernel = _cuda_kernel_guess(q, k, mask is not None)
+            self._kernel = _cuda_kernel_guess(q, k, v, mask, causal)
         else:
             self._kernel = "cpu-fused" if mask is None else "cpu-math"
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
