@@ -132,6 +132,15 @@ class EngineLoop:
                                 sampling=SamplingConfig(**sampling), attention_rows=attention_rows,
                                 keep_logits=keep_logits)
 
+    def backend_options(self, cfg) -> dict:
+        """The flash backend records its tile-by-tile softmax state only when asked (the
+        attention pane animates it); other backends are built by `generate` itself."""
+        if cfg.backend != "flash" or not cfg.attention_rows:
+            return {}
+        from engine.attention import get_backend
+        return dict(backend=get_backend("flash", self.lm.model.device, tile=cfg.flash_tile,
+                                        trace=True))
+
     def run_one(self, run_id, prompt, strategy, backend, max_new_tokens, sampling,
                 attention_rows=True, keep_logits=False):
         """Run one request, sending batched events. Returns (Finished or None, [logits])."""
@@ -143,8 +152,9 @@ class EngineLoop:
         try:
             cfg = self._config(strategy, backend, max_new_tokens, sampling, attention_rows,
                                keep_logits)
+            extra = self.backend_options(cfg)
             for ev in self.generate(self.lm.model, self.lm.tokenizer, prompt, cfg,
-                                    cancel=self.cancel):
+                                    cancel=self.cancel, **extra):
                 if isinstance(ev, Token) and ev.logits is not None:
                     logits.append(ev.logits)
                     ev = dataclasses.replace(ev, logits=None)

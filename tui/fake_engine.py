@@ -119,6 +119,9 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0
 
 
 class FakeLoop(EngineLoop):
+    def backend_options(self, cfg) -> dict:
+        return {}
+
     def info(self) -> dict:
         return dict(name="fake-model (synthetic events)", device="cpu", dtype="float32",
                     backends=dict(BACKENDS), n_layers=N_LAYERS, n_heads=N_HEADS,

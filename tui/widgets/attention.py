@@ -30,10 +30,6 @@ class AttentionPane(Widget, can_focus=True):
     For the flash backend, the running max and sum of the online softmax are shown per tile.
     """
 
-    BINDINGS = [("[", "layer(-1)", "Layer −"), ("]", "layer(1)", "Layer +"),
-                ("{", "head(-1)", "Head −"), ("}", "head(1)", "Head +"),
-                ("m", "toggle_mode", "Row/matrix")]
-
     DEFAULT_CSS = """
     AttentionPane { background: $surface; padding: 0 1; height: 1fr; }
     AttentionPane > .attention--label { color: $text-muted; }
@@ -43,9 +39,9 @@ class AttentionPane(Widget, can_focus=True):
 
     COMPONENT_CLASSES = {"attention--label", "attention--ink", "attention--focus"}
 
-    layer: reactive[int] = reactive(0)
+    shown_layer: reactive[int] = reactive(0)
     """Which layer's attention is drawn."""
-    head: reactive[int] = reactive(0)
+    shown_head: reactive[int] = reactive(0)
     """Which head the matrix view shows (the row view shows all heads)."""
     mode: reactive[str] = reactive("row")
     """'row' (all heads, newest token) or 'matrix' (one head, all positions)."""
@@ -67,17 +63,17 @@ class AttentionPane(Widget, can_focus=True):
         for row in rows:
             self.rows[row.position] = row.probs
             self.n_layers, self.n_heads = row.probs.shape[0], row.probs.shape[1]
-        self.layer = min(self.layer, self.n_layers - 1)
-        self.head = min(self.head, self.n_heads - 1)
+        self.shown_layer = min(self.shown_layer, self.n_layers - 1)
+        self.shown_head = min(self.shown_head, self.n_heads - 1)
 
     def on_attention_updated(self, message: AttentionUpdated) -> None:
         self.refresh()
 
     # ------------------------------------------------------------------ watchers
-    def watch_layer(self) -> None:
+    def watch_shown_layer(self) -> None:
         self.refresh()
 
-    def watch_head(self) -> None:
+    def watch_shown_head(self) -> None:
         self.refresh()
 
     def watch_mode(self) -> None:
@@ -104,10 +100,10 @@ class AttentionPane(Widget, can_focus=True):
         width = max(self.size.width - 2, 12)
         newest = max(self.rows)
         out = Text()
-        view = "row: heads × positions" if self.mode == "row" else f"matrix: head {self.head}"
-        out.append(f"layer {self.layer}/{self.n_layers - 1} · {view} · {self.depth}\n", muted)
+        view = "row: heads × positions" if self.mode == "row" else f"matrix: head {self.shown_head}"
+        out.append(f"layer {self.shown_layer}/{self.n_layers - 1} · {view} · {self.depth}\n", muted)
         if self.mode == "row":
-            self._render_row(out, self.rows[newest][self.layer], width, muted)
+            self._render_row(out, self.rows[newest][self.shown_layer], width, muted)
         else:
             self._render_matrix(out, width, muted)
         if self.flash is not None:
@@ -147,7 +143,7 @@ class AttentionPane(Widget, can_focus=True):
         first_col = max(positions[-1] + 1 - cols, 0)
 
         def values(pos: int) -> np.ndarray:
-            row = self.rows[pos][self.layer, self.head].astype(np.float32)
+            row = self.rows[pos][self.shown_layer, self.shown_head].astype(np.float32)
             peak = float(row.max()) or 1.0
             full = np.full(positions[-1] + 1, np.nan, dtype=np.float32)
             full[: row.shape[0]] = row / peak
@@ -187,10 +183,10 @@ class AttentionPane(Widget, can_focus=True):
 
     # ------------------------------------------------------------------ actions
     def action_layer(self, delta: int) -> None:
-        self.layer = (self.layer + delta) % max(self.n_layers, 1)
+        self.shown_layer = (self.shown_layer + delta) % max(self.n_layers, 1)
 
     def action_head(self, delta: int) -> None:
-        self.head = (self.head + delta) % max(self.n_heads, 1)
+        self.shown_head = (self.shown_head + delta) % max(self.n_heads, 1)
 
     def action_toggle_mode(self) -> None:
         self.mode = "matrix" if self.mode == "row" else "row"

@@ -19,9 +19,6 @@ class TokenStream(ScrollView, can_focus=True):
     two shades so their boundaries show; `latency_colours` colours each by its step time instead.
     """
 
-    BINDINGS = [("k", "toggle_boundaries", "Token shades"),
-                ("c", "toggle_latency", "Latency colours")]
-
     DEFAULT_CSS = """
     TokenStream { background: $surface; padding: 0 1; }
     TokenStream > .token-stream--prompt { color: $token-prompt; text-style: italic; }
