@@ -2,8 +2,9 @@
 triton_kernels.py), plus a PagedAttention kernel that reads K/V through the block table.
 
     attend        contiguous K/V (no cache, or the `kv` cache): the fused attention kernel
-    attend_paged  the `paged` cache: the paged kernel walks the block table, so no gathered copy
-                  of the sequence's K/V is ever made (caps.paged_native)
+    attend_paged  the `paged` cache, read through the block table — no gathered copy of the
+                  sequence's K/V is ever made (caps.paged_native): the PagedAttention kernel for
+                  one decode query, the fused kernel in its paged mode for a prompt
 
 On a machine without a GPU the same kernels run under Triton's interpreter (TRITON_INTERPRET=1
 in the environment before the first call) — slowly, in NumPy, but exactly the code the GPU runs,
@@ -55,38 +56,51 @@ class TritonAttention(AttentionBackend):
 
     # ------------------------------------------------------------------ contiguous K/V
     def attend(self, q, k, v, q_offset: int) -> torch.Tensor:
-        from .triton_kernels import interpreting, kernels
-        attention_fwd, _ = kernels()
-        B, H, Tq, hd = q.shape
-        n_kv, Tk = k.shape[1], k.shape[2]
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out = torch.empty(B, H, Tq, hd, dtype=q.dtype, device=q.device)   # (B, H, Tq, hd)
-        grid = (triton_cdiv(Tq, self.block), B * H)    # (query blocks, batch × heads)
-        attention_fwd[grid](
-            q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            H, H // n_kv, Tq, Tk, q_offset, 1.0 / math.sqrt(hd),
-            HD=hd, BLOCK_D=_pow2(hd, 16), BLOCK_M=self.block, BLOCK_N=self.block,
-            # fp32 inputs: true fp32 products (a GPU's default, tf32, keeps only 10 mantissa bits)
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting())
-        self._kernel = "fused attention"
-        return out
+        return self._fused(q, k, v, None, k.shape[2], q_offset)
 
     # ------------------------------------------------------------------ paged K/V
     def attend_paged(self, q, k_pool, v_pool, block_table, seq_len: int,
                      q_offset: int) -> torch.Tensor:
         """q: (1, H, Tq, hd); pools: (num_blocks, n_kv, block_size, hd); block_table int32."""
+        if q.shape[0] != 1:
+            raise ValueError("the paged cache holds one sequence per block table (batch 1)")
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        if q.shape[2] > 1:
+            # A prompt: many queries, so the fused kernel (tl.dot on query tiles) pays off; it
+            # gathers each key tile through the block table.
+            return self._fused(q, k_pool, v_pool, block_table, seq_len, q_offset)
+        return self._paged_decode(q, k_pool, v_pool, block_table, q_offset)
+
+    # ------------------------------------------------------------------ kernel launches
+    def _fused(self, q, k, v, table, Tk: int, q_offset: int) -> torch.Tensor:
+        """k, v: (B, n_kv, Tk, hd) — or pools (num_blocks, n_kv, page, hd) when table is given."""
+        from .triton_kernels import interpreting, kernels
+        attention_fwd, _ = kernels()
+        B, H, Tq, hd = q.shape
+        n_kv = k.shape[1]
+        paged = table is not None
+        out = torch.empty(B, H, Tq, hd, dtype=q.dtype, device=q.device)   # (B, H, Tq, hd)
+        grid = (triton_cdiv(Tq, self.block), B * H)    # (query blocks, batch × heads)
+        attention_fwd[grid](
+            q, k, v, out, table if paged else q,       # (an unused pointer without a table)
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            H, H // n_kv, Tq, Tk, q_offset, 1.0 / math.sqrt(hd), k.shape[2] if paged else 1,
+            HD=hd, BLOCK_D=_pow2(hd, 16), BLOCK_M=self.block, BLOCK_N=self.block,
+            # fp32 inputs: true fp32 products (a GPU's default, tf32, keeps only 10 mantissa bits)
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
+            PAGED=paged)
+        self._kernel = "fused attention" + (" (paged)" if paged else "")
+        return out
+
+    def _paged_decode(self, q, k_pool, v_pool, block_table, q_offset: int) -> torch.Tensor:
         from .triton_kernels import kernels
         _, paged_decode = kernels()
-        B, H, Tq, hd = q.shape
-        if B != 1:
-            raise ValueError("the paged cache holds one sequence per block table (batch 1)")
+        _, H, Tq, hd = q.shape
         n_kv, block_size = k_pool.shape[1], k_pool.shape[2]
         G = H // n_kv
-        q = q if q.stride(-1) == 1 else q.contiguous()
         out = torch.empty(1, H, Tq, hd, dtype=q.dtype, device=q.device)   # (1, H, Tq, hd)
-        # One program per (query, K/V head). For a prompt (Tq > 1) this reads K/V once per
-        # query, unlike the fused kernel; decode — one query — is what this kernel is for.
-        grid = (Tq, n_kv)
+        grid = (Tq, n_kv)                              # one program per (query, K/V head)
         paged_decode[grid](
             q, k_pool, v_pool, out, block_table,
             q.stride(1), q.stride(2), *k_pool.stride()[:3], *v_pool.stride()[:3],

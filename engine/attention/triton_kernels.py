@@ -1,10 +1,12 @@
 """The two Triton kernels of the `triton` backend, written as plain functions.
 
-    attention_fwd   fused causal attention for a block of queries against contiguous K/V:
-                    FlashAttention-2's loop (online softmax over K/V tiles) in one kernel.
-                    Used for prefill, and for decode when the cache is contiguous.
-    paged_decode    attention for queries whose K/V live in the paged pool: it follows the
-                    sequence's block table, one block of keys at a time (vLLM's PagedAttention).
+    attention_fwd   fused causal attention for a block of queries: FlashAttention-2's loop
+                    (online softmax over K/V tiles) in one kernel. Used for prefill (K/V
+                    contiguous, or gathered tile by tile through a block table) and for decode
+                    when the cache is contiguous.
+    paged_decode    attention for one new query whose K/V live in the paged pool: it follows the
+                    sequence's block table, one block of keys at a time (vLLM's PagedAttention),
+                    all query heads of a K/V group together.
 
 Why not `@triton.jit` on the definitions? Triton decides *when the decorator runs* whether a
 kernel is compiled for the GPU or run by its NumPy interpreter (env TRITON_INTERPRET=1). A
@@ -21,14 +23,18 @@ import triton
 import triton.language as tl
 
 
-def attention_fwd(Q, K, V, O,
+def attention_fwd(Q, K, V, O, table,
                   s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
-                  H, G, Tq, Tk, q_offset, scale,
+                  H, G, Tq, Tk, q_offset, scale, PAGE,
                   HD: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  UPCAST: tl.constexpr, PAGED: tl.constexpr):
     """One program = BLOCK_M queries of one head. Q, O: (B, H, Tq, HD); K, V: (B, n_kv, Tk, HD),
-    any strides with the last one 1. Query i sits at position q_offset + i."""
+    any strides with the last one 1. Query i sits at position q_offset + i.
+
+    With PAGED, K and V are block pools (num_blocks, n_kv, PAGE, HD) of one sequence (B = 1)
+    and key j is found in slot j % PAGE of block table[j // PAGE]: a prompt written into the
+    paged cache is attended to without gathering it first."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -51,9 +57,16 @@ def attention_fwd(Q, K, V, O,
     for start in range(0, hi, BLOCK_N):
         kpos = start + offs_n
         k_ok = kpos < Tk
-        k = tl.load(K + b * s_kb + kvh * s_kh + kpos[:, None] * s_kt + offs_d[None, :],
+        if PAGED:   # a gather: each key row has its own block
+            blk = tl.load(table + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)   # (BLOCK_N,)
+            k_row = blk * s_kb + (kpos % PAGE) * s_kt
+            v_row = blk * s_vb + (kpos % PAGE) * s_vt
+        else:
+            k_row = b * s_kb + kpos * s_kt
+            v_row = b * s_vb + kpos * s_vt
+        k = tl.load(K + kvh * s_kh + k_row[:, None] + offs_d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)      # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + b * s_vb + kvh * s_vh + kpos[:, None] * s_vt + offs_d[None, :],
+        v = tl.load(V + kvh * s_vh + v_row[:, None] + offs_d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
