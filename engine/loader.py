@@ -302,7 +302,7 @@ def gguf_state_dict(reader, cfg: ModelConfig, progress: Progress | None = None):
     n = len(reader.tensors)
     for i, t in enumerate(reader.tensors):
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        w = torch.from_numpy(np.array(arr, dtype=np.float32))   # a writable copy of the mmap
         name = t.name
         if name == "token_embd.weight":
             sd["model.embed_tokens.weight"] = w
