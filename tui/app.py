@@ -11,12 +11,13 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from typing import Iterable
 
 from textual import events
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.containers import Container, Horizontal
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ProgressBar, Static
@@ -80,6 +81,19 @@ def sampling_text(sampling: dict, max_new: int) -> str:
     return " ".join(parts)
 
 
+def closing_safe(handler):
+    """Engine messages and timers can arrive while the app is closing, after its panes are
+    gone; drawing them then is pointless, and must not end in a traceback."""
+    @wraps(handler)
+    def wrapper(self, *args):
+        try:
+            return handler(self, *args)
+        except NoMatches:
+            if not (self._exit or self._closing or not self.is_running):
+                raise
+    return wrapper
+
+
 class MiniLLMApp(App[int]):
     """Watch a small language model generate: tokens, KV cache, attention, latency."""
 
@@ -127,6 +141,7 @@ class MiniLLMApp(App[int]):
         self.last_race: RaceFinished | None = None
         self.last_single: tuple | None = None   # (prompt, sampling, tokens) of the last run
         self.finished: list = []                # Finished events, newest last (tests read it)
+        self.batches_drawn = self.events_drawn = 0
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(themes.VARIABLE_DEFAULTS)
@@ -180,15 +195,18 @@ class MiniLLMApp(App[int]):
         bar.strategy, bar.backend = s.strategy, s.backend
         bar.sampling = sampling_text(s.sampling, s.max_new_tokens)
 
+    @closing_safe
     def _redraw_charts(self) -> None:
         self.query_one(LatencyPane).redraw()
 
     # ------------------------------------------------------------------ engine messages
+    @closing_safe
     def on_engine_progress(self, message: EngineProgress) -> None:
         self.query_one("#loading-text", Label).update(message.text)
         self.query_one("#load-progress", ProgressBar).update(progress=message.fraction)
         self.query_one(StatusBar).model = "loading…"
 
+    @closing_safe
     def on_engine_ready(self, message: EngineReady) -> None:
         self.info = info = message.info
         self.query_one("#loading").add_class("-done")
@@ -202,6 +220,7 @@ class MiniLLMApp(App[int]):
             self._update_status()
         self.notify(f"{info['name']} ready on {info['device']}", timeout=3)
 
+    @closing_safe
     def on_engine_failed(self, message: EngineFailed) -> None:
         self.notify(message.text, title="Engine", severity="error", timeout=10)
         if message.fatal:
@@ -210,6 +229,7 @@ class MiniLLMApp(App[int]):
         if message.run_id is not None and message.run_id == self.current_run:
             self.current_run = None
 
+    @closing_safe
     def on_engine_events(self, message: EngineEvents) -> None:
         if (self.racing and message.run_id in self.race_runs
                 and self.current_run is not None and message.run_id > self.current_run):
@@ -223,6 +243,8 @@ class MiniLLMApp(App[int]):
         kv = self.query_one(KVCachePane)
         latency = self.query_one(LatencyPane)
         pieces, points, rows, snapshot = [], [], [], None
+        self.batches_drawn += 1
+        self.events_drawn += len(message.events)
         with self.batch_update():
             for ev in message.events:
                 if isinstance(ev, Token):
@@ -279,6 +301,7 @@ class MiniLLMApp(App[int]):
         if ev.reason != "cancelled":
             self.last_single = (key, ev.tokens)
 
+    @closing_safe
     def on_race_finished(self, message: RaceFinished) -> None:
         self.racing = False
         self.current_run = None
