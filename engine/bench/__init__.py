@@ -1,0 +1,86 @@
+"""`python main.py bench`: the seed's experiment for every strategy × backend, the Hugging Face
+baseline in the same run, a length sweep and a bandwidth view. See docs/benchmarks.md.
+
+    settings.py     the flags as a validated dataclass
+    runs.py         the standard experiment: rows, interleaved repetitions, the naive reference
+    hf_baseline.py  transformers generate(), with and without its cache, timed the same way
+    memory.py       peak memory per run (reset before each)
+    bandwidth.py    copy bandwidth, bytes per step, matmul-only time, a profile of one step
+    sweep.py        per-step latency against position for naive / kv / paged
+    experiment.py   runs the stages, collects one JSON-ready dictionary
+    report.py       rich tables, plotext charts, the JSON file
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import STRATEGIES
+from .experiment import run_bench
+from .settings import SEED_NEW_TOKENS, SEED_PROMPT, BenchSettings
+
+EXIT_INTERRUPTED = 130
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..cli import add_model_args
+    p = subparsers.add_parser(
+        "bench", help="measure every strategy × backend against Hugging Face transformers",
+        description="The seed's experiment (prompt, 50 new tokens, greedy) for every strategy "
+                    "and attention backend, with transformers generate() as the baseline in "
+                    "the same run; optional length sweep; bandwidth view.")
+    add_model_args(p)
+    p.add_argument("--prompt", default=SEED_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=SEED_NEW_TOKENS)
+    p.add_argument("--strategies", type=_names, default=STRATEGIES,
+                   help=f"comma-separated (default: {','.join(STRATEGIES)})")
+    p.add_argument("--backends", type=_names, default=None,
+                   help="comma-separated (default: every backend that runs natively here)")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also measure per-step latency against position, as charts")
+    p.add_argument("--sweep-max", type=int, default=None,
+                   help="longest position swept (default: 384 on CPU, 4096 on CUDA)")
+    p.add_argument("--no-baseline", action="store_true", help="skip transformers generate()")
+    p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth view")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per paged-cache block")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--quick", action="store_true",
+                   help="a reduced run (16 tokens, one repetition) that ends in well under a "
+                        "minute on a 2-core CPU")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write every figure, the machine and the settings to FILE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def settings_from_args(a: argparse.Namespace) -> BenchSettings:
+    return BenchSettings(model=a.model, device=a.device, dtype=a.dtype, prompt=a.prompt,
+                         max_new_tokens=a.max_new_tokens, strategies=a.strategies,
+                         backends=a.backends, repeat=a.repeat, warmup=a.warmup,
+                         baseline=not a.no_baseline, sweep=a.sweep, sweep_max=a.sweep_max,
+                         bandwidth=not a.no_bandwidth, quick=a.quick, block_size=a.block_size,
+                         threads=a.threads)
+
+
+def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
+    from . import report
+    settings = settings_from_args(args)          # a bad flag fails here, before loading
+    show = not args.no_progress and sys.stderr.isatty()
+    with report.progress(show) as (tick, set_total):
+        doc = run_bench(settings, tick, set_total, loaded=loaded)
+    report.render(doc)
+    if args.json:
+        report.write_json(doc, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return EXIT_INTERRUPTED if doc["interrupted"] else 0
+
+
+__all__ = ["add_parser", "cmd_bench", "run_bench", "BenchSettings"]

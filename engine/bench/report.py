@@ -1,0 +1,250 @@
+"""Showing a bench result: rich tables and plotext charts on the terminal, and the JSON file.
+
+This is the bench's front end, the one place under engine/ that draws: the measuring modules
+beside it never import rich or plotext, and this one imports them only when called.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+
+
+# ----------------------------------------------------------------------------- formatting
+def _s(x, unit="s"):
+    if x is None:
+        return "—"
+    if unit == "s":
+        return f"{x:.2f} s" if x >= 1 else f"{x * 1e3:.1f} ms"
+    return f"{x}"
+
+
+def _bytes(n):
+    if n is None:
+        return "—"
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+def _num(x, fmt="{:.1f}"):
+    return "—" if x is None else fmt.format(x)
+
+
+def _spread(stat):
+    sp = stat.get("spread_pct")
+    return "" if sp is None or stat.get("n", 0) < 2 else f" ±{sp:.0f}%"
+
+
+def write_json(doc: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- progress
+@contextmanager
+def progress(enabled: bool):
+    """Yields (tick, set_total). A rich progress bar on stderr, or nothing."""
+    if not enabled:
+        yield (lambda _: None), (lambda _: None)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+    bar = Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("{task.description}"),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("starting", total=None)
+    started = [False]
+
+    def tick(what: str) -> None:
+        if started[0]:
+            bar.advance(task)
+        started[0] = True
+        bar.update(task, description=what)
+
+    def set_total(n: int) -> None:
+        bar.update(task, total=n)
+
+    with bar:
+        yield tick, set_total
+
+
+# ----------------------------------------------------------------------------- terminal
+def render(doc: dict, file=None) -> None:
+    from rich.console import Console
+    file = file or sys.stdout
+    tty = file.isatty()
+    console = Console(file=file, width=None if tty else 160)
+    env, st = doc.get("environment", {}), doc["settings"]
+    title = (f"{doc.get('model', {}).get('name', '?')} · {env.get('device_name', '?')} "
+             f"({env.get('device', '?')}, {env.get('torch_threads', '?')} threads) · "
+             f"{env.get('dtype', '?')} · torch {env.get('torch', '?')}")
+    console.print(f"[bold]{title}[/]")
+    console.print(f"prompt {st['prompt']!r} ({doc.get('prompt_tokens', '?')} tokens) · "
+                  f"{st['max_new_tokens']} new tokens, greedy · {doc.get('passes_done', 0)} "
+                  f"passes ({st['warmup']} warm-up + {st['repeat']} timed, interleaved) · "
+                  f"reference {doc['reference']}")
+    if doc.get("interrupted"):
+        console.print("[bold yellow]interrupted: showing what was measured so far[/]")
+    if doc.get("rows"):
+        console.print(standard_table(doc))
+    if doc["baseline"].get("error"):
+        console.print(f"[yellow]no transformers baseline: {doc['baseline']['error']}[/]")
+    for r in doc.get("rows", []):
+        if r.get("error"):
+            console.print(f"[red]{r['label']} failed: {r['error']}[/]")
+    console.print(headline_text(doc))
+    if doc.get("bandwidth"):
+        for part in bandwidth_tables(doc):
+            console.print(part)
+    # plotext draws its own ANSI text: written straight to the file, not through rich.
+    width = min(console.width, 110)
+    if (doc.get("sweep") or {}).get("positions"):
+        file.write(sweep_chart(doc["sweep"], width, color=tty) + "\n")
+        console.print(sweep_text(doc["sweep"]))
+    chart = curves_chart(doc.get("attention_curves"), width, color=tty)
+    if chart:
+        file.write(chart + "\n")
+
+
+def standard_table(doc: dict):
+    from rich.table import Table
+    t = Table(title="standard experiment (median of the timed passes, ± half the range)",
+              title_justify="left")
+    for name, justify in (("row", "left"), ("total", "right"), ("TTFT", "right"),
+                          ("TPOT", "right"), ("decode tok/s", "right"),
+                          ("prefill tok/s", "right"), ("peak mem", "right"), ("KV", "right"),
+                          ("identical", "center"), ("max |Δ logits|", "right"),
+                          ("× HF decode", "right"), ("× HF total", "right")):
+        t.add_column(name, justify=justify)
+    for r in doc["rows"]:
+        f = r["figures"]
+        vs = r.get("vs_baseline") or {}
+        ident = {True: "[green]yes[/]", False: f"[red]no (step {r['first_difference']})[/]",
+                 None: "—"}[r["identical"]]
+        if r.get("unstable"):
+            ident += " [red](unstable)[/]"
+        t.add_row(r["label"] + (" [dim](reference)[/]" if r["label"] == doc["reference"] else ""),
+                  _s(f["total_s"]["median"]) + _spread(f["total_s"]),
+                  _s(f["ttft_s"]["median"]), _s(f["tpot_s"]["median"]),
+                  _num(f["decode_tokens_per_s"]["median"]) + _spread(f["decode_tokens_per_s"]),
+                  _num(f["prefill_tokens_per_s"]["median"], "{:.0f}"),
+                  _bytes(f["peak_memory_bytes"]["median"]), _bytes(f["kv_bytes"]["median"]),
+                  ident, _num(r["max_abs_logit_diff"], "{:.1e}"),
+                  _num(vs.get("decode_tokens_per_s"), "{:.2f}×"),
+                  _num(vs.get("total_speedup"), "{:.2f}×"))
+    return t
+
+
+def headline_text(doc: dict) -> str:
+    h = doc.get("headline", {})
+    seed = h.get("seed", {})
+    lines = [f"[bold]seed[/]: KV cache took 50 tokens from {seed.get('naive_s')} s to {seed.get('kv_s')} s; efficient attention "
+             f"within {seed.get('attention_max_abs_diff')} of naive"]
+    if h.get("kv_speedup_total"):
+        lines.append(f"[bold]now[/]:  naive/{h['backend']} {_s(h['naive_total_s'])} → "
+                     f"kv/{h['backend']} {_s(h['kv_total_s'])} "
+                     f"({h['kv_speedup_total']:.2f}× for {doc['settings']['max_new_tokens']} "
+                     f"tokens); efficient attention within "
+                     f"{_num(h.get('efficient_attention_max_abs_logit_diff'), '{:.1e}')} "
+                     f"of naive (max |Δ logits|)")
+    if h.get("kv_over_baseline_decode"):
+        lines.append(f"[bold]vs transformers[/]: kv decodes {h['kv_decode_tokens_per_s']:.1f} "
+                     f"tok/s, generate() with its cache {h['baseline_decode_tokens_per_s']:.1f} "
+                     f"({h['kv_over_baseline_decode']:.2f}×), tokens "
+                     f"{'identical' if h['kv_and_baseline_identical'] else '[red]differ[/]'}")
+    return "\n".join(lines)
+
+
+def bandwidth_tables(doc: dict):
+    from rich.table import Table
+    b = doc["bandwidth"]
+    m = b["machine"]
+    out = [f"\n[bold]bandwidth[/]: this machine copies {m['copy_gb_s']:.1f} GB/s (read + "
+           f"write, {_bytes(m['buffer_bytes'])} buffer) and reads {m['read_gb_s']:.1f} GB/s "
+           f"(sum), {m['threads']} threads"]
+    if b.get("rows"):
+        t = Table(title="bytes read per decode step vs the copy bandwidth", title_justify="left")
+        for name in ("row", "weights", "KV read", "TPOT", "achieved GB/s", "% of copy",
+                     "ceiling tok/s"):
+            t.add_column(name, justify="left" if name == "row" else "right")
+        for r in b["rows"]:
+            note = " [dim](recomputes)[/]" if r["recomputes"] else ""
+            t.add_row(r["label"] + note, _bytes(r["weight_bytes"]), _bytes(r["kv_bytes"]),
+                      _s(r["tpot_s"]), _num(r["achieved_gb_s"], "{:.1f}"),
+                      _num(r["pct_of_copy"], "{:.0f}%"),
+                      _num(r["ceiling_tokens_per_s"], "{:.1f}"))
+        out.append(t)
+        out.append("[dim](recomputes): naive strategies push the whole sequence through the "
+                   "model every step, so they are bound by arithmetic, not by these bytes[/]")
+    mf = b.get("matmul_floor")
+    if mf:
+        out.append(f"matmuls alone ({mf['matrices']} matrices, {_bytes(mf['bytes'])}): "
+                   f"{_s(mf['seconds'])} per token = {mf['gb_s']:.1f} GB/s "
+                   f"({100 * mf['gb_s'] / m['copy_gb_s']:.0f}% of copy) — GEMV efficiency")
+    p = b.get("profile")
+    if p:
+        t = Table(title=f"where a kv/{p['backend']} decode step goes (torch.profiler, "
+                        f"{p['steps']} steps at position {p['position']}, "
+                        f"{_s(p['step_s_profiled'])} per step profiled)", title_justify="left")
+        t.add_column("part")
+        t.add_column("per step", justify="right")
+        t.add_column("share", justify="right")
+        total = sum(p["breakdown_s"].values()) or 1
+        for k, v in p["breakdown_s"].items():
+            t.add_row(k, _s(v), f"{100 * v / total:.0f}%")
+        out.append(t)
+    return out
+
+
+def _figure(width: int, height: int, color: bool):
+    import plotext as plt
+    plt.clear_figure()
+    plt.plotsize(width, height)
+    plt.theme("clear")
+    return plt
+
+
+def _built(plt, color: bool) -> str:
+    text = plt.build()
+    return text if color else plt.uncolorize(text)
+
+
+def sweep_chart(sweep: dict, width: int = 100, height: int = 22, color: bool = True) -> str:
+    plt = _figure(width, height, color)
+    # Without colour the curves are told apart by their marker.
+    markers = {"naive": "•", "kv": "+", "paged": "x"}
+    for s, ys in sweep["step_s"].items():
+        plt.plot(sweep["positions"], [y * 1e3 for y in ys], label=s,
+                 marker="braille" if color else markers.get(s, "*"))
+    plt.title(f"decode step latency vs position ({sweep['backend']} attention)")
+    plt.xlabel("position (tokens already in the sequence)")
+    plt.ylabel("ms per step")
+    return _built(plt, color)
+
+
+def sweep_text(sweep: dict) -> str:
+    summ = sweep.get("summary") or {}
+    if not summ:
+        return ""
+    return (f"at position {summ['longest_position']}: one naive step costs "
+            f"{summ['naive_over_kv_step']:.1f}× a kv step ({summ['naive_over_paged_step']:.1f}× "
+            f"paged); generating every position up to there, about "
+            f"{summ['naive_over_kv_cumulative']:.1f}× (area under the curves)")
+
+
+def curves_chart(curves, width: int = 100, color: bool = True) -> str | None:
+    """Plot {"series": {name: {"x": [...], "y": [...]}}, "xlabel", "ylabel", "title"} curves."""
+    if not isinstance(curves, dict) or not isinstance(curves.get("series"), dict):
+        return None
+    plt = _figure(width, 20, color)
+    for name, xy in curves["series"].items():
+        plt.plot(xy["x"], xy["y"], label=str(name), marker="braille")
+    plt.title(curves.get("title", "attention"))
+    plt.xlabel(curves.get("xlabel", ""))
+    plt.ylabel(curves.get("ylabel", ""))
+    return _built(plt, color)

@@ -1,0 +1,231 @@
+"""The standard experiment: every strategy × backend (and the transformers baseline) on one
+prompt, warm-up then timed repetitions, each row checked against the naive reference.
+
+Timing on a shared machine is noisy, so the repetitions are interleaved: pass 1 runs every row
+once, pass 2 runs every row again, and so on. A burst of load from another process then slows
+all rows a little instead of one row a lot, and the *ratios* between rows — the point of the
+table — stay meaningful even when the absolute numbers drift.
+
+The first (warm-up) pass keeps every step's logits; its tokens and logits are what the
+"identical" and "max |Δ logits|" columns compare. The timed passes run without logits, so
+copying them off the device is not part of any timing, and each timed run's tokens are checked
+again (greedy decoding must give the same tokens every time).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..attention import available_backends, get_backend
+from ..config import ConfigError, GenerationConfig
+from ..decoding import generate
+from ..events import Finished, Token
+from ..metrics import RunMetrics
+from .memory import PeakMemory
+from .settings import BenchSettings
+
+REFERENCE = ("naive", "naive")          # strategy, backend: the path everything is compared to
+FIGURES = ("total_s", "ttft_s", "tpot_s", "prefill_s", "decode_tokens_per_s",
+           "prefill_tokens_per_s", "peak_memory_bytes", "kv_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One timed run's figures (definitions in engine.metrics)."""
+    total_s: float
+    ttft_s: float
+    tpot_s: float
+    prefill_s: float
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+    peak_memory_bytes: int            # added by this run (see bench.memory)
+    kv_bytes: int
+
+    @classmethod
+    def of(cls, m: RunMetrics, peak_bytes: int, kv_bytes: int | None = None) -> "Sample":
+        return cls(total_s=m.total_s, ttft_s=m.ttft_s, tpot_s=m.tpot_s, prefill_s=m.prefill_s,
+                   decode_tokens_per_s=m.decode_tokens_per_s,
+                   prefill_tokens_per_s=m.prefill_tokens_per_s, peak_memory_bytes=peak_bytes,
+                   kv_bytes=m.kv_bytes if kv_bytes is None else kv_bytes)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one run produced: its tokens, (optionally) every step's logits, its figures."""
+    tokens: tuple[int, ...]
+    logits: list[torch.Tensor] | None
+    sample: Sample
+
+
+Runner = Callable[[bool], Outcome]      # runner(keep_logits) → Outcome
+
+
+@dataclass(slots=True)
+class Row:
+    label: str                          # "kv/sdpa", "transformers (cache)"
+    kind: str                           # "engine" | "hf"
+    strategy: str | None
+    backend: str | None
+    runner: Runner | None = field(default=None, repr=False)
+    samples: list[Sample] = field(default_factory=list)
+    tokens: tuple[int, ...] = ()
+    identical: bool | None = None       # same tokens as the naive reference
+    first_difference: int | None = None
+    max_abs_logit_diff: float | None = None
+    unstable: bool = False              # a timed run gave other tokens than the warm-up run
+    error: str | None = None
+
+    def stat(self, figure: str) -> dict:
+        return summarise([getattr(s, figure) for s in self.samples])
+
+    def median(self, figure: str) -> float:
+        return self.stat(figure)["median"]
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "kind": self.kind, "strategy": self.strategy,
+                "backend": self.backend, "tokens": list(self.tokens),
+                "identical": self.identical, "first_difference": self.first_difference,
+                "max_abs_logit_diff": self.max_abs_logit_diff, "unstable": self.unstable,
+                "error": self.error, "repetitions": len(self.samples),
+                "figures": {f: self.stat(f) for f in FIGURES},
+                "samples": [{f: getattr(s, f) for f in FIGURES} for s in self.samples]}
+
+
+def summarise(values: list[float]) -> dict:
+    """Median and spread. spread_pct = half the range, as a percentage of the median."""
+    vals = [v for v in values if v is not None and v == v]          # drop nan
+    if not vals:
+        return {"median": None, "min": None, "max": None, "spread_pct": None, "n": 0}
+    med = statistics.median(vals)
+    lo, hi = min(vals), max(vals)
+    spread = 50.0 * (hi - lo) / med if med else 0.0
+    return {"median": med, "min": lo, "max": hi, "spread_pct": spread, "n": len(vals)}
+
+
+# ----------------------------------------------------------------------------- which rows
+def pick_backends(settings: BenchSettings, device: torch.device) -> list[str]:
+    """The backends asked for, or every one that runs natively here.
+
+    A backend that needs CUDA but is "available" on a CPU only through an interpreter (Triton's
+    TRITON_INTERPRET=1) is left out unless named: timing an interpreter says nothing useful.
+    """
+    if settings.backends is not None:
+        for name in settings.backends:
+            get_backend(name, device)          # a ConfigError says why it cannot run here
+        return list(settings.backends)
+    names = []
+    for name in available_backends(device):
+        if get_backend(name).caps.needs_cuda and device.type != "cuda":
+            continue
+        names.append(name)
+    return names
+
+
+def engine_runner(lm, ids: list[int], settings: BenchSettings, strategy: str,
+                  backend: str) -> Runner:
+    device = lm.model.device
+
+    def run(keep_logits: bool) -> Outcome:
+        cfg = GenerationConfig(strategy=strategy, backend=backend,
+                               max_new_tokens=settings.max_new_tokens,
+                               block_size=settings.block_size, attention_rows=False,
+                               keep_logits=keep_logits, stop_at_eos=False)
+        logits: list[torch.Tensor] = []
+        finished = None
+        with PeakMemory(device) as pm:
+            for ev in generate(lm.model, lm.tokenizer, ids, cfg):
+                if isinstance(ev, Token) and keep_logits:
+                    logits.append(ev.logits)
+                elif isinstance(ev, Finished):
+                    finished = ev
+        if finished is None or finished.metrics is None:
+            raise RuntimeError(f"{strategy}/{backend} ended without a result")
+        return Outcome(tokens=tuple(finished.tokens), logits=logits if keep_logits else None,
+                       sample=Sample.of(finished.metrics, pm.peak_bytes))
+    return run
+
+
+def compare(ref: Outcome, out: Outcome) -> tuple[bool, int | None, float | None]:
+    """(identical tokens?, first differing step, max |Δ logits| over all common steps)."""
+    first = next((i for i, (a, b) in enumerate(zip(ref.tokens, out.tokens)) if a != b), None)
+    if first is None and len(ref.tokens) != len(out.tokens):
+        first = min(len(ref.tokens), len(out.tokens))
+    diff = None
+    if ref.logits and out.logits:
+        diff = max(float((a.float() - b.float()).abs().max())
+                   for a, b in zip(ref.logits, out.logits))
+    return first is None, first, diff
+
+
+# ----------------------------------------------------------------------------- the experiment
+@dataclass(slots=True)
+class StandardResult:
+    prompt_ids: list[int]
+    rows: list[Row] = field(default_factory=list)
+    reference: Outcome | None = None
+    passes_done: int = 0
+    baseline_error: str | None = None
+
+    def row(self, label: str) -> Row | None:
+        return next((r for r in self.rows if r.label == label), None)
+
+
+def build_rows(lm, settings: BenchSettings, ids: list[int], hf=None) -> list[Row]:
+    device = lm.model.device
+    rows = [Row(label=f"{s}/{b}", kind="engine", strategy=s, backend=b,
+                runner=engine_runner(lm, ids, settings, s, b))
+            for s in settings.strategies for b in pick_backends(settings, device)]
+    if hf is not None:
+        for use_cache in (True, False):
+            label = "transformers (cache)" if use_cache else "transformers (no cache)"
+            rows.append(Row(label=label, kind="hf", strategy=None, backend=None,
+                            runner=hf.runner(ids, settings.max_new_tokens, use_cache)))
+    return rows
+
+
+def standard_experiment(lm, settings: BenchSettings, result: StandardResult, hf=None,
+                        tick: Callable[[str], None] = lambda _: None) -> StandardResult:
+    """Fill `result` in place (so a Ctrl+C leaves everything measured so far in it)."""
+    ids = result.prompt_ids
+    if not result.rows:
+        result.rows = build_rows(lm, settings, ids, hf)
+    if not result.rows:
+        raise ConfigError("nothing to measure: no strategy × backend can run here")
+    ref_row = next((r for r in result.rows if (r.strategy, r.backend) == REFERENCE), None)
+    if ref_row is None:                  # the reference runs anyway, untimed
+        tick("naive/naive reference")
+        result.reference = engine_runner(lm, ids, settings, *REFERENCE)(True)
+    first_outcome: dict[str, Outcome] = {}
+    for p in range(settings.warmup + settings.repeat):
+        warm = p < settings.warmup
+        # The reference goes first in the correctness pass so every later row can be compared.
+        order = sorted(result.rows, key=lambda r: r is not ref_row) if p == 0 else result.rows
+        for row in order:
+            tick(f"{'warm-up' if warm else f'pass {p - settings.warmup + 1}'}: {row.label}")
+            if row.error:
+                continue
+            try:
+                out = row.runner(p == 0)
+            except (RuntimeError, ValueError) as exc:     # one broken backend, not the bench
+                row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+                continue
+            if p == 0:
+                first_outcome[row.label] = out
+                row.tokens = out.tokens
+                if row is ref_row:
+                    result.reference = out
+                row.identical, row.first_difference, row.max_abs_logit_diff = \
+                    compare(result.reference, out)
+            elif out.tokens != row.tokens:
+                row.unstable = True
+            if not warm:
+                row.samples.append(out.sample)
+        result.passes_done = p + 1
+    # The logits are not needed any more, and 50 × vocab floats per row add up.
+    if result.reference is not None:
+        result.reference.logits = None
+    return result

@@ -1,0 +1,73 @@
+"""What one bench run measures, as a validated dataclass (the CLI flags map onto its fields)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..config import DTYPES, STRATEGIES, ConfigError
+
+SEED_PROMPT = "Deep learning is"        # the seed's experiment: this prompt, 50 new tokens, greedy
+SEED_NEW_TOKENS = 50
+
+
+@dataclass(slots=True)
+class BenchSettings:
+    model: str | None = None            # None = the embedded SmolLM2-135M
+    device: str = "auto"
+    dtype: str = "float32"
+    prompt: str = SEED_PROMPT
+    max_new_tokens: int = SEED_NEW_TOKENS
+    strategies: tuple[str, ...] = STRATEGIES
+    backends: tuple[str, ...] | None = None   # None = every backend available on the device
+    repeat: int = 3                     # timed repetitions per row (after the warm-up pass)
+    warmup: int = 1                     # untimed passes; the first also checks correctness
+    baseline: bool = True               # Hugging Face transformers generate() rows
+    sweep: bool = False                 # per-step latency against position
+    sweep_max: int | None = None        # longest swept position; None = fits the device
+    bandwidth: bool = True              # copy bandwidth, bytes per step, where the time goes
+    quick: bool = False
+    block_size: int = 16
+    seed: int = 0                       # for the sweep's random prompts
+    threads: int | None = None          # torch CPU threads for the run; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
+        self.strategies = tuple(self.strategies)
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ConfigError(f"unknown strategy {s!r}; choose from: {', '.join(STRATEGIES)}")
+        if not self.strategies:
+            raise ConfigError("--strategies needs at least one strategy")
+        if self.backends is not None:
+            self.backends = tuple(self.backends)
+            if not self.backends:
+                raise ConfigError("--backends needs at least one backend")
+        if self.max_new_tokens < 2:
+            raise ConfigError("the bench needs --max-new-tokens ≥ 2 (TPOT is undefined for one)")
+        if self.repeat < 1:
+            raise ConfigError(f"--repeat must be ≥ 1, got {self.repeat}")
+        if self.warmup < 1:
+            raise ConfigError("the bench needs one warm-up pass (it is also the correctness pass)")
+        if self.sweep_max is not None and self.sweep_max < 8:
+            raise ConfigError(f"--sweep-max must be ≥ 8, got {self.sweep_max}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be ≥ 1, got {self.threads}")
+        if not self.prompt:
+            raise ConfigError("the prompt is empty")
+
+    def reduced(self) -> "BenchSettings":
+        """--quick: the same experiment, smaller — fewer tokens, one repetition, short sweep."""
+        if not self.quick:
+            return self
+        out = BenchSettings(**asdict(self))
+        out.max_new_tokens = min(self.max_new_tokens, 16)
+        out.repeat = 1
+        out.sweep_max = min(self.sweep_max or 128, 128)
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["strategies"] = list(self.strategies)
+        d["backends"] = list(self.backends) if self.backends is not None else None
+        return d
