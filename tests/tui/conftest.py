@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+# Engine events import torch; do it once here rather than inside whichever test runs first.
+import engine.events  # noqa: F401,E402
 from tui.app import MiniLLMApp, Settings
 from tui.fake_engine import FakeEngineClient
 

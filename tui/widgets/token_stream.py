@@ -84,6 +84,11 @@ class TokenStream(ScrollView, can_focus=True):
             if i:
                 self._lines.append([])
                 self._line_width = 0
+            # Wrap at token boundaries: a token that fits on a fresh line is not cut in two.
+            width = cell_len(part)
+            if self._line_width and self._line_width + width > self._wrap >= width:
+                self._lines.append([])
+                self._line_width = 0
             while part:
                 room = self._wrap - self._line_width
                 if room <= 0:
