@@ -185,6 +185,50 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+FAST_WEIGHTS = ("same", "bfloat16", "float16", "int8", "int8-dequant")
+LAYOUTS = ("rows", "cols")
+
+
+@dataclass(slots=True)
+class FastPathConfig:
+    """Opt-in decode speed-ups (engine/fast/, docs/fast_path.md). The defaults change nothing.
+
+    Exact options (same greedy tokens as the plain model): `fuse`, `layout`, `compile`,
+    `cuda_graphs`, `threads`. Lossy ones (bounded, reported divergence): `weights` other than
+    "same".
+    """
+
+    fuse: bool = False              # one matmul for Q/K/V and one for gate/up
+    layout: str = "rows"            # rows: nn.Linear's (out, in); cols: stored (in, out)
+    weights: str = "same"           # same | bfloat16 | float16 | int8 | int8-dequant
+    quantize_head: bool = True      # the LM head too (it is ~21% of the embedded model's bytes)
+    compile: bool = False           # torch.compile the static decode step
+    cuda_graphs: bool = False       # capture the decode step once per cache (CUDA only)
+    threads: int | None = None      # torch.set_num_threads for the process; None = leave it
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown weight layout {self.layout!r}; choose one of: "
+                              f"{', '.join(LAYOUTS)}")
+        if self.weights not in FAST_WEIGHTS:
+            raise ConfigError(f"unknown weight format {self.weights!r}; choose one of: "
+                              f"{', '.join(FAST_WEIGHTS)}")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"threads must be a positive integer, got {self.threads}")
+
+    @property
+    def static_step(self) -> bool:
+        """Decode through the fixed-shape step (what compile and CUDA graphs need)."""
+        return self.compile or self.cuda_graphs
+
+    @property
+    def changes_model(self) -> bool:
+        return self.fuse or self.layout != "rows" or self.weights != "same"
+
+    def key(self) -> tuple:
+        return (self.fuse, self.layout, self.weights, self.quantize_head)
+
+
 @dataclass(slots=True)
 class GenerationConfig:
     """One run: strategy, backend, sampling, length, and what to record."""
@@ -201,6 +245,7 @@ class GenerationConfig:
     attention_rows: bool = True     # emit the new token's attention row (off for benchmarks)
     keep_logits: bool = False       # attach each step's logits to its Token event (tests, bench)
     flash_tile: int = 64            # key/value tile size of the flash backend
+    fast: FastPathConfig = field(default_factory=FastPathConfig)   # decode speed-ups (opt-in)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

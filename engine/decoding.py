@@ -151,6 +151,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
     The cache is freed when the loop ends for any reason — finished, cancelled, an error, or the
     consumer simply stopping iteration.
     """
+    from . import fast
+    model = fast.prepare(model, cfg.fast)   # the plain model unless fast-path options say otherwise
     device = model.device
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
@@ -172,6 +174,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
     stream = StreamDecoder(tokenizer)
     generated: list[int] = []
     latencies: list[float] = []
+    decoder = None          # the fixed-shape step (compile / CUDA graphs), built after prefill
     prefill_s = 0.0
     reason = "length"
     try:
@@ -187,8 +190,15 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
                 step_tokens, start = ids, 0
             else:                              # decode: just the newest token
                 step_tokens, start = seq[-1:], len(seq) - 1
-            x = torch.tensor([step_tokens], dtype=torch.long, device=device)
-            logits = forward_step(model, x, start, attn)
+            if index == 1 and cfg.fast.static_step and cache is not None:
+                # Compiling or capturing takes a while once; it is not a decode step's time.
+                decoder = fast.make_decoder(model, cache, cfg.fast, start)
+                t_prev = time.perf_counter()
+            if decoder is not None:
+                logits = decoder.step(step_tokens[0], start)
+            else:
+                x = torch.tensor([step_tokens], dtype=torch.long, device=device)
+                logits = forward_step(model, x, start, attn)
             if index == 0:
                 _sync(device)
                 prefill_s = time.perf_counter() - t_prev

@@ -94,6 +94,8 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.family = cfg.family
+        # Sizes of Q, K and V along the output of a fused projection: (H·hd, n_kv·hd, n_kv·hd).
+        self.qkv_sizes = (self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd)
         if cfg.family == "gpt2":
             # GPT-2 stores Q, K and V as one matrix: one matmul, then split.
             self.wqkv = nn.Linear(cfg.dim, 3 * cfg.n_heads * cfg.head_dim, bias=True)
@@ -105,12 +107,15 @@ class Attention(nn.Module):
             self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
             self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
             self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+            # Separate matrices, as the checkpoint stores them. `engine.fast.fuse` may stack
+            # them into one `wqkv` (one matmul reads one contiguous block of weights).
+            self.wqkv = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attend: Attend) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.family == "gpt2":
-            q, k, v = self.wqkv(x).split(self.n_heads * self.hd, dim=-1)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)   # (B, H, T, hd)
@@ -138,12 +143,17 @@ class MLP(nn.Module):
             self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
             self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
             self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+            self.w_gate_up = None      # [gate; up] stacked by `engine.fast.fuse`, if asked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.family == "gpt2":
             # GPT-2's GELU is the tanh approximation ("gelu_new").
             return self.w_proj(F.gelu(self.w_fc(x), approximate="tanh"))
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        if self.w_gate_up is not None:
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1)     # (B, T, ffn) each
+        else:
+            gate, up = self.w_gate(x), self.w_up(x)
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -191,7 +201,9 @@ class Transformer(nn.Module):
         inv_freq = rope_frequencies(self.cfg)
         angles = torch.outer(torch.arange(self.cfg.max_seq_len, dtype=torch.float32), inv_freq)
         angles = torch.cat((angles, angles), dim=-1).to(device)        # (max_seq_len, hd)
-        self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
+        # Kept in the model's dtype, so no step converts them again.
+        dtype = self.tok_emb.weight.dtype
+        self.rope_cos, self.rope_sin = angles.cos().to(dtype), angles.sin().to(dtype)
 
     @property
     def device(self) -> torch.device:
@@ -201,24 +213,30 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_emb.weight.dtype
 
-    def forward(self, tokens: torch.Tensor, start_pos: int, attend: Attend,
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, attend: Attend,
                 last_only: bool = False) -> torch.Tensor:
         """tokens: (B, T) ids at positions start_pos … start_pos+T-1. Returns float32 logits,
         (B, T, vocab), or (B, 1, vocab) with `last_only` — during generation only the last
-        position's prediction is used, and the LM head is the largest matmul in a small model."""
+        position's prediction is used, and the LM head is the largest matmul in a small model.
+
+        `start_pos` may also be a one-element integer tensor on the model's device: then no
+        Python number depends on the position, which is what a captured CUDA graph or a
+        compiled decode step needs to replay at every position (the caller checks the length).
+        """
         B, T = tokens.shape
-        if start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens is longer than the model's "
-                             f"context of {self.cfg.max_seq_len}")
         x = self.tok_emb(tokens)                                      # (B, T, dim)
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos + torch.arange(T, device=tokens.device)    # (T,)
+        else:
+            if start_pos + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start_pos + T} tokens is longer than the model's "
+                                 f"context of {self.cfg.max_seq_len}")
+            pos = slice(start_pos, start_pos + T)
         rope = None
         if self.cfg.family == "gpt2":
-            pos = torch.arange(start_pos, start_pos + T, device=tokens.device)
-            x = x + self.pos_emb(pos)
+            x = x + self.pos_emb.weight[pos]                          # (T, dim) broadcast over B
         else:
-            cos = self.rope_cos[start_pos:start_pos + T].to(x.dtype)  # (T, hd)
-            sin = self.rope_sin[start_pos:start_pos + T].to(x.dtype)
-            rope = (cos, sin)
+            rope = (self.rope_cos[pos], self.rope_sin[pos])           # (T, hd) each
         for block in self.layers:
             x = block(x, rope, attend)
         if last_only:

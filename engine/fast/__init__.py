@@ -1,0 +1,90 @@
+"""The fast path: opt-in decode speed-ups, each one idea in its own file.
+
+    fuse.py         Q/K/V and gate/up as one matmul each                       exact
+    layout.py       projections stored (in, out) when the BLAS reads that faster  exact
+    quant.py        16-bit or int8 (per-channel) weights: fewer bytes per token   lossy, reported
+    static_step.py  a decode step with fixed shapes (tensor position, masked cache)
+    compile.py      torch.compile of that step                                  exact
+    cuda_graph.py   one CUDA-graph replay per step                              exact
+    threads.py      CPU thread settings
+    measure.py      the numbers in docs/fast_path.md
+
+`prepare(model, fast)` returns the model to decode with: the model itself when nothing changes
+it, otherwise a transformed copy that shares the untouched tensors (embedding, norms) with the
+original, built once per option set and remembered, so the plain model stays the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+import torch.nn as nn
+
+from ..config import FastPathConfig
+from ..model import Transformer
+from .fuse import fuse_projections
+from .layout import to_column_layout
+from .quant import quantize_linears
+from .static_step import StaticDecoder
+from .threads import apply_threads
+
+_VARIANTS: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()
+
+
+def shallow_copy(model: Transformer) -> Transformer:
+    """A structural copy of the model whose parameters and buffers are the original tensors."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def prepare(model: Transformer, fast: FastPathConfig) -> Transformer:
+    """The model with `fast`'s weight options applied (cached per model and option set)."""
+    apply_threads(fast.threads)
+    if not fast.changes_model:
+        return model
+    variants = _VARIANTS.setdefault(model, {})
+    key = fast.key()
+    if key not in variants:
+        fast_model = shallow_copy(model)
+        with torch.no_grad():
+            if fast.fuse:
+                fuse_projections(fast_model)
+            if fast.layout == "cols":
+                to_column_layout(fast_model)
+            if fast.weights != "same":
+                quantize_linears(fast_model, fast.weights, include_head=fast.quantize_head)
+        variants[key] = fast_model.eval()
+    return variants[key]
+
+
+def decode_bytes(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: every projection and norm, one embedding row.
+
+    (The KV cache read is extra and grows with the position: see CacheStats.bytes_used.)
+    """
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            total += module.weight[0].nbytes            # one row per token
+        elif hasattr(module, "stored_bytes"):
+            total += module.stored_bytes()
+        elif not list(module.children()):
+            total += sum(p.nbytes for p in module.parameters(recurse=False))
+    return total           # a tied LM head is counted in full, as the head's own parameter
+
+
+def make_decoder(model: Transformer, cache, fast: FastPathConfig, next_pos: int) -> StaticDecoder:
+    """The fixed-shape decode step for `cache`, compiled and/or captured as `fast` asks."""
+    decoder = StaticDecoder(model, cache)
+    if fast.compile:
+        from .compile import compile_decoder
+        compile_decoder(decoder, next_pos)
+    if fast.cuda_graphs and model.device.type == "cuda":
+        from .cuda_graph import capture_decoder
+        capture_decoder(decoder, next_pos)
+    return decoder
+
+
+__all__ = ["prepare", "decode_bytes", "make_decoder", "shallow_copy", "StaticDecoder"]

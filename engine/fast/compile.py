@@ -1,0 +1,33 @@
+"""`torch.compile` for the decode step: fewer Python calls and fused element-wise work.
+
+Eager PyTorch runs each operation as its own call: per layer, a dozen small element-wise
+kernels (RMSNorm's square/mean/rsqrt/multiply, RoPE's halves, SiLU × up, residual adds) each
+walk their tensor and cost a few microseconds of Python and dispatch. TorchInductor traces the
+step once and emits fused kernels (C++/OpenMP on the CPU, Triton on CUDA), leaving the big
+matmuls to BLAS. It compiles the fixed-shape step (static_step.py), so one compilation serves
+every position. Compilation takes tens of seconds on a small CPU: it is timed separately
+(`StaticDecoder.compile_seconds`) and never counted as decode time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .static_step import StaticDecoder
+
+
+def compile_decoder(decoder: StaticDecoder, pos: int, mode: str | None = None) -> StaticDecoder:
+    """Compile the decoder's step function in place and run it once to trigger compilation;
+    that first run uses slot `pos` (the next one) as scratch."""
+    compiled = torch.compile(decoder._eager, mode=mode, fullgraph=False, dynamic=False)
+    t0 = time.perf_counter()
+    decoder.prime(pos)
+    with torch.inference_mode():
+        compiled()          # the first call traces and compiles; it writes slot `pos`, which
+    if decoder.model.device.type == "cuda":          # the first real step overwrites
+        torch.cuda.synchronize()
+    decoder.compile_seconds = time.perf_counter() - t0
+    decoder._run = compiled
+    return decoder
