@@ -5,7 +5,13 @@
     python main.py bench               the standard experiment and sweeps
 """
 
-from engine.cli import main
+import sys
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        from engine.cli import main      # imports torch: Ctrl+C may land in here
+        code = main()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        code = 130
+    raise SystemExit(code)

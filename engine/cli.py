@@ -84,11 +84,11 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["ui", *argv]           # no sub-command: the app
-    args = parser.parse_args(argv)
     try:
+        parser = build_parser()
+        if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+            argv = ["ui", *argv]           # no sub-command: the app
+        args = parser.parse_args(argv)
         if args.command == "run":
             return cmd_run(args)
         if args.command == "bench":
@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except MemoryError:
+        print("error: out of memory: try a shorter prompt, fewer new tokens, a smaller dtype "
+              "(--dtype bfloat16) or another device", file=sys.stderr)
+        return EXIT_RUNTIME
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, (ConfigError, FileNotFoundError)) else EXIT_RUNTIME
@@ -108,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_message(exc: BaseException) -> str:
     """One line, whatever the exception."""
+    if type(exc).__name__ == "OutOfMemoryError":     # torch.cuda.OutOfMemoryError
+        return ("CUDA out of memory: try a shorter prompt, fewer new tokens, --dtype bfloat16, "
+                "or --device cpu")
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

@@ -52,6 +52,12 @@ class Tokenizer:
         return self.backend.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:   # e.g. a lone surrogate pasted from a broken source
+            from .config import ConfigError
+            raise ConfigError(f"the prompt contains invalid Unicode ({exc.reason} at character "
+                              f"{exc.start}); remove or replace it") from None
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids

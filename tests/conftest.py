@@ -66,3 +66,15 @@ def embedded():
         return load_model(None, device="cpu", dtype="float32")
     except Exception as exc:   # not installed: say so instead of erroring every test
         pytest.skip(f"embedded model unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face folder, with the byte-level tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    cfg = ModelConfig.from_name("tiny-llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).save_pretrained(folder)
+    byte_tokenizer().backend.save(str(folder / "tokenizer.json"))
+    return folder

@@ -8,24 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 from engine.cli import main
-from engine.config import ModelConfig
-from tests.conftest import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    cfg = ModelConfig.from_name("tiny-llama")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).save_pretrained(folder)
-    byte_tokenizer().backend.save(str(folder / "tokenizer.json"))
-    return folder
 
 
 def test_run_json_lines(tiny_folder, capsys):
