@@ -251,8 +251,8 @@ class GenerationConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"max new tokens must be ≥ 0, got {self.max_new_tokens}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if self.block_size <= 0:
             raise ConfigError(f"block size must be a positive integer, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks <= 0:

@@ -154,6 +154,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
     from . import fast
     model = fast.prepare(model, cfg.fast)   # the plain model unless fast-path options say otherwise
     device = model.device
+    if isinstance(prompt, str) and prompt and not prompt.strip():
+        raise ConfigError("the prompt is only whitespace: type some text to continue")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
     check_lengths(model, len(ids), cfg.max_new_tokens)
@@ -172,9 +174,9 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
                   dtype=str(model.dtype).removeprefix("torch."), prompt=prompt_text,
                   max_new_tokens=cfg.max_new_tokens)
     stream = StreamDecoder(tokenizer)
+    decoder = None          # the fixed-shape step (compile / CUDA graphs), built after prefill
     generated: list[int] = []
     latencies: list[float] = []
-    decoder = None          # the fixed-shape step (compile / CUDA graphs), built after prefill
     prefill_s = 0.0
     reason = "length"
     try:
