@@ -57,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "minute on a 2-core CPU")
     p.add_argument("--json", metavar="FILE", default=None,
                    help="also write every figure, the machine and the settings to FILE")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (without a terminal: no progress lines)")
     return p
 
 
@@ -73,8 +73,8 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
 def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
     from . import report
     settings = settings_from_args(args)          # a bad flag fails here, before loading
-    show = not args.no_progress and sys.stderr.isatty()
-    with report.progress(show) as (tick, set_total):
+    mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
+    with report.progress(mode) as (tick, set_total):
         doc = run_bench(settings, tick, set_total, loaded=loaded)
     report.render(doc)
     if args.json:

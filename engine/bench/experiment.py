@@ -32,7 +32,8 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     env = {"device": str(device), "device_name": device_name(device),
            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
            "python": platform.python_version(), "platform": platform.platform(),
-           "cpu_count": _cpu_count(), "torch_threads": torch.get_num_threads()}
+           "cpu_count": _cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_average_start": _loadavg()}
     try:
         import transformers
         env["transformers"] = transformers.__version__
@@ -52,6 +53,15 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load average: on a shared machine, how busy it was with others' work."""
+    import os
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _cpu_count() -> int | None:
@@ -146,6 +156,8 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
         torch.set_num_threads(threads_before)
     stage("done")
     doc["stage_s"] = stages
+    if "environment" in doc:
+        doc["environment"]["load_average_end"] = _loadavg()
     finish(doc, time.perf_counter() - t_start, lm)
     return doc
 

@@ -79,5 +79,5 @@ class HFBaseline:
                                 self.device, kv)
             logits = [s[0].detach().float().cpu() for s in out.logits] if keep_logits else None
             return Outcome(tokens=tuple(out.sequences[0, len(ids):].tolist()), logits=logits,
-                           sample=Sample.of(m, pm.peak_bytes))
+                           sample=Sample.of(m, pm))
         return run

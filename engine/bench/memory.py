@@ -2,11 +2,15 @@
 
 `engine.metrics.peak_memory_bytes` reports the process's high-water mark, which only ever grows:
 after the first big run every later row would show the same number. The bench therefore resets
-the mark before each run and reports what the run itself added on top of what was already there:
+the mark before each run, and reports the mark the run reached (`absolute_bytes`: weights,
+caches, activations, everything the process holds) and how far above its starting point that
+was (`peak_bytes`):
 
-    CUDA   torch.cuda.reset_peak_memory_stats(); peak = max_memory_allocated − allocated at start
-    Linux  write "5" to /proc/self/clear_refs (resets VmHWM); peak = VmHWM − VmRSS at start
-    other  the process's peak RSS, not reset (marked `reset: false`)
+    CUDA   torch.cuda.reset_peak_memory_stats(); max_memory_allocated (− allocated at start)
+    Linux  write "5" to /proc/self/clear_refs (resets VmHWM to the current RSS); VmHWM (− VmRSS)
+    other  the process's peak RSS, never reset (then both figures are that peak)
+
+On a CPU "added" is often near zero: the allocator reuses memory an earlier row freed.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def _status_kib(field: str) -> int | None:
 
 
 class PeakMemory:
-    """with PeakMemory(device) as pm: …run… ; pm.peak_bytes (added by the run), pm.reset."""
+    """with PeakMemory(device) as pm: …run… ; pm.absolute_bytes, pm.peak_bytes (added)."""
 
     def __init__(self, device: torch.device):
         self.device = device

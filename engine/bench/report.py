@@ -46,10 +46,22 @@ def write_json(doc: dict, path: str) -> None:
 
 # ----------------------------------------------------------------------------- progress
 @contextmanager
-def progress(enabled: bool):
-    """Yields (tick, set_total). A rich progress bar on stderr, or nothing."""
-    if not enabled:
+def progress(mode: str):
+    """Yields (tick, set_total): a rich bar on stderr ("bar"), one line per stage for logs
+    ("lines"), or nothing ("off")."""
+    if mode == "off":
         yield (lambda _: None), (lambda _: None)
+        return
+    if mode == "lines":
+        import time
+        state = {"n": 0, "total": "?", "t0": time.perf_counter()}
+
+        def tick_line(what: str) -> None:
+            state["n"] += 1
+            print(f"[{state['n']}/{state['total']} {time.perf_counter() - state['t0']:6.1f} s] "
+                  f"{what}", file=sys.stderr, flush=True)
+
+        yield tick_line, (lambda n: state.update(total=n))
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
@@ -84,6 +96,11 @@ def render(doc: dict, file=None) -> None:
              f"({env.get('device', '?')}, {env.get('torch_threads', '?')} threads) · "
              f"{env.get('dtype', '?')} · torch {env.get('torch', '?')}")
     console.print(f"[bold]{title}[/]")
+    la = env.get("load_average_start")
+    if la and env.get("cpu_count") and la[0] > 0.5 * env["cpu_count"]:
+        console.print(f"[yellow]the machine was busy (load average {la[0]:.1f} on "
+                      f"{env['cpu_count']} CPUs at the start): trust the ratios between rows "
+                      f"more than the absolute times[/]")
     console.print(f"prompt {st['prompt']!r} ({doc.get('prompt_tokens', '?')} tokens) · "
                   f"{st['max_new_tokens']} new tokens, greedy · {doc.get('passes_done', 0)} "
                   f"passes ({st['warmup']} warm-up + {st['repeat']} timed, interleaved) · "
@@ -117,7 +134,7 @@ def standard_table(doc: dict):
               title_justify="left")
     for name, justify in (("row", "left"), ("total", "right"), ("TTFT", "right"),
                           ("TPOT", "right"), ("decode tok/s", "right"),
-                          ("prefill tok/s", "right"), ("peak mem", "right"), ("KV", "right"),
+                          ("prefill tok/s", "right"), ("peak mem (+run)", "right"), ("KV", "right"),
                           ("identical", "center"), ("max |Δ logits|", "right"),
                           ("× HF decode", "right"), ("× HF total", "right")):
         t.add_column(name, justify=justify)
@@ -133,7 +150,9 @@ def standard_table(doc: dict):
                   _s(f["ttft_s"]["median"]), _s(f["tpot_s"]["median"]),
                   _num(f["decode_tokens_per_s"]["median"]) + _spread(f["decode_tokens_per_s"]),
                   _num(f["prefill_tokens_per_s"]["median"], "{:.0f}"),
-                  _bytes(f["peak_memory_bytes"]["median"]), _bytes(f["kv_bytes"]["median"]),
+                  f'{_bytes(f["peak_memory_bytes"]["median"])} '
+                  f'[dim](+{_bytes(f["peak_added_bytes"]["median"])})[/]',
+                  _bytes(f["kv_bytes"]["median"]),
                   ident, _num(r["max_abs_logit_diff"], "{:.1e}"),
                   _num(vs.get("decode_tokens_per_s"), "{:.2f}×"),
                   _num(vs.get("total_speedup"), "{:.2f}×"))

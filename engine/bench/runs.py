@@ -6,10 +6,12 @@ once, pass 2 runs every row again, and so on. A burst of load from another proce
 all rows a little instead of one row a lot, and the *ratios* between rows — the point of the
 table — stay meaningful even when the absolute numbers drift.
 
-The first (warm-up) pass keeps every step's logits; its tokens and logits are what the
-"identical" and "max |Δ logits|" columns compare. The timed passes run without logits, so
-copying them off the device is not part of any timing, and each timed run's tokens are checked
-again (greedy decoding must give the same tokens every time).
+The first pass keeps every step's logits; its tokens and logits are what the "identical" and
+"max |Δ logits|" columns compare. It is normally an untimed warm-up; the timed passes then run
+without logits, so copying them off the device is not part of any timing, and each timed run's
+tokens are checked again (greedy decoding must give the same tokens every time). With
+--warmup 0 (as in --quick) the first pass is also timed, logits copies and first-call costs
+included.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .settings import BenchSettings
 
 REFERENCE = ("naive", "naive")          # strategy, backend: the path everything is compared to
 FIGURES = ("total_s", "ttft_s", "tpot_s", "prefill_s", "decode_tokens_per_s",
-           "prefill_tokens_per_s", "peak_memory_bytes", "kv_bytes")
+           "prefill_tokens_per_s", "peak_memory_bytes", "peak_added_bytes", "kv_bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +44,17 @@ class Sample:
     prefill_s: float
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
-    peak_memory_bytes: int            # added by this run (see bench.memory)
+    peak_memory_bytes: int            # high-water mark during this run (see bench.memory)
+    peak_added_bytes: int             # … above what was in use when it started
     kv_bytes: int
 
     @classmethod
-    def of(cls, m: RunMetrics, peak_bytes: int, kv_bytes: int | None = None) -> "Sample":
+    def of(cls, m: RunMetrics, pm: PeakMemory) -> "Sample":
         return cls(total_s=m.total_s, ttft_s=m.ttft_s, tpot_s=m.tpot_s, prefill_s=m.prefill_s,
                    decode_tokens_per_s=m.decode_tokens_per_s,
-                   prefill_tokens_per_s=m.prefill_tokens_per_s, peak_memory_bytes=peak_bytes,
-                   kv_bytes=m.kv_bytes if kv_bytes is None else kv_bytes)
+                   prefill_tokens_per_s=m.prefill_tokens_per_s,
+                   peak_memory_bytes=pm.absolute_bytes, peak_added_bytes=pm.peak_bytes,
+                   kv_bytes=m.kv_bytes)
 
 
 @dataclass(slots=True)
@@ -145,7 +149,7 @@ def engine_runner(lm, ids: list[int], settings: BenchSettings, strategy: str,
         if finished is None or finished.metrics is None:
             raise RuntimeError(f"{strategy}/{backend} ended without a result")
         return Outcome(tokens=tuple(finished.tokens), logits=logits if keep_logits else None,
-                       sample=Sample.of(finished.metrics, pm.peak_bytes))
+                       sample=Sample.of(finished.metrics, pm))
     return run
 
 
