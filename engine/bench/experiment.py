@@ -148,7 +148,8 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
             doc["sweep"] = {}
             sw.length_sweep(lm, backend, positions, doc["sweep"], s.block_size, s.seed,
                             s.quick, stage)
-            doc["attention_curves"] = attention_curves(device, lm, s.quick, stage)
+            doc["attention_curves"] = attention_curves(
+                device, lm, sorted({r.backend for r in result.rows if r.backend}), s.quick, stage)
         doc["complete"] = True
     except KeyboardInterrupt:
         doc["interrupted"] = True
@@ -162,20 +163,24 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
     return doc
 
 
-def attention_curves(device, lm, quick: bool, tick: Tick):
-    """The attention issue's memory/time curves, if its measuring module is there."""
+def attention_curves(device, lm, backends: list[str], quick: bool, tick: Tick):
+    """The attention issue's memory/time curves (engine.attention.measure), at this model's
+    head layout, for the backends of this run; None if that module is not there."""
     try:
-        from ..attention import measure
+        from ..attention.measure import measure_backends
     except ImportError:
         return None
     tick("attention memory/time curves")
-    fn = getattr(measure, "bench_curves", None) or getattr(measure, "curves", None)
-    if fn is None:
-        return None
-    try:
-        return fn(device=device, dtype=lm.model.dtype, cfg=lm.config, quick=quick)
-    except TypeError:
-        return None
+    if device.type == "cuda":
+        lengths = (512, 1024, 2048, 4096, 8192)
+    else:
+        lengths = (64, 128, 256) if quick else (128, 256, 512, 1024)
+    cfg = lm.config
+    costs = measure_backends(backends, lengths=lengths, device=device, dtype=lm.model.dtype,
+                             n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim)
+    return [{"backend": c.backend, "phase": c.phase, "length": c.length,
+             "seconds": c.seconds, "peak_bytes": c.peak_bytes, "method": c.method}
+            for c in costs]
 
 
 # ----------------------------------------------------------------------------- serialising

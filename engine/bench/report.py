@@ -257,13 +257,24 @@ def sweep_text(sweep: dict) -> str:
 
 
 def curves_chart(curves, width: int = 100, color: bool = True) -> str | None:
-    """Plot {"series": {name: {"x": [...], "y": [...]}}, "xlabel", "ylabel", "title"} curves."""
-    if not isinstance(curves, dict) or not isinstance(curves.get("series"), dict):
+    """Prefill attention: peak extra memory and time against length, one curve per backend."""
+    if not curves:
         return None
-    plt = _figure(width, 20, color)
-    for name, xy in curves["series"].items():
-        plt.plot(xy["x"], xy["y"], label=str(name), marker="braille")
-    plt.title(curves.get("title", "attention"))
-    plt.xlabel(curves.get("xlabel", ""))
-    plt.ylabel(curves.get("ylabel", ""))
-    return _built(plt, color)
+    pre = [c for c in curves if c["phase"] == "prefill"]
+    if not pre:
+        return None
+    backends = list(dict.fromkeys(c["backend"] for c in pre))
+    markers = ["•", "+", "x", "o", "*"]
+    parts = []
+    for key, scale, unit in (("peak_bytes", 2**20, "MiB"), ("seconds", 1e-3, "ms")):
+        plt = _figure(width, 16, color)
+        for i, b in enumerate(backends):
+            pts = sorted((c["length"], c[key] / scale) for c in pre if c["backend"] == b)
+            plt.plot([p[0] for p in pts], [p[1] for p in pts], label=b,
+                     marker="braille" if color else markers[i % len(markers)])
+        what = "peak extra memory" if key == "peak_bytes" else "time"
+        plt.title(f"one prefill attention call: {what} vs length (all heads of one layer)")
+        plt.xlabel("tokens")
+        plt.ylabel(unit)
+        parts.append(_built(plt, color))
+    return "\n".join(parts)

@@ -120,6 +120,10 @@ def test_json_schema(quick_doc):
     for s in ("naive", "kv", "paged"):
         assert len(sw["step_s"][s]) == len(sw["positions"])
     assert sw["summary"]["longest_position"] == 24
+    curves = d.get("attention_curves")
+    if curves is not None:                       # engine.attention.measure is there
+        assert {c["phase"] for c in curves} == {"prefill", "decode"}
+        assert all(c["seconds"] > 0 and c["peak_bytes"] >= 0 for c in curves)
 
 
 def test_json_has_no_nan(quick_doc, tmp_path):
