@@ -33,10 +33,13 @@ class TritonAttention(AttentionBackend):
                         description="Triton kernels: fused FlashAttention prefill, "
                                     "PagedAttention decode through the block table")
 
-    def __init__(self, tile: int = 64, **options):
+    def __init__(self, tile: int = 64, split_blocks: int = 8, max_splits: int = 64, **options):
         # Query/key tile of the fused kernel. tl.dot needs tiles of at least 16 on a GPU,
         # and tl.arange a power of two, so the requested size is rounded up.
         self.block = _pow2(tile, at_least=16)
+        # Decode: each split of the block table holds at least `split_blocks` blocks, and
+        # there are at most `max_splits` splits (see _paged_decode).
+        self.split_blocks, self.max_splits = max(1, int(split_blocks)), max(1, int(max_splits))
         self._kernel = "—"
 
     def unavailable_reason(self, device: torch.device) -> str | None:
@@ -99,16 +102,28 @@ class TritonAttention(AttentionBackend):
         _, H, Tq, hd = q.shape
         n_kv, block_size = k_pool.shape[1], k_pool.shape[2]
         G = H // n_kv
-        out = torch.empty(1, H, Tq, hd, dtype=q.dtype, device=q.device)   # (1, H, Tq, hd)
-        grid = (Tq, n_kv)                              # one program per (query, K/V head)
-        paged_decode[grid](
-            q, k_pool, v_pool, out, block_table,
+        # Flash-Decoding's split: enough programs to fill a GPU (n_kv × S of them), each with
+        # at least `split_blocks` blocks so the merge stays cheap; no split is left empty.
+        n_blocks = (q_offset + Tq - 1) // block_size + 1
+        per_split = max(self.split_blocks, triton_cdiv(n_blocks, self.max_splits))
+        S = triton_cdiv(n_blocks, per_split)
+        acc = torch.empty(Tq, H, S, hd, dtype=torch.float32, device=q.device)  # (Tq, H, S, hd)
+        m = torch.empty(Tq, H, S, dtype=torch.float32, device=q.device)        # (Tq, H, S)
+        l = torch.empty_like(m)
+        paged_decode[(Tq, n_kv, S)](
+            q, k_pool, v_pool, acc, m, l, block_table,
             q.stride(1), q.stride(2), *k_pool.stride()[:3], *v_pool.stride()[:3],
-            out.stride(1), out.stride(2), q_offset, 1.0 / math.sqrt(hd),
-            G=G, BLOCK_G=_pow2(G), HD=hd, BLOCK_D=_pow2(hd), BLOCK_SIZE=block_size,
+            H, q_offset, 1.0 / math.sqrt(hd), per_split,
+            G=G, BLOCK_G=_pow2(G, 2), HD=hd, BLOCK_D=_pow2(hd), BLOCK_SIZE=block_size,
             BLOCK_N=_pow2(block_size))
-        self._kernel = "paged attention"
-        return out
+        # The merge. Split s summed exp(score − m_s); rescaled to the common max they add up:
+        # out = Σ_s w_s·acc_s / Σ_s w_s·l_s with w_s = exp(m_s − max m) — the log-sum-exp merge
+        # of flash.py written with (m, l) instead of lse = m + log l. An empty split (a query
+        # earlier than the last, Tq > 1) has m = −∞, l = 0, acc = 0 and weighs nothing.
+        w = torch.exp(m - m.amax(dim=-1, keepdim=True))                         # (Tq, H, S)
+        out = (w[..., None] * acc).sum(2) / (w * l).sum(2)[..., None]           # (Tq, H, hd)
+        self._kernel = f"paged attention ({S} split{'s' if S > 1 else ''})"
+        return out.transpose(0, 1).unsqueeze(0).to(q.dtype)                     # (1, H, Tq, hd)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -86,16 +86,24 @@ def attention_fwd(Q, K, V, O, table,
              out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
 
-def paged_decode(Q, K_pool, V_pool, O, table,
-                 s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_oh, s_ot,
-                 q_offset, scale,
+def paged_decode(Q, K_pool, V_pool, Acc, M, L, table,
+                 s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                 H, q_offset, scale, blocks_per_split,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program = one query position × one K/V head, with all G query heads of its group, so
-    each key block is read from memory once per group. Q, O: (1, H, Tq, HD);
-    K_pool, V_pool: (num_blocks, n_kv, BLOCK_SIZE, HD); table: (n_blocks_used,) int32."""
+    """One program = one query × one K/V head × one *split* of the block table, with all G
+    query heads of the group, so each key block is read from memory once per group.
+
+    Q: (1, H, Tq, HD); K_pool, V_pool: (num_blocks, n_kv, BLOCK_SIZE, HD); table: int32.
+    A decode step has a single query, so without splits only n_kv programs would run — a few
+    of a GPU's ~100 cores, each walking the whole cache. Split like Flash-Decoding, each program
+    walks `blocks_per_split` blocks and writes its unnormalised state — acc, running max m,
+    running sum l — to Acc (Tq, H, S, HD), M and L (Tq, H, S), all float32; the caller merges
+    the S partial results."""
     t = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    S = tl.num_programs(2)
     pos = q_offset + t                                 # this query sees keys 0 … pos
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
@@ -108,7 +116,11 @@ def paged_decode(Q, K_pool, V_pool, O, table,
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for j in range(0, pos // BLOCK_SIZE + 1):         # logical blocks 0 … the one holding pos
+    # This split's logical blocks, up to the one holding pos. Block j's first slot (key j·BS)
+    # is always visible, so m_i is finite after the first block of a non-empty split.
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, pos // BLOCK_SIZE + 1)
+    for j in range(first, last):
         block = tl.load(table + j).to(tl.int64)        # where logical block j lives in the pool
         kpos = j * BLOCK_SIZE + offs_n
         k_ok = (offs_n < BLOCK_SIZE) & (kpos <= pos)
@@ -126,9 +138,10 @@ def paged_decode(Q, K_pool, V_pool, O, table,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(O + heads[:, None] * s_oh + t * s_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    row = (t * H + heads) * S + split                  # (BLOCK_G,) index into (Tq, H, S)
+    tl.store(Acc + row[:, None] * HD + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(M + row, m_i, mask=g_ok)
+    tl.store(L + row, l_i, mask=g_ok)
 
 
 def interpreting() -> bool:
