@@ -11,7 +11,8 @@ import json
 import math
 import sys
 
-from .config import DTYPES, STRATEGIES, ConfigError, GenerationConfig, SamplingConfig
+from .config import (DTYPES, FAST_WEIGHTS, LAYOUTS, STRATEGIES, ConfigError, FastPathConfig,
+                     GenerationConfig, SamplingConfig)
 
 EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -37,13 +38,33 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16, help="tokens per paged-cache block")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_fast_args(p)
+
+
+def add_fast_args(p: argparse.ArgumentParser) -> None:
+    """Fast-path options (engine/fast/, docs/fast_path.md); the defaults change nothing."""
+    g = p.add_argument_group("fast path")
+    g.add_argument("--fuse", action="store_true", help="one matmul for Q/K/V and for gate/up")
+    g.add_argument("--layout", default="rows", help=f"weight layout: {', '.join(LAYOUTS)}")
+    g.add_argument("--weights", default="same", help=f"one of: {', '.join(FAST_WEIGHTS)}")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.add_argument("--cuda-graphs", action="store_true", help="replay the decode step (CUDA)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+
+
+def fast_config(a: argparse.Namespace) -> FastPathConfig:
+    return FastPathConfig(fuse=getattr(a, "fuse", False), layout=getattr(a, "layout", "rows"),
+                          weights=getattr(a, "weights", "same"),
+                          compile=getattr(a, "compile", False),
+                          cuda_graphs=getattr(a, "cuda_graphs", False),
+                          threads=getattr(a, "threads", None))
 
 
 def generation_config(a: argparse.Namespace, **overrides) -> GenerationConfig:
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
     kw = dict(strategy=a.strategy, backend=a.backend, max_new_tokens=a.max_new_tokens,
-              sampling=sampling, block_size=a.block_size, stop=tuple(a.stop))
+              sampling=sampling, block_size=a.block_size, stop=tuple(a.stop), fast=fast_config(a))
     kw.update(overrides)
     return GenerationConfig(**kw)
 

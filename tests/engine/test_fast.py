@@ -192,3 +192,22 @@ def test_embedded_int8_divergence_is_small(embedded):
     assert tokens[0] == ref[0]
     rel = (logits[0] - ref_logits[0]).norm() / ref_logits[0].norm()
     assert rel < 0.05
+
+
+# ---------------------------------------------------------------------------- CLI and GPU table
+def test_cli_flags_map_onto_fast_config():
+    from engine.cli import build_parser, generation_config
+    args = build_parser().parse_args(["run", "hi", "--fuse", "--layout", "cols", "--weights",
+                                      "int8", "--threads", "1", "--cuda-graphs"])
+    fast = generation_config(args).fast
+    assert fast == FastPathConfig(fuse=True, layout="cols", weights="int8", threads=1,
+                                  cuda_graphs=True)
+    plain = generation_config(build_parser().parse_args(["run", "hi"])).fast
+    assert plain == FastPathConfig() and not plain.changes_model
+
+
+def test_gpu_decode_table_runs_on_cpu():
+    """scripts/gpu_check.py's fast-path table: on the CPU without the CUDA-graph column."""
+    from engine.fast.gpu_timing import decode_table
+    table = decode_table(tiny_model("llama"), lengths=(16,), steps=3)
+    assert "| kv | 16 |" in table and "| paged | 16 |" in table and "graph" not in table

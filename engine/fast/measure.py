@@ -1,0 +1,184 @@
+"""The numbers behind docs/fast_path.md, measured in one process so they can be compared.
+
+    python -m engine.fast.measure [--new-tokens 50] [--rounds 3] [--threads N] [--json FILE]
+
+For each variant (the plain engine, each fast-path option, Hugging Face `generate()` on the
+same weights) it decodes the seed's experiment ("Deep learning is", greedy) and reports decode
+tokens/s (median over rounds; rounds interleave the variants, so a noisy neighbour slows all of
+them alike), the bytes of weights one step reads, the machine's measured copy bandwidth, and
+the ceiling those two imply — plus, for every variant, whether its tokens equal the plain
+engine's, where they first differ, and the first step's logits error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from ..config import FastPathConfig, GenerationConfig
+from ..decoding import run_to_end
+from . import decode_bytes, prepare
+
+PROMPT = "Deep learning is"
+
+VARIANTS: dict[str, FastPathConfig] = {
+    "plain": FastPathConfig(),
+    "fuse": FastPathConfig(fuse=True),
+    "cols": FastPathConfig(layout="cols"),
+    "fuse+cols": FastPathConfig(fuse=True, layout="cols"),
+    "static step": FastPathConfig(cuda_graphs=True),      # on a CPU: the uncaptured fixed step
+    "bfloat16 weights": FastPathConfig(weights="bfloat16"),
+    "float16 weights": FastPathConfig(fuse=True, weights="float16"),
+    "int8 weights": FastPathConfig(fuse=True, weights="int8"),
+}
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """Best-of copy bandwidth in bytes/s (read + write counted), on the CPU."""
+    a = torch.ones(mib * 2**20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = min(_timed(lambda: b.copy_(a)) for _ in range(repeats))
+    return 2 * a.nbytes / best
+
+
+def read_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """Best-of read bandwidth (a sum streams the array once), bytes/s."""
+    a = torch.ones(mib * 2**20 // 4)
+    return a.nbytes / min(_timed(lambda: a.sum()) for _ in range(repeats))
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+class HFClock:
+    """A logits processor that changes nothing and notes when each step's logits arrive."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def hf_decode(hf, ids: list[int], n: int) -> tuple[float, list[int]]:
+    """transformers generate(): decode tokens/s (first token excluded, like ours), tokens."""
+    from transformers import LogitsProcessorList
+    clock = HFClock()
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                          do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    steps = clock.times
+    return (len(steps) - 1) / (steps[-1] - steps[0]), out[0, len(ids):].tolist()
+
+
+def engine_decode(model, tok, fast: FastPathConfig, n: int):
+    cfg = GenerationConfig(max_new_tokens=n, attention_rows=False, keep_logits=True,
+                           stop_at_eos=False, fast=fast)
+    events, fin = run_to_end(model, tok, PROMPT, cfg)
+    first_logits = next(e.logits for e in events if getattr(e, "logits", None) is not None)
+    return fin.metrics.decode_tokens_per_s, list(fin.tokens), first_logits
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile variant")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from ..loader import load_model
+    lm = load_model(None, "cpu", "float32")
+    model, tok = lm.model, lm.tokenizer
+    ids = tok.encode(PROMPT)
+    names = [v for v in a.variants.split(",") if v]
+    variants = {k: VARIANTS[k] for k in names}
+    if a.compile:
+        variants["compile"] = FastPathConfig(compile=True)
+        variants["fuse+int8+compile"] = FastPathConfig(fuse=True, weights="int8", compile=True)
+
+    # Build every variant (and compile) before timing anything.
+    setup = {}
+    for name, fast in variants.items():
+        t = time.perf_counter()
+        engine_decode(model, tok, fast, 3)          # warm-up (and compilation, if asked)
+        setup[name] = time.perf_counter() - t
+    hf = None
+    if not a.no_hf and lm.hf_folder:
+        from transformers import AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_pretrained(lm.hf_folder, dtype=torch.float32).eval()
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+        hf_decode(hf, ids, 3)
+
+    rates: dict[str, list[float]] = {k: [] for k in [*variants, *(["transformers"] if hf else [])]}
+    tokens, logits = {}, {}
+    bw_copy, bw_read = [], []
+    for _ in range(a.rounds):
+        bw_copy.append(copy_bandwidth())
+        bw_read.append(read_bandwidth())
+        for name, fast in variants.items():
+            r, tokens[name], logits[name] = engine_decode(model, tok, fast, a.new_tokens)
+            rates[name].append(r)
+        if hf:
+            r, tokens["transformers"] = hf_decode(hf, ids, a.new_tokens)
+            rates["transformers"].append(r)
+
+    bandwidth = max(bw_read)
+    ref_tokens, ref_logits = tokens["plain"], logits["plain"]
+    hf_rate = statistics.median(rates["transformers"]) if hf else float("nan")
+    rows = []
+    for name in rates:
+        fast = variants.get(name)
+        nbytes = decode_bytes(prepare(model, fast)) if fast else decode_bytes(model)
+        rate = statistics.median(rates[name])
+        same = [a_ == b_ for a_, b_ in zip(tokens[name], ref_tokens)]
+        first_diff = same.index(False) if False in same else None
+        err = (logits[name] - ref_logits).abs().max().item() if name in logits else None
+        rows.append(dict(variant=name, tok_s=rate, tok_s_all=rates[name], weight_mb=nbytes / 1e6,
+                         ceiling_tok_s=bandwidth / nbytes, of_ceiling=rate * nbytes / bandwidth,
+                         vs_transformers=rate / hf_rate, identical=first_diff is None,
+                         first_diff=first_diff, max_abs_dlogits_step1=err,
+                         setup_s=setup.get(name)))
+    prepare(model, FastPathConfig())      # leave the thread setting as it was asked
+    info = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                machine=platform.processor() or platform.machine(), cpus=torch.get_num_threads(),
+                torch=torch.__version__, threads=torch.get_num_threads(),
+                read_gb_s=bandwidth / 1e9, copy_gb_s=max(bw_copy) / 1e9,
+                new_tokens=a.new_tokens, rounds=a.rounds, prompt=PROMPT, rows=rows)
+    print(f"{info['date']} · torch {info['torch']} · {info['threads']} threads · read "
+          f"{info['read_gb_s']:.1f} GB/s · copy {info['copy_gb_s']:.1f} GB/s · "
+          f"{a.new_tokens} tokens × {a.rounds} rounds")
+    print("| variant | decode tok/s | × transformers | weight MB/step | ceiling tok/s | "
+          "% of ceiling | tokens = plain | Δlogits step 1 | setup s |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    for r in rows:
+        ident = "yes" if r["identical"] else f"first differs at {r['first_diff']}"
+        err = "—" if r["max_abs_dlogits_step1"] is None else f"{r['max_abs_dlogits_step1']:.2g}"
+        setup_s = "—" if r["setup_s"] is None else f"{r['setup_s']:.1f}"
+        print(f"| {r['variant']} | {r['tok_s']:.1f} | {r['vs_transformers']:.2f} | "
+              f"{r['weight_mb']:.0f} | {r['ceiling_tok_s']:.1f} | {100 * r['of_ceiling']:.0f}% | "
+              f"{ident} | {err} | {setup_s} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(info, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
