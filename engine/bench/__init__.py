@@ -50,6 +50,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip transformers generate()")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth view")
     p.add_argument("--block-size", type=int, default=16, help="tokens per paged-cache block")
+    p.add_argument("--fast", action="append", default=[], metavar="OPTS",
+                   help="add a kv row with fast-path options joined by +, e.g. fuse+cols, "
+                        "fuse+cols+int8, compile (repeatable; see docs/benchmarks.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--quick", action="store_true",
@@ -67,7 +70,7 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
                          backends=a.backends, repeat=a.repeat, warmup=a.warmup,
                          baseline=not a.no_baseline, sweep=a.sweep, sweep_max=a.sweep_max,
                          bandwidth=not a.no_bandwidth, quick=a.quick, block_size=a.block_size,
-                         threads=a.threads)
+                         threads=a.threads, fast=tuple(a.fast))
 
 
 def cmd_bench(args: argparse.Namespace, loaded=None) -> int:

@@ -135,7 +135,8 @@ def profile_decode(lm, backend: str, position: int = 64, steps: int = 8) -> dict
             "top_ops_s": {k: v / steps for k, v in top_ops}}
 
 
-def bytes_per_step(lm, prompt_tokens: int, new_tokens: int, cached: bool) -> dict:
+def bytes_per_step(lm, prompt_tokens: int, new_tokens: int, cached: bool,
+                   fast: str | None = None) -> dict:
     """Bytes one decode step reads, averaged over the run's decode steps.
 
     Weights: every matrix once (embedding lookup reads one row, ignored; a tied LM head counts
@@ -144,6 +145,10 @@ def bytes_per_step(lm, prompt_tokens: int, new_tokens: int, cached: bool) -> dic
     """
     model = lm.model
     weights = model.weight_bytes()
+    if fast:                            # fused, re-laid-out or quantised weights: their own size
+        from .. import fast as fastpath
+        from .settings import fast_config
+        weights = fastpath.decode_bytes(fastpath.prepare(model, fast_config(fast)))
     per_token = model.cfg.kv_bytes_per_token(torch.finfo(model.dtype).bits // 8)
     mean_pos = prompt_tokens + new_tokens / 2
     kv = int(per_token * mean_pos) if cached else 0
@@ -157,7 +162,7 @@ def bandwidth_view(lm, rows, prompt_tokens: int, new_tokens: int, machine: dict)
     for r in rows:
         tpot = r.median("tpot_s") if r.samples else None
         cached = r.kind == "hf" and "no cache" not in r.label or r.strategy in ("kv", "paged")
-        b = bytes_per_step(lm, prompt_tokens, new_tokens, cached)
+        b = bytes_per_step(lm, prompt_tokens, new_tokens, cached, getattr(r, "fast", None))
         # A recomputing row reads the weights once per step too, but does T× the arithmetic:
         # GB/s would describe nothing real, so it is left out.
         gbs = b["total_bytes"] / tpot / 1e9 if tpot and cached else None

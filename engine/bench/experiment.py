@@ -224,8 +224,8 @@ def headline(doc: dict, rows) -> dict:
         h["backend"] = backend
         h["naive_total_s"], h["kv_total_s"] = naive.median("total_s"), kv.median("total_s")
         h["kv_speedup_total"] = _ratio(h["naive_total_s"], h["kv_total_s"])
-    diffs = [r.max_abs_logit_diff for r in rows
-             if r.kind == "engine" and r.backend != "naive" and r.max_abs_logit_diff is not None]
+    diffs = [r.max_abs_logit_diff for r in rows if r.kind == "engine" and r.backend != "naive"
+             and r.fast is None and r.max_abs_logit_diff is not None]
     h["efficient_attention_max_abs_logit_diff"] = max(diffs) if diffs else None
     base = by.get(BASELINE)
     if kv and base:

@@ -137,7 +137,7 @@ def standard_table(doc: dict):
                           ("prefill tok/s", "right"), ("peak mem (+run)", "right"), ("KV", "right"),
                           ("identical", "center"), ("max |Δ logits|", "right"),
                           ("× HF decode", "right"), ("× HF total", "right")):
-        t.add_column(name, justify=justify)
+        t.add_column(name, justify=justify, no_wrap=name != "row")
     for r in doc["rows"]:
         f = r["figures"]
         vs = r.get("vs_baseline") or {}

@@ -28,7 +28,7 @@ from ..decoding import generate
 from ..events import Finished, Token
 from ..metrics import RunMetrics
 from .memory import PeakMemory
-from .settings import BenchSettings
+from .settings import BenchSettings, fast_config
 
 REFERENCE = ("naive", "naive")          # strategy, backend: the path everything is compared to
 FIGURES = ("total_s", "ttft_s", "tpot_s", "prefill_s", "decode_tokens_per_s",
@@ -70,10 +70,11 @@ Runner = Callable[[bool], Outcome]      # runner(keep_logits) → Outcome
 
 @dataclass(slots=True)
 class Row:
-    label: str                          # "kv/sdpa", "transformers (cache)"
+    label: str                          # "kv/sdpa", "kv/sdpa +fuse+cols", "transformers (cache)"
     kind: str                           # "engine" | "hf"
     strategy: str | None
     backend: str | None
+    fast: str | None = None             # the fast-path variant ("fuse+cols"), if any
     runner: Runner | None = field(default=None, repr=False)
     samples: list[Sample] = field(default_factory=list)
     tokens: tuple[int, ...] = ()
@@ -91,7 +92,7 @@ class Row:
 
     def to_dict(self) -> dict:
         return {"label": self.label, "kind": self.kind, "strategy": self.strategy,
-                "backend": self.backend, "tokens": list(self.tokens),
+                "backend": self.backend, "fast": self.fast, "tokens": list(self.tokens),
                 "identical": self.identical, "first_difference": self.first_difference,
                 "max_abs_logit_diff": self.max_abs_logit_diff, "unstable": self.unstable,
                 "error": self.error, "repetitions": len(self.samples),
@@ -130,14 +131,15 @@ def pick_backends(settings: BenchSettings, device: torch.device) -> list[str]:
 
 
 def engine_runner(lm, ids: list[int], settings: BenchSettings, strategy: str,
-                  backend: str) -> Runner:
+                  backend: str, fast: str | None = None) -> Runner:
     device = lm.model.device
+    extra = {"fast": fast_config(fast)} if fast else {}
 
     def run(keep_logits: bool) -> Outcome:
         cfg = GenerationConfig(strategy=strategy, backend=backend,
                                max_new_tokens=settings.max_new_tokens,
                                block_size=settings.block_size, attention_rows=False,
-                               keep_logits=keep_logits, stop_at_eos=False)
+                               keep_logits=keep_logits, stop_at_eos=False, **extra)
         logits: list[torch.Tensor] = []
         finished = None
         with PeakMemory(device) as pm:
@@ -180,9 +182,15 @@ class StandardResult:
 
 def build_rows(lm, settings: BenchSettings, ids: list[int], hf=None) -> list[Row]:
     device = lm.model.device
+    backends = pick_backends(settings, device)
     rows = [Row(label=f"{s}/{b}", kind="engine", strategy=s, backend=b,
                 runner=engine_runner(lm, ids, settings, s, b))
-            for s in settings.strategies for b in pick_backends(settings, device)]
+            for s in settings.strategies for b in backends]
+    # Fast-path variants: on the kv cache with the first efficient backend (sdpa if present).
+    fb = "sdpa" if "sdpa" in backends else next((b for b in backends if b != "naive"), "naive")
+    rows += [Row(label=f"kv/{fb} +{spec}", kind="engine", strategy="kv", backend=fb, fast=spec,
+                 runner=engine_runner(lm, ids, settings, "kv", fb, spec))
+             for spec in settings.fast]
     if hf is not None:
         for use_cache in (True, False):
             label = "transformers (cache)" if use_cache else "transformers (no cache)"

@@ -29,6 +29,7 @@ class BenchSettings:
     block_size: int = 16
     seed: int = 0                       # for the sweep's random prompts
     threads: int | None = None          # torch CPU threads for the run; None = torch's default
+    fast: tuple[str, ...] = ()          # fast-path variants to add as rows, e.g. "fuse+cols"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -51,6 +52,9 @@ class BenchSettings:
             raise ConfigError(f"--warmup must be ≥ 0, got {self.warmup}")
         if self.sweep_max is not None and self.sweep_max < 8:
             raise ConfigError(f"--sweep-max must be ≥ 8, got {self.sweep_max}")
+        self.fast = tuple(self.fast)
+        for spec in self.fast:
+            fast_config(spec)                  # a bad name fails here, before anything loads
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be ≥ 1, got {self.threads}")
         if not self.prompt:
@@ -71,4 +75,30 @@ class BenchSettings:
         d = asdict(self)
         d["strategies"] = list(self.strategies)
         d["backends"] = list(self.backends) if self.backends is not None else None
+        d["fast"] = {spec: fast_config(spec).__repr__() for spec in self.fast}
         return d
+
+
+FAST_WORDS = {
+    "fuse": ("fuse", True), "cols": ("layout", "cols"), "compile": ("compile", True),
+    "graphs": ("cuda_graphs", True), "bf16": ("weights", "bfloat16"),
+    "bfloat16": ("weights", "bfloat16"), "fp16": ("weights", "float16"),
+    "float16": ("weights", "float16"), "int8": ("weights", "int8"),
+    "int8-dequant": ("weights", "int8-dequant"), "head-full": ("quantize_head", False),
+}
+
+
+def fast_config(spec: str):
+    """"fuse+cols+int8" → FastPathConfig(fuse=True, layout="cols", weights="int8")."""
+    try:
+        from ..config import FastPathConfig
+    except ImportError:
+        raise ConfigError("this engine has no fast path (engine.config.FastPathConfig)") from None
+    kw = {}
+    for word in (w.strip() for w in spec.split("+")):
+        if word not in FAST_WORDS:
+            raise ConfigError(f"unknown fast-path option {word!r} in {spec!r}; choose from: "
+                              f"{', '.join(FAST_WORDS)} (joined with +)")
+        key, value = FAST_WORDS[word]
+        kw[key] = value
+    return FastPathConfig(**kw)

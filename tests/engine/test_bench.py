@@ -17,6 +17,7 @@ import torch
 from engine.bench import BenchSettings, run_bench
 from engine.bench import report
 from engine.bench.runs import summarise
+from engine.bench.settings import fast_config
 from engine.bench.sweep import cumulative_s
 from engine.cli import main as cli_main
 from engine.config import ConfigError, GenerationConfig, ModelConfig
@@ -59,6 +60,7 @@ def quick_doc(hf_folder, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     code = cli_main(["bench", "--model", hf_folder, "--device", "cpu", "--quick", "--sweep",
                      "--sweep-max", "24", "--threads", "1", "--no-progress",
+                     "--fast", "fuse+cols", "--fast", "int8",
                      "--json", str(out)])
     assert code == 0
     return json.loads(out.read_text())
@@ -89,6 +91,7 @@ def test_json_schema(quick_doc):
         for backend in ("naive", "sdpa"):
             assert f"{strategy}/{backend}" in labels
     assert "transformers (cache)" in labels and "transformers (no cache)" in labels
+    assert "kv/sdpa +fuse+cols" in labels and "kv/sdpa +int8" in labels
     for r in d["rows"]:
         assert r["error"] is None, r
         assert r["repetitions"] == 1 and len(r["samples"]) == 1
@@ -133,9 +136,10 @@ def test_json_has_no_nan(quick_doc, tmp_path):
 
 
 # ----------------------------------------------------------------------------- correctness
-def _engine_tokens(lm, ids, strategy, backend, n):
+def _engine_tokens(lm, ids, strategy, backend, n, fast=None):
+    extra = {"fast": fast_config(fast)} if fast else {}
     cfg = GenerationConfig(strategy=strategy, backend=backend, max_new_tokens=n,
-                           attention_rows=False, stop_at_eos=False)
+                           attention_rows=False, stop_at_eos=False, **extra)
     return list(run_to_end(lm.model, lm.tokenizer, ids, cfg)[1].tokens)
 
 
@@ -149,7 +153,7 @@ def test_identical_rows_really_are(quick_doc, hf_folder):
     hf.generation_config.eos_token_id = None
     for r in d["rows"]:
         if r["kind"] == "engine":
-            tokens = _engine_tokens(lm, ids, r["strategy"], r["backend"], n)
+            tokens = _engine_tokens(lm, ids, r["strategy"], r["backend"], n, r["fast"])
         else:
             x = torch.tensor([ids])
             out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
@@ -197,6 +201,13 @@ def test_render_shows_tables_and_charts(quick_doc):
 def test_bad_settings_are_config_errors(kw):
     with pytest.raises(ConfigError):
         BenchSettings(**kw)
+
+
+def test_fast_variants_parse():
+    cfg = fast_config("fuse+cols+int8")
+    assert (cfg.fuse, cfg.layout, cfg.weights) == (True, "cols", "int8")
+    with pytest.raises(ConfigError, match="warp"):
+        BenchSettings(fast=("fuse+warp",))
 
 
 def test_unknown_backend_is_a_usage_error(hf_folder, capsys):
