@@ -1,7 +1,9 @@
 """The `triton` backend: the FlashAttention algorithm as real GPU kernels (engine/attention/
 triton_kernels.py), plus a PagedAttention kernel that reads K/V through the block table.
 
-    attend        contiguous K/V (no cache, or the `kv` cache): the fused attention kernel
+    attend        contiguous K/V (no cache, or the `kv` cache): the fused attention kernel for
+                  a prompt; the decode kernel for one new token, treating the contiguous cache
+                  as a paged one whose block table is 0, 1, 2, …
     attend_paged  the `paged` cache, read through the block table — no gathered copy of the
                   sequence's K/V is ever made (caps.paged_native): the PagedAttention kernel for
                   one decode query, the fused kernel in its paged mode for a prompt
@@ -60,6 +62,15 @@ class TritonAttention(AttentionBackend):
     # ------------------------------------------------------------------ contiguous K/V
     def attend(self, q, k, v, q_offset: int) -> torch.Tensor:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if q.shape[0] == 1 and q.shape[2] == 1:
+            # One decode query: the decode kernel, reading the contiguous cache as if it were
+            # paged in blocks of `block` keys with the table 0, 1, 2, … — to a kernel a block
+            # is only a stride. (The fused kernel would fill 1 of its 16+ query rows.)
+            page = self.block
+            table = torch.arange(q_offset // page + 1, dtype=torch.int32, device=q.device)
+            return self._paged_decode(q, k, v, table, page, q_offset,
+                                      (page * k.stride(2), k.stride(1), k.stride(2)),
+                                      (page * v.stride(2), v.stride(1), v.stride(2)))
         return self._fused(q, k, v, None, k.shape[2], q_offset)
 
     # ------------------------------------------------------------------ paged K/V
@@ -73,7 +84,8 @@ class TritonAttention(AttentionBackend):
             # A prompt: many queries, so the fused kernel (tl.dot on query tiles) pays off; it
             # gathers each key tile through the block table.
             return self._fused(q, k_pool, v_pool, block_table, seq_len, q_offset)
-        return self._paged_decode(q, k_pool, v_pool, block_table, q_offset)
+        return self._paged_decode(q, k_pool, v_pool, block_table, k_pool.shape[2], q_offset,
+                                  k_pool.stride()[:3], v_pool.stride()[:3])
 
     # ------------------------------------------------------------------ kernel launches
     def _fused(self, q, k, v, table, Tk: int, q_offset: int) -> torch.Tensor:
@@ -96,11 +108,13 @@ class TritonAttention(AttentionBackend):
         self._kernel = "fused attention" + (" (paged)" if paged else "")
         return out
 
-    def _paged_decode(self, q, k_pool, v_pool, block_table, q_offset: int) -> torch.Tensor:
+    def _paged_decode(self, q, k_pool, v_pool, block_table, block_size: int, q_offset: int,
+                      k_strides, v_strides) -> torch.Tensor:
+        """k_strides, v_strides: (block, head, slot) strides of the pools, in elements."""
         from .triton_kernels import kernels
         _, paged_decode = kernels()
         _, H, Tq, hd = q.shape
-        n_kv, block_size = k_pool.shape[1], k_pool.shape[2]
+        n_kv = k_pool.shape[1]
         G = H // n_kv
         # Flash-Decoding's split: enough programs to fill a GPU (n_kv × S of them), each with
         # at least `split_blocks` blocks so the merge stays cheap; no split is left empty.
@@ -112,8 +126,7 @@ class TritonAttention(AttentionBackend):
         l = torch.empty_like(m)
         paged_decode[(Tq, n_kv, S)](
             q, k_pool, v_pool, acc, m, l, block_table,
-            q.stride(1), q.stride(2), *k_pool.stride()[:3], *v_pool.stride()[:3],
-            H, q_offset, 1.0 / math.sqrt(hd), per_split,
+            q.stride(1), q.stride(2), *k_strides, *v_strides, H, q_offset, 1.0 / math.sqrt(hd), per_split,
             G=G, BLOCK_G=_pow2(G, 2), HD=hd, BLOCK_D=_pow2(hd), BLOCK_SIZE=block_size,
             BLOCK_N=_pow2(block_size))
         # The merge. Split s summed exp(score − m_s); rescaled to the common max they add up:
