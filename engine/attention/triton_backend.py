@@ -126,7 +126,8 @@ class TritonAttention(AttentionBackend):
         l = torch.empty_like(m)
         paged_decode[(Tq, n_kv, S)](
             q, k_pool, v_pool, acc, m, l, block_table,
-            q.stride(1), q.stride(2), *k_strides, *v_strides, H, q_offset, 1.0 / math.sqrt(hd), per_split,
+            q.stride(1), q.stride(2), *k_strides, *v_strides,
+            H, q_offset, 1.0 / math.sqrt(hd), per_split,
             G=G, BLOCK_G=_pow2(G, 2), HD=hd, BLOCK_D=_pow2(hd), BLOCK_SIZE=block_size,
             BLOCK_N=_pow2(block_size))
         # The merge. Split s summed exp(score − m_s); rescaled to the common max they add up:
