@@ -44,11 +44,21 @@ class FlashAttention(AttentionBackend):
             raise ValueError(f"flash tile size must be positive, got {tile}")
         self.tile = int(tile)
         self.trace = trace
-        # Filled after each call when `trace` is on: the online-softmax state of head 0 for the
-        # newest query, one entry per key/value tile (fields of engine.events.FlashTiles).
-        # Each call overwrites it, so after a forward step it describes the last layer.
-        self.tile_trace: dict | None = None
+        # With `trace`: (layer, running max, running sum) of head 0 for the newest query after
+        # each key/value tile, kept as tensors — turning them into Python floats would wait for
+        # the GPU, in every layer. Each call overwrites it; see `tile_trace`.
+        self._trace: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._mode = "—"
+
+    @property
+    def tile_trace(self) -> dict | None:
+        """The fields of an engine.events.FlashTiles for the last call (after a forward step:
+        the last layer), or None when tracing is off."""
+        if self._trace is None:
+            return None
+        layer, m, l = self._trace
+        return dict(layer=layer, head=0, tile_size=self.tile,
+                    running_max=tuple(m.tolist()), running_sum=tuple(l.tolist()))
 
     def attend(self, q, k, v, q_offset: int) -> torch.Tensor:
         B, H, Tq, hd = q.shape
@@ -100,11 +110,11 @@ class FlashAttention(AttentionBackend):
                 acc = alpha * acc + p @ vt                            # (B, n_kv, G, bq, hd)
                 m = m_new
                 if self.trace and q0 + bq == Tq:   # the tile holding the newest query
-                    trace_m.append(m[0, 0, 0, -1, 0].item())
-                    trace_l.append(l[0, 0, 0, -1, 0].item())
+                    trace_m.append(m[0, 0, 0, -1, 0])
+                    trace_l.append(l[0, 0, 0, -1, 0])
             out[:, :, :, q0:q0 + bq] = acc / l
             if trace_m:
-                self._record(trace_m, trace_l)
+                self._trace = (self.current_layer, torch.stack(trace_m), torch.stack(trace_l))
         return out
 
     # ------------------------------------------------------------------ decode: Flash-Decoding
@@ -137,15 +147,10 @@ class FlashAttention(AttentionBackend):
         return out
 
     # ------------------------------------------------------------------ the trace for the UI
-    def _record(self, running_max: list[float], running_sum: list[float]) -> None:
-        self.tile_trace = dict(layer=self.current_layer, head=0, tile_size=self.tile,
-                               running_max=tuple(running_max), running_sum=tuple(running_sum))
-
     def _record_splits(self, m_s: torch.Tensor, l_s: torch.Tensor) -> None:
         """Show the merge as if the splits were folded in one by one — the same running max and
-        sum the tiled loop would have after each tile."""
+        sum the tiled loop would have after each tile. m_s, l_s: (S,)."""
         m_run = torch.cummax(m_s, dim=0).values                       # (S,)
         # Σ_{j ≤ i} l_j · exp(m_j − m_run[i]), for every i: a small (S × S) triangle.
         w = l_s[None, :] * torch.exp(m_s[None, :] - m_run[:, None])   # (S, S)
-        l_run = torch.tril(w).sum(dim=1)
-        self._record(m_run.tolist(), l_run.tolist())
+        self._trace = (self.current_layer, m_run, torch.tril(w).sum(dim=1))
