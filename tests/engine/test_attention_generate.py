@@ -105,6 +105,9 @@ def test_embedded_model_same_tokens_every_backend_and_strategy(embedded):
     prefill, one decode — and skips the naive strategy, whose every step is the same fused
     kernel call as the kv strategy's prefill (no cache, q_offset 0). On a GPU it gets them all.
     """
+    if DEVICE.type == "cuda":   # the shared fixture lives on the CPU; triton needs the GPU
+        from engine.loader import load_model
+        embedded = load_model(None, device="cuda", dtype="float32")
     model, tok = embedded.model, embedded.tokenizer
     prompt = "The capital of France is"
     ref, _, _ = greedy(model, tok, prompt, "naive", "kv", 3, attention_rows=False)
