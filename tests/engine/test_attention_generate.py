@@ -101,19 +101,20 @@ def test_flash_tiles_events_follow_generation(tokenizer, strategy):
 def test_embedded_model_same_tokens_every_backend_and_strategy(embedded):
     """The real model (SmolLM2-135M: 9 query heads over 3 K/V heads, head dim 64, 30 layers).
 
-    On a CPU, triton runs in the interpreter (seconds per token), so it gets two tokens — one
-    prefill, one decode — and skips the naive strategy, whose every step is the same fused
-    kernel call as the kv strategy's prefill (no cache, q_offset 0). On a GPU it gets them all.
+    On a CPU every run is two tokens — one prefill, one decode step — and triton, in the
+    interpreter (~0.5 s per kernel call, 30 layers), runs the paged strategy only: both its
+    paged kernels on real weights. Its naive and kv strategies use the same two kernels on a
+    contiguous layout, checked on the tiny models above. On a GPU: 8 tokens, every combination.
     """
     if DEVICE.type == "cuda":   # the shared fixture lives on the CPU; triton needs the GPU
         from engine.loader import load_model
         embedded = load_model(None, device="cuda", dtype="float32")
     model, tok = embedded.model, embedded.tokenizer
     prompt = "The capital of France is"
-    ref, _, _ = greedy(model, tok, prompt, "naive", "kv", 3, attention_rows=False)
+    n = 2 if DEVICE.type == "cpu" else 8      # one prefill and one decode step, on a CPU
+    ref, _, _ = greedy(model, tok, prompt, "naive", "kv", n, attention_rows=False)
     for backend in BACKENDS:
         interpreted = backend == "triton" and DEVICE.type == "cpu"
-        for strategy in STRATEGIES[1:] if interpreted else STRATEGIES:
-            n = 2 if interpreted else 3
+        for strategy in ("paged",) if interpreted else STRATEGIES:
             tokens, _, _ = greedy(model, tok, prompt, backend, strategy, n, attention_rows=False)
-            assert tokens == ref[:n], (backend, strategy)
+            assert tokens == ref, (backend, strategy)
