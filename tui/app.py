@@ -142,6 +142,7 @@ class MiniLLMApp(App[int]):
         self.last_single: tuple | None = None   # (prompt, sampling, tokens) of the last run
         self.finished: list = []                # Finished events, newest last (tests read it)
         self.batches_drawn = self.events_drawn = 0
+        self.engine_gone = False                # the engine process died: no more runs
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(themes.VARIABLE_DEFAULTS)
@@ -226,13 +227,16 @@ class MiniLLMApp(App[int]):
         if message.fatal:
             self.query_one("#loading-text", Label).update(message.text)
             self.query_one(StatusBar).model = "no model"
+            if message.run_id is None and "process" in message.text:
+                self.engine_gone = True
+                self.current_run, self.racing = None, False
         if message.run_id is not None and message.run_id == self.current_run:
             self.current_run = None
 
     @closing_safe
     def on_engine_events(self, message: EngineEvents) -> None:
         if (self.racing and message.run_id in self.race_runs
-                and self.current_run is not None and message.run_id > self.current_run):
+                and (self.current_run is None or message.run_id > self.current_run)):
             self.current_run = message.run_id      # the race moved on to its next contestant
         if message.run_id != self.current_run:
             return                       # a run we stopped following
@@ -242,7 +246,7 @@ class MiniLLMApp(App[int]):
         attention = self.query_one(AttentionPane)
         kv = self.query_one(KVCachePane)
         latency = self.query_one(LatencyPane)
-        pieces, points, rows, snapshot = [], [], [], None
+        pieces, points, rows, snapshot, finished = [], [], [], None, None
         self.batches_drawn += 1
         self.events_drawn += len(message.events)
         with self.batch_update():
@@ -252,9 +256,9 @@ class MiniLLMApp(App[int]):
                     attention.pieces.append(ev.text)
                     points.append((ev.position, ev.latency_s))
                 elif isinstance(ev, CacheSnapshot):
-                    if snapshot is not None and snapshot.kind == "none":
+                    snapshot = ev.stats          # only the newest is drawn …
+                    if snapshot.kind == "none":  # … but naive's recomputation adds up
                         kv.recomputed_total += snapshot.recomputed_tokens
-                    snapshot = ev.stats
                 elif isinstance(ev, AttentionRow):
                     rows.append(ev)
                 elif isinstance(ev, FlashTiles):
@@ -268,7 +272,7 @@ class MiniLLMApp(App[int]):
                     attention.reset()
                     latency.start_run(f"{ev.strategy}/{ev.backend}")
                 elif isinstance(ev, Finished):
-                    self._finish(ev)
+                    finished = ev
             if pieces:
                 tokens.append(pieces)
             if points:
@@ -278,6 +282,8 @@ class MiniLLMApp(App[int]):
                 attention.post_message(AttentionUpdated(rows[-1].position))
             if snapshot is not None:
                 kv.post_message(CacheUpdated(snapshot))
+            if finished is not None:
+                self._finish(finished)
 
     def _finish(self, ev) -> None:
         self.finished.append(ev)
@@ -330,14 +336,22 @@ class MiniLLMApp(App[int]):
         self.settings.prompt = text
         return text
 
+    def _can_start(self) -> bool:
+        if self.engine_gone:
+            self.notify("the engine process has stopped; restart the app", severity="error")
+            return False
+        if self.busy:
+            self.notify("a run is in progress: press x to stop it first", severity="warning")
+            return False
+        return True
+
     def _loading_note(self) -> None:
         if self.info is None:
             self.notify("the model is still loading; the run starts when it is ready",
                         timeout=4)
 
     def action_run(self) -> None:
-        if self.busy:
-            self.notify("a run is in progress: press x to stop it first", severity="warning")
+        if not self._can_start():
             return
         prompt = self._prompt_text()
         if prompt is None:
@@ -378,8 +392,7 @@ class MiniLLMApp(App[int]):
         return combos
 
     def action_race(self) -> None:
-        if self.busy:
-            self.notify("a run is in progress: press x to stop it first", severity="warning")
+        if not self._can_start():
             return
         prompt = self._prompt_text()
         if prompt is None:

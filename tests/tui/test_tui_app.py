@@ -301,3 +301,18 @@ def test_snapshot_messages_replace_older_ones():
     assert AttentionUpdated(position=3).can_replace(AttentionUpdated(position=2))
     assert EngineProgress("a", 0.1).can_replace(EngineProgress("b", 0.2))
     assert not CacheUpdated(stats=None).can_replace(AttentionUpdated(position=1))
+
+
+@pytest.mark.slow
+async def test_real_engine_process_reports_a_bad_model_path():
+    # The real bridge: a spawned engine process that cannot load its model says so, and the
+    # app shows it as a notification instead of dying.
+    from tui.app import Settings
+    from tui.bridge import ProcessEngineClient
+    app = MiniLLMApp(Settings(model="/no/such/model.gguf"),
+                     client=ProcessEngineClient("/no/such/model.gguf", "cpu", "float32"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: any("did not load" in n for n in notes(app)), timeout=120,
+                       what="the load failure")
+        assert any("model path not found" in n for n in notes(app))
+        assert app.query_one(StatusBar).model == "no model"

@@ -52,8 +52,7 @@ class KVCachePane(Widget):
         self.show(message.stats)
 
     def show(self, stats) -> None:
-        if stats.kind == "none":
-            self.recomputed_total += stats.recomputed_tokens
+        """Draw this snapshot. (The app keeps `recomputed_total` up to date for naive.)"""
         self.stats = stats
         self.refresh()
 

@@ -1,0 +1,118 @@
+"""Does the UI distort what it measures? Decode tokens/s with and without the app attached.
+
+    python -m tui.measure [--tokens 100] [--rounds 3] [--strategy kv] [--backend sdpa]
+
+Three ways to run the same greedy request, interleaved round by round so that a change in
+machine load hits all of them alike:
+
+    engine     generate() in this process, nothing listening (the reference)
+    process    the engine process the app uses, with a plain thread reading its batches
+    app        the real app (headless Textual, full compositing) on the engine process
+
+All three record attention rows, as the app asks for them. The numbers are the engine's own
+decode tokens/s (1 / TPOT, engine/metrics.py), so what is compared is how much the consumer
+slows the producer down. Results are medians; docs/ui.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import queue
+import statistics
+import time
+
+
+def engine_runs(lm, cfg, prompt):
+    from engine.decoding import generate
+    fin = None
+    for ev in generate(lm.model, lm.tokenizer, prompt, cfg):
+        fin = ev
+    return fin.metrics.decode_tokens_per_s
+
+
+async def main_async(args) -> dict[str, list[float]]:
+    from engine.config import GenerationConfig
+    from engine.loader import load_model
+    from tui.app import MiniLLMApp, Settings
+    from tui.bridge import ProcessEngineClient
+    from tui.engine_process import RunRequest
+    from tui.messages import EngineEvents, EngineReady
+
+    prompt = args.prompt
+    cfg = GenerationConfig(strategy=args.strategy, backend=args.backend,
+                           max_new_tokens=args.tokens, attention_rows=True)
+    lm = load_model(None, "cpu", "float32")
+
+    inbox: queue.Queue = queue.Queue()
+    bare = ProcessEngineClient(None, "cpu", "float32")
+    bare.start(inbox.put)
+
+    async def bare_run(run_id: int) -> float:
+        bare.run(RunRequest(run_id=run_id, prompt=prompt, strategy=args.strategy,
+                            backend=args.backend, max_new_tokens=args.tokens))
+        while True:
+            try:
+                msg = inbox.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(0.01)
+                continue
+            if isinstance(msg, EngineEvents):
+                last = msg.events[-1]
+                if type(last).__name__ == "Finished":
+                    return last.metrics.decode_tokens_per_s
+
+    results: dict[str, list[float]] = {"engine": [], "process": [], "app": []}
+    app = MiniLLMApp(Settings(max_new_tokens=args.tokens, strategy=args.strategy,
+                              backend=args.backend, prompt=prompt))
+    async with app.run_test(size=(160, 48)) as pilot:
+        while app.info is None:
+            await asyncio.sleep(0.1)
+        while True:                      # the bare client's model too
+            msg = inbox.get() if not inbox.empty() else None
+            if isinstance(msg, EngineReady):
+                break
+            await asyncio.sleep(0.1)
+        engine_runs(lm, cfg, prompt)     # warm-up, all three
+        await bare_run(0)
+        n = len(app.finished)
+        await pilot.press("enter")
+        while len(app.finished) == n:
+            await asyncio.sleep(0.05)
+        for r in range(args.rounds):
+            results["engine"].append(engine_runs(lm, cfg, prompt))
+            results["process"].append(await bare_run(r + 1))
+            n = len(app.finished)
+            await pilot.press("enter")
+            while len(app.finished) == n:
+                await asyncio.sleep(0.05)
+            results["app"].append(app.finished[-1].metrics.decode_tokens_per_s)
+            print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()),
+                  flush=True)
+    bare.close()
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--strategy", default="kv")
+    p.add_argument("--backend", default="sdpa")
+    p.add_argument("--prompt", default="Deep learning is")
+    args = p.parse_args()
+    load = os.getloadavg()[0]
+    t0 = time.time()
+    res = asyncio.run(main_async(args))
+    ref = statistics.median(res["engine"])
+    print(f"\n{args.tokens} tokens, {args.strategy}/{args.backend}, {args.rounds} rounds, "
+          f"load average at start {load:.1f}, {time.time() - t0:.0f} s")
+    for name, values in res.items():
+        med = statistics.median(values)
+        print(f"  {name:<8} median {med:6.1f} tok/s  ({(med / ref - 1) * 100:+.1f}% vs engine)"
+              f"  runs: {', '.join(f'{v:.1f}' for v in values)}")
+
+
+if __name__ == "__main__":
+    main()
