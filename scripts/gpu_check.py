@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "float16"))
     ap.add_argument("--tile", type=int, default=64, help="flash tile / triton block")
     ap.add_argument("--out", default="docs/gpu_results.md")
+    ap.add_argument("--no-fast-path", action="store_true",
+                    help="skip the fast-path decode table (engine.fast.gpu_timing, CUDA only)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,9 +171,26 @@ def main(argv=None) -> int:
         "memory above what was allocated before the call (output included).", "",
         attn_table, ""])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    Path(args.out).write_text(text)       # written now: the optional part below may fail
+    if device.type == "cuda" and not args.no_fast_path:
+        fast = fast_path_table(model)
+        if fast:
+            print("\n## Fast path: decode tokens/s\n\n" + fast, flush=True)
+            Path(args.out).write_text(text + "\n## Fast path: decode tokens/s (engine.fast)\n\n"
+                                      + fast + "\n")
     print(f"\nwritten to {args.out}")
     return 0
+
+
+def fast_path_table(model) -> str | None:
+    """The fast-path decode table (eager / fixed-shape / CUDA graphs vs transformers), which
+    lives with the fast path in engine/fast; None if it is missing or fails."""
+    try:
+        from engine.fast.gpu_timing import decode_table
+        return decode_table(model)
+    except Exception as exc:      # another part of the project: report, do not lose the rest
+        print(f"fast-path table skipped: {type(exc).__name__}: {exc}", flush=True)
+        return None
 
 
 if __name__ == "__main__":
