@@ -109,9 +109,12 @@ class CachedAttention:
 def attention_row(q_last: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """softmax(q·Kᵀ/√d) for one query per head. q_last: (H, hd); keys: (n_kv, T, hd) → (H, T)."""
     H, hd = q_last.shape
-    keys = keys.repeat_interleave(H // keys.shape[0], dim=0)           # (H, T, hd)
-    scores = torch.einsum("hd,htd->ht", q_last.float(), keys.float()) / math.sqrt(hd)
-    return torch.softmax(scores, dim=-1)
+    n_kv, T = keys.shape[0], keys.shape[1]
+    # Group the query heads by the K/V head they share instead of copying each K/V head
+    # H / n_kv times (repeat_interleave): same products, no (H, T, hd) copy of the keys.
+    q = q_last.float().view(n_kv, H // n_kv, hd)                      # (n_kv, group, hd)
+    scores = (q @ keys.float().transpose(1, 2)) / math.sqrt(hd)        # (n_kv, group, T)
+    return torch.softmax(scores.reshape(H, T), dim=-1)
 
 
 # --------------------------------------------------------------------------- rung 3: one step

@@ -35,6 +35,7 @@ VARIANTS: dict[str, FastPathConfig] = {
     "bfloat16 weights": FastPathConfig(weights="bfloat16"),
     "float16 weights": FastPathConfig(fuse=True, weights="float16"),
     "int8 weights": FastPathConfig(fuse=True, weights="int8"),
+    "int8, float32 head": FastPathConfig(fuse=True, weights="int8", quantize_head=False),
 }
 
 

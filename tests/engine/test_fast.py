@@ -211,3 +211,21 @@ def test_gpu_decode_table_runs_on_cpu():
     from engine.fast.gpu_timing import decode_table
     table = decode_table(tiny_model("llama"), lengths=(16,), steps=3)
     assert "| kv | 16 |" in table and "| paged | 16 |" in table and "graph" not in table
+
+
+def test_attention_row_grouped_equals_repeated():
+    from engine.decoding import attention_row
+    q, keys = torch.randn(9, 16), torch.randn(3, 11, 16)
+    expanded = keys.repeat_interleave(3, dim=0)                       # (9, 11, 16)
+    expected = torch.softmax(torch.einsum("hd,htd->ht", q, expanded) / 4.0, dim=-1)
+    torch.testing.assert_close(attention_row(q, keys), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["kv", "paged"])
+def test_compiled_step_identical_tokens(tokenizer, strategy):
+    """torch.compile of the fixed-shape step (tens of seconds to compile on a small CPU)."""
+    model = tiny_model("llama")
+    ref, _ = greedy(model, tokenizer, FastPathConfig(), strategy=strategy, n=10)
+    got, _ = greedy(model, tokenizer, FastPathConfig(compile=True), strategy=strategy, n=10)
+    assert got == ref
