@@ -35,7 +35,7 @@ VARIANTS: dict[str, FastPathConfig] = {
     "bfloat16 weights": FastPathConfig(weights="bfloat16"),
     "float16 weights": FastPathConfig(fuse=True, weights="float16"),
     "int8 weights": FastPathConfig(fuse=True, weights="int8"),
-    "int8, float32 head": FastPathConfig(fuse=True, weights="int8", quantize_head=False),
+    "int8 + float32 head": FastPathConfig(fuse=True, weights="int8", quantize_head=False),
 }
 
 
@@ -156,7 +156,6 @@ def main(argv=None) -> int:
                          vs_transformers=rate / hf_rate, identical=first_diff is None,
                          first_diff=first_diff, max_abs_dlogits_step1=err,
                          setup_s=setup.get(name)))
-    prepare(model, FastPathConfig())      # leave the thread setting as it was asked
     info = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 machine=platform.processor() or platform.machine(), cpus=torch.get_num_threads(),
                 torch=torch.__version__, threads=torch.get_num_threads(),
