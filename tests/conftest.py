@@ -11,8 +11,10 @@ import os
 import pytest
 import torch
 
-# Triton's interpreter must be chosen before triton is first imported anywhere.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, Triton kernels run in its CPU interpreter (chosen before a kernel is first used);
+# with one, they run for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.config import ModelConfig  # noqa: E402
 from engine.model import Transformer  # noqa: E402
