@@ -90,7 +90,7 @@ def render(doc: dict, file=None) -> None:
     from rich.console import Console
     file = file or sys.stdout
     tty = file.isatty()
-    console = Console(file=file, width=None if tty else 160)
+    console = Console(file=file, width=None if tty else 200)
     env, st = doc.get("environment", {}), doc["settings"]
     title = (f"{doc.get('model', {}).get('name', '?')} · {env.get('device_name', '?')} "
              f"({env.get('device', '?')}, {env.get('torch_threads', '?')} threads) · "
@@ -137,7 +137,7 @@ def standard_table(doc: dict):
                           ("prefill tok/s", "right"), ("peak mem (+run)", "right"), ("KV", "right"),
                           ("identical", "center"), ("max |Δ logits|", "right"),
                           ("× HF decode", "right"), ("× HF total", "right")):
-        t.add_column(name, justify=justify, no_wrap=name != "row")
+        t.add_column(name, justify=justify, no_wrap=True)
     for r in doc["rows"]:
         f = r["figures"]
         vs = r.get("vs_baseline") or {}
@@ -145,7 +145,7 @@ def standard_table(doc: dict):
                  None: "—"}[r["identical"]]
         if r.get("unstable"):
             ident += " [red](unstable)[/]"
-        t.add_row(r["label"] + (" [dim](reference)[/]" if r["label"] == doc["reference"] else ""),
+        t.add_row(r["label"] + (" [dim](ref)[/]" if r["label"] == doc["reference"] else ""),
                   _s(f["total_s"]["median"]) + _spread(f["total_s"]),
                   _s(f["ttft_s"]["median"]), _s(f["tpot_s"]["median"]),
                   _num(f["decode_tokens_per_s"]["median"]) + _spread(f["decode_tokens_per_s"]),
