@@ -60,6 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "minute on a 2-core CPU")
     p.add_argument("--json", metavar="FILE", default=None,
                    help="also write every figure, the machine and the settings to FILE")
+    p.add_argument("--markdown", metavar="FILE", default=None,
+                   help="also write the tables as Markdown (as in docs/benchmarks.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (without a terminal: no progress lines)")
     return p
 
@@ -83,6 +85,10 @@ def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
     if args.json:
         report.write_json(doc, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(doc))
+        print(f"wrote {args.markdown}", file=sys.stderr)
     return EXIT_INTERRUPTED if doc["interrupted"] else 0
 
 

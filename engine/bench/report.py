@@ -278,3 +278,85 @@ def curves_chart(curves, width: int = 100, color: bool = True) -> str | None:
         plt.ylabel(unit)
         parts.append(_built(plt, color))
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- Markdown
+def markdown(doc: dict) -> str:
+    """The tables of docs/benchmarks.md, from a result document (`--markdown FILE`)."""
+    env, st = doc.get("environment", {}), doc["settings"]
+    la = env.get("load_average_start")
+    lines = [f"- date: {doc['started_at']}",
+             f"- machine: {env.get('device_name')} ({env.get('device')}), "
+             f"{env.get('cpu_count')} CPUs, {env.get('torch_threads')} torch threads, "
+             f"load average {la[0] if la else '?'} at the start",
+             f"- software: torch {env.get('torch')}, transformers {env.get('transformers')}, "
+             f"Python {env.get('python')}",
+             f"- model: {doc.get('model', {}).get('name')}, {env.get('dtype')}",
+             f"- settings: prompt {st['prompt']!r} ({doc.get('prompt_tokens')} tokens), "
+             f"{st['max_new_tokens']} new tokens, greedy, {st['warmup']} warm-up + "
+             f"{st['repeat']} timed passes, interleaved", ""]
+    lines += ["| row | total | TTFT | TPOT | decode tok/s | prefill tok/s | KV | identical | "
+              "max \\|Δ logits\\| | × HF decode | × HF total |",
+              "|---|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|"]
+    for r in doc.get("rows", []):
+        f, vs = r["figures"], r.get("vs_baseline") or {}
+        ident = {True: "yes", False: f"no (step {r['first_difference']})", None: "—"}[
+            r["identical"]]
+        lines.append(
+            f"| {r['label']} | {_s(f['total_s']['median'])}{_spread(f['total_s'])} | "
+            f"{_s(f['ttft_s']['median'])} | {_s(f['tpot_s']['median'])} | "
+            f"{_num(f['decode_tokens_per_s']['median'])} | "
+            f"{_num(f['prefill_tokens_per_s']['median'], '{:.0f}')} | "
+            f"{_bytes(f['kv_bytes']['median'])} | {ident} | "
+            f"{_num(r['max_abs_logit_diff'], '{:.1e}')} | "
+            f"{_num(vs.get('decode_tokens_per_s'), '{:.2f}×')} | "
+            f"{_num(vs.get('total_speedup'), '{:.2f}×')} |")
+    b = doc.get("bandwidth")
+    if b and b.get("rows"):
+        m = b["machine"]
+        lines += ["", f"Copy bandwidth {m['copy_gb_s']:.1f} GB/s (read + write), read "
+                      f"{m['read_gb_s']:.1f} GB/s, {m['threads']} thread(s).", "",
+                  "| row | weights | KV read | TPOT | achieved GB/s | % of copy | ceiling tok/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in b["rows"]:
+            lines.append(f"| {r['label']} | {_bytes(r['weight_bytes'])} | {_bytes(r['kv_bytes'])}"
+                         f" | {_s(r['tpot_s'])} | {_num(r['achieved_gb_s'])} | "
+                         f"{_num(r['pct_of_copy'], '{:.0f}%')} | "
+                         f"{_num(r['ceiling_tokens_per_s'])} |")
+        mf, p = b.get("matmul_floor"), b.get("profile")
+        if mf:
+            lines += ["", f"Matmuls alone: {mf['matrices']} matrices, {_bytes(mf['bytes'])}, "
+                          f"{_s(mf['seconds'])} per token = {mf['gb_s']:.1f} GB/s "
+                          f"({100 * mf['gb_s'] / m['copy_gb_s']:.0f}% of copy)."]
+        if p:
+            total = sum(p["breakdown_s"].values()) or 1
+            lines += ["", f"Profile of kv/{p['backend']} decode steps ({p['steps']} steps at "
+                          f"position {p['position']}, {_s(p['step_s_profiled'])} per step "
+                          f"under the profiler):", "", "| part | per step | share |",
+                      "|---|---:|---:|"]
+            lines += [f"| {k} | {_s(v)} | {100 * v / total:.0f}% |"
+                      for k, v in p["breakdown_s"].items()]
+    sw = doc.get("sweep")
+    if sw and sw.get("positions"):
+        lines += ["", f"Decode step latency against position ({sw['backend']} attention):", "",
+                  "| position | " + " | ".join(sw["step_s"]) + " | naive ÷ kv |",
+                  "|---:|" + "---:|" * (len(sw["step_s"]) + 1)]
+        for i, pos in enumerate(sw["positions"]):
+            cells = [_s(sw["step_s"][s][i]) for s in sw["step_s"]]
+            ratio = sw["step_s"]["naive"][i] / sw["step_s"]["kv"][i]
+            lines.append(f"| {pos} | " + " | ".join(cells) + f" | {ratio:.1f}× |")
+        if sw.get("summary"):
+            lines += ["", sweep_text(sw)]
+    curves = doc.get("attention_curves")
+    if curves:
+        pre = [c for c in curves if c["phase"] == "prefill"]
+        lengths = sorted({c["length"] for c in pre})
+        lines += ["", "One prefill attention call (all heads of one layer): time · peak extra "
+                      "memory", "", "| backend | " + " | ".join(f"T={n}" for n in lengths) + " |",
+                  "|---|" + "---:|" * len(lengths)]
+        for name in dict.fromkeys(c["backend"] for c in pre):
+            cell = {c["length"]: c for c in pre if c["backend"] == name}
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_s(cell[n]['seconds'])} · {_bytes(cell[n]['peak_bytes'])}" if n in cell
+                else "—" for n in lengths) + " |")
+    return "\n".join(lines) + "\n"
