@@ -504,13 +504,22 @@ class MiniLLMApp(App[int]):
         yield SystemCommand("Help", "What each pane shows and why it matters", self.action_help)
 
 
+def force_truecolor(settings: Settings) -> bool:
+    """--truecolor or MINILLM_TRUECOLOR=1: draw 24-bit colour whatever the terminal claims.
+
+    Rich reads COLORTERM when the app's console is created; over SSH it is often not forwarded,
+    and the app would fall back to 256 colours on a terminal that has millions.
+    """
+    if settings.truecolor or os.environ.get("MINILLM_TRUECOLOR", "") not in ("", "0"):
+        os.environ["COLORTERM"] = "truecolor"
+        return True
+    return False
+
+
 def run_app(args) -> int:
     """Entry point for `python main.py` (engine/cli.py `cmd_ui`)."""
     settings = Settings.from_args(args)
-    if settings.truecolor or os.environ.get("MINILLM_TRUECOLOR", "") not in ("", "0"):
-        # Rich reads COLORTERM when the app's console is created: over SSH it is often not
-        # forwarded, and the app would fall back to 256 colours on a truecolor terminal.
-        os.environ["COLORTERM"] = "truecolor"
+    force_truecolor(settings)
     from engine.config import STRATEGIES as known
     if settings.strategy not in known:
         print(f"error: unknown strategy {settings.strategy!r}; choose one of: "

@@ -316,3 +316,16 @@ async def test_real_engine_process_reports_a_bad_model_path():
                        what="the load failure")
         assert any("model path not found" in n for n in notes(app))
         assert app.query_one(StatusBar).model == "no model"
+
+
+def test_truecolor_can_be_forced(monkeypatch):
+    from tui.app import Settings, force_truecolor
+    from tui.fake_engine import FakeEngineClient
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("COLORTERM", raising=False)
+    monkeypatch.delenv("MINILLM_TRUECOLOR", raising=False)
+    assert not force_truecolor(Settings())
+    assert MiniLLMApp(Settings(), client=FakeEngineClient()).console.color_system == "256"
+    monkeypatch.setenv("MINILLM_TRUECOLOR", "1")             # or --truecolor
+    assert force_truecolor(Settings())
+    assert MiniLLMApp(Settings(), client=FakeEngineClient()).console.color_system == "truecolor"
