@@ -194,6 +194,12 @@ def test_render_shows_tables_and_charts(quick_doc):
     assert "\x1b[" not in text                                  # no colour codes into a file
 
 
+def test_markdown_tables(quick_doc):
+    md = report.markdown(quick_doc)
+    assert "| row | total | TTFT |" in md and "| kv/sdpa |" in md
+    assert "| position | naive | kv | paged |" in md
+
+
 # ----------------------------------------------------------------------------- settings, maths
 @pytest.mark.parametrize("kw", [dict(strategies=("fast",)), dict(repeat=0), dict(warmup=-1),
                                 dict(max_new_tokens=1), dict(dtype="int3"), dict(threads=0),
