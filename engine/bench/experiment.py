@@ -86,14 +86,15 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
     stages: dict[str, float] = {}
     current = ["", t_start]
 
-    def stage(what: str) -> None:
+    def stage(what: str, show: bool = True) -> None:
         """Tick the progress bar and book the time since the last tick to its stage."""
         now = time.perf_counter()
         name = current[0].split(":")[0]
         if name:
             stages[name] = stages.get(name, 0.0) + now - current[1]
         current[:] = [what, now]
-        tick(what)
+        if show:
+            tick(what)
 
     lm = loaded
     threads_before = torch.get_num_threads()
@@ -155,7 +156,7 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
         doc["interrupted"] = True
     finally:
         torch.set_num_threads(threads_before)
-    stage("done")
+    stage("done", show=False)            # books the last stage; no tick a Ctrl+C could hit
     doc["stage_s"] = stages
     if "environment" in doc:
         doc["environment"]["load_average_end"] = _loadavg()

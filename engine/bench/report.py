@@ -109,7 +109,7 @@ def render(doc: dict, file=None) -> None:
         console.print("[bold yellow]interrupted: showing what was measured so far[/]")
     if doc.get("rows"):
         console.print(standard_table(doc))
-    if doc["baseline"].get("error"):
+    if doc.get("baseline", {}).get("error"):
         console.print(f"[yellow]no transformers baseline: {doc['baseline']['error']}[/]")
     for r in doc.get("rows", []):
         if r.get("error"):

@@ -184,6 +184,17 @@ def test_interrupt_keeps_what_was_measured(hf_folder):
     assert "interrupted" in buf.getvalue() and "naive/sdpa" in buf.getvalue()
 
 
+def test_interrupt_while_loading_still_reports(hf_folder, tmp_path):
+    """Ctrl+C before anything was measured: a (nearly empty) report, valid JSON, no traceback."""
+    def tick(what):
+        raise KeyboardInterrupt
+    doc = run_bench(BenchSettings(model=hf_folder, device="cpu"), tick=tick)
+    assert doc["interrupted"] is True and doc["rows"] == []
+    report.write_json(doc, str(tmp_path / "b.json"))
+    report.render(doc, file=io.StringIO())
+    report.markdown(doc)
+
+
 def test_render_shows_tables_and_charts(quick_doc):
     buf = io.StringIO()
     report.render(quick_doc, file=buf)
