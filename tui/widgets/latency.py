@@ -11,7 +11,7 @@ from textual_plotext import PlotextPlot
 
 from .kv_cache import human_bytes
 
-KEEP_RUNS = 4
+KEEP_RUNS = 6      # a race of every strategy and backend still fits
 
 
 def fmt_ms(seconds: float) -> str:

@@ -47,7 +47,7 @@ class StatusBar(Widget):
         else:
             badge = " identical tokens ✓ " if self.identical else " tokens differ ✗ "
             if self.delta is not None:
-                badge = badge[:-1] + f"· max|Δlogits| {self.delta:.2g} "
+                badge = badge.rstrip() + f" · max|Δlogits| {self.delta:.2g} "
             t.append(badge, self.get_component_rich_style(
                 "status--same" if self.identical else "status--differ"))
         return t
