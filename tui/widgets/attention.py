@@ -14,6 +14,9 @@ from themes import ramps
 from ..messages import AttentionUpdated
 
 
+KEEP_ROWS = 160
+
+
 def label(piece: str, width: int) -> str:
     """A token, visible: spaces as ␣ and newlines as ⏎, cut or padded to `width` cells."""
     shown = piece.replace(" ", "␣").replace("\n", "⏎") or "∅"
@@ -62,6 +65,11 @@ class AttentionPane(Widget, can_focus=True):
     def add_rows(self, rows) -> None:
         for row in rows:
             self.rows[row.position] = row.probs
+        # Each row is (layers × heads × T): keeping every one would grow as T², ~270 MB at
+        # 1000 tokens for the embedded model. The matrix view shows at most a screenful.
+        for position in sorted(self.rows)[:-KEEP_ROWS]:
+            del self.rows[position]
+        for row in rows[-1:]:
             self.n_layers, self.n_heads = row.probs.shape[0], row.probs.shape[1]
         self.shown_layer = min(self.shown_layer, self.n_layers - 1)
         self.shown_head = min(self.shown_head, self.n_heads - 1)
