@@ -26,7 +26,7 @@ def _bytes(n):
     for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= k:
             return f"{n / k:.1f} {unit}"
-    return f"{n} B"
+    return f"{int(n)} B"
 
 
 def _num(x, fmt="{:.1f}"):
