@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import platform
-import sys
 import time
 from typing import Callable
 
