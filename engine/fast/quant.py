@@ -113,7 +113,9 @@ class HalfLinear(nn.Module):
 def _dense_weight(linear: nn.Module) -> torch.Tensor:
     """(out, in) weight of an nn.Linear or a layout.ColumnLinear."""
     if hasattr(linear, "weight_t"):
-        return linear.weight_t.detach().t()
+        # .t() is a strided view; quantising it would keep those strides, and the C kernel
+        # reads qweight as row-major (out, in) — so make it contiguous first.
+        return linear.weight_t.detach().t().contiguous()
     return linear.weight.detach()
 
 

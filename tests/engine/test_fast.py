@@ -229,3 +229,21 @@ def test_compiled_step_identical_tokens(tokenizer, strategy):
     ref, _ = greedy(model, tokenizer, FastPathConfig(), strategy=strategy, n=10)
     got, _ = greedy(model, tokenizer, FastPathConfig(compile=True), strategy=strategy, n=10)
     assert got == ref
+
+
+def test_int8_over_column_layout_equals_int8_alone():
+    """Regression: quantising a (in, out)-stored weight kept its transposed strides, and the int8
+    kernel read it as row-major — cols+int8 diverged from the first token."""
+    from engine.config import FastPathConfig, GenerationConfig
+    from engine.decoding import run_to_end
+    from tests.conftest import byte_tokenizer, tiny_model
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    out = {}
+    for name, fast in (("int8", FastPathConfig(weights="int8")),
+                       ("cols+int8", FastPathConfig(layout="cols", weights="int8"))):
+        events, fin = run_to_end(model, tok, [1, 2, 3], GenerationConfig(
+            max_new_tokens=10, stop_at_eos=False, keep_logits=True, fast=fast))
+        out[name] = (fin.tokens, [e.logits for e in events if type(e).__name__ == "Token"])
+    assert out["int8"][0] == out["cols+int8"][0]
+    for a, b in zip(out["int8"][1], out["cols+int8"][1]):
+        assert (a - b).abs().max() <= 1e-4
