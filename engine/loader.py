@@ -102,6 +102,14 @@ def embedded_gguf() -> Path:
 
 
 # ----------------------------------------------------------------------------- state dicts
+# Llama/Qwen2 per-layer module names: Hugging Face's → this engine's.
+HF_LLAMA_NAMES = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk",
+                  "self_attn.v_proj": "attn.wv", "self_attn.o_proj": "attn.wo",
+                  "mlp.gate_proj": "mlp.w_gate", "mlp.up_proj": "mlp.w_up",
+                  "mlp.down_proj": "mlp.w_down", "input_layernorm": "attn_norm",
+                  "post_attention_layernorm": "mlp_norm"}
+
+
 def hf_to_engine(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename a Hugging Face state dict to this engine's parameter names."""
     out: dict[str, torch.Tensor] = {}
@@ -123,14 +131,9 @@ def hf_to_engine(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
         out["norm.weight"], out["norm.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
         out["lm_head.weight"] = sd.get("lm_head.weight", sd["wte.weight"])
         return out
-    names = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk",
-             "self_attn.v_proj": "attn.wv", "self_attn.o_proj": "attn.wo",
-             "mlp.gate_proj": "mlp.w_gate", "mlp.up_proj": "mlp.w_up",
-             "mlp.down_proj": "mlp.w_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "mlp_norm"}
     out["tok_emb.weight"] = sd["model.embed_tokens.weight"]
     for i in range(cfg.n_layers):
-        for hf, ours in names.items():
+        for hf, ours in HF_LLAMA_NAMES.items():
             for kind in ("weight", "bias"):
                 key = f"model.layers.{i}.{hf}.{kind}"
                 if key in sd:
@@ -145,11 +148,7 @@ def engine_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     if cfg.family == "gpt2":
         raise NotImplementedError("writing GPT-2 checkpoints is not needed")
-    inv = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj",
-           "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
-           "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj",
-           "mlp.w_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-           "mlp_norm": "post_attention_layernorm"}
+    inv = {ours: hf for hf, ours in HF_LLAMA_NAMES.items()}
     out = {}
     for name, t in model.state_dict().items():
         if name == "tok_emb.weight":
