@@ -11,7 +11,7 @@ import json
 import math
 import sys
 
-from .config import (DTYPES, FAST_WEIGHTS, LAYOUTS, STRATEGIES, ConfigError, FastPathConfig,
+from .config import (DTYPES, FAST_WEIGHTS, KERNELS, LAYOUTS, STRATEGIES, ConfigError, FastPathConfig,
                      GenerationConfig, SamplingConfig)
 
 EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
@@ -47,6 +47,9 @@ def add_fast_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fuse", action="store_true", help="one matmul for Q/K/V and for gate/up")
     g.add_argument("--layout", default="rows", help=f"weight layout: {', '.join(LAYOUTS)}")
     g.add_argument("--weights", default="same", help=f"one of: {', '.join(FAST_WEIGHTS)}")
+    g.add_argument("--kernel", default="torch", choices=KERNELS,
+                   help="torch: the PyTorch model steps; c: the whole decode step in C (CPU, "
+                        "Llama/Qwen2, float32 or --weights int8)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     g.add_argument("--cuda-graphs", action="store_true", help="replay the decode step (CUDA)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
@@ -57,7 +60,8 @@ def fast_config(a: argparse.Namespace) -> FastPathConfig:
                           weights=getattr(a, "weights", "same"),
                           compile=getattr(a, "compile", False),
                           cuda_graphs=getattr(a, "cuda_graphs", False),
-                          threads=getattr(a, "threads", None))
+                          threads=getattr(a, "threads", None),
+                          kernel=getattr(a, "kernel", "torch"))
 
 
 def generation_config(a: argparse.Namespace, **overrides) -> GenerationConfig:

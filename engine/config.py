@@ -187,15 +187,16 @@ class SamplingConfig:
 
 FAST_WEIGHTS = ("same", "bfloat16", "float16", "int8", "int8-dequant")
 LAYOUTS = ("rows", "cols")
+KERNELS = ("torch", "c")
 
 
 @dataclass(slots=True)
 class FastPathConfig:
     """Opt-in decode speed-ups (engine/fast/, docs/fast_path.md). The defaults change nothing.
 
-    Exact options (same greedy tokens as the plain model): `fuse`, `layout`, `compile`,
-    `cuda_graphs`, `threads`. Lossy ones (bounded, reported divergence): `weights` other than
-    "same".
+    Exact options (same greedy tokens as the plain model): `fuse`, `layout`, `kernel`,
+    `compile`, `cuda_graphs`, `threads`. Lossy ones (bounded, reported divergence): `weights`
+    other than "same".
     """
 
     fuse: bool = False              # one matmul for Q/K/V and one for gate/up
@@ -205,6 +206,7 @@ class FastPathConfig:
     compile: bool = False           # torch.compile the static decode step
     cuda_graphs: bool = False       # capture the decode step once per cache (CUDA only)
     threads: int | None = None      # torch.set_num_threads for the process; None = leave it
+    kernel: str = "torch"           # torch: the PyTorch model; c: the decode step in C (CPU)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -213,6 +215,19 @@ class FastPathConfig:
         if self.weights not in FAST_WEIGHTS:
             raise ConfigError(f"unknown weight format {self.weights!r}; choose one of: "
                               f"{', '.join(FAST_WEIGHTS)}")
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"unknown decode kernel {self.kernel!r}; choose one of: "
+                              f"{', '.join(KERNELS)}")
+        if self.kernel == "c":
+            clash = [flag for flag, on in (("--layout cols", self.layout == "cols"),
+                                           ("--weights " + self.weights,
+                                            self.weights in ("float16", "bfloat16")),
+                                           ("--compile", self.compile),
+                                           ("--cuda-graphs", self.cuda_graphs)) if on]
+            if clash:
+                raise ConfigError(f"--kernel c runs its own decode step on float32 or int8 "
+                                  f"row-major weights; it cannot be combined with "
+                                  f"{', '.join(clash)}")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"threads must be a positive integer, got {self.threads}")
 
@@ -220,6 +235,11 @@ class FastPathConfig:
     def static_step(self) -> bool:
         """Decode through the fixed-shape step (what compile and CUDA graphs need)."""
         return self.compile or self.cuda_graphs
+
+    @property
+    def own_step(self) -> bool:
+        """Decode steps go through a decoder object (fast.make_decoder), not the model's forward."""
+        return self.static_step or self.kernel == "c"
 
     @property
     def changes_model(self) -> bool:

@@ -168,6 +168,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
     if cfg.strategy == "kv" and capacity < len(ids) + cfg.max_new_tokens:
         raise ConfigError(f"KV cache capacity {capacity} is smaller than the prompt + new "
                           f"tokens ({len(ids) + cfg.max_new_tokens})")
+    if cfg.fast.kernel == "c":            # refuse before anything is allocated, not mid-run
+        fast.check_c_step(model, cfg.strategy)
     cache = make_cache(cfg.strategy, model, capacity, cfg.block_size, cfg.num_blocks, pool)
     attn = CachedAttention(backend, cache, record_rows=cfg.attention_rows)
     gen = make_generator(cfg.sampling.seed)
@@ -195,9 +197,9 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
                 step_tokens, start = ids, 0
             else:                              # decode: just the newest token
                 step_tokens, start = seq[-1:], len(seq) - 1
-            if index == 1 and cfg.fast.static_step and cache is not None:
+            if index == 1 and cfg.fast.own_step and cache is not None:
                 # Compiling or capturing takes a while once; it is not a decode step's time.
-                decoder = fast.make_decoder(model, cache, cfg.fast, start)
+                decoder = fast.make_decoder(model, cache, cfg.fast, start, cfg.attention_rows)
                 t_prev = time.perf_counter()
             if decoder is not None:
                 logits = decoder.step(step_tokens[0], start)
@@ -221,8 +223,11 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
                         logits=logits.detach().float().cpu() if cfg.keep_logits else None)
             yield CacheSnapshot(stats=cache.stats() if cache is not None
                                 else no_cache_stats(model.cfg.n_layers, per_token, len(seq)))
-            if cfg.attention_rows and attn.rows:
-                yield AttentionRow(position=len(seq) - 1, probs=attn.row_matrix())
+            if cfg.attention_rows:
+                rows = getattr(decoder, "rows", None) if decoder is not None else (
+                    attn.row_matrix() if attn.rows else None)
+                if rows is not None:
+                    yield AttentionRow(position=len(seq) - 1, probs=rows)
             tiles = getattr(backend, "tile_trace", None)
             if tiles:
                 yield FlashTiles(**tiles)

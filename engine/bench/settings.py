@@ -85,6 +85,7 @@ FAST_WORDS = {
     "bfloat16": ("weights", "bfloat16"), "fp16": ("weights", "float16"),
     "float16": ("weights", "float16"), "int8": ("weights", "int8"),
     "int8-dequant": ("weights", "int8-dequant"), "head-full": ("quantize_head", False),
+    "c": ("kernel", "c"),
 }
 
 

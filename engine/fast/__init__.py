@@ -6,6 +6,10 @@
     static_step.py  a decode step with fixed shapes (tensor position, masked cache)
     compile.py      torch.compile of that step                                  exact
     cuda_graph.py   one CUDA-graph replay per step                              exact
+    gemv.c          float32/int8 matrix–vector products at memory bandwidth (CPU)
+    decode_step.c   the whole Llama decode step in one C call                   exact (±1e-5)
+    c_step.py       its Python side: pointers into the model and the cache
+    kernels.py      builds the C files with the system compiler
     threads.py      CPU thread settings
     measure.py      the numbers in docs/fast_path.md
 
@@ -75,8 +79,25 @@ def decode_bytes(model: Transformer) -> int:
     return total           # a tied LM head is counted in full, as the head's own parameter
 
 
-def make_decoder(model: Transformer, cache, fast: FastPathConfig, next_pos: int) -> StaticDecoder:
-    """The fixed-shape decode step for `cache`, compiled and/or captured as `fast` asks."""
+def check_c_step(model: Transformer, strategy: str) -> None:
+    """Raise a ConfigError saying why `--kernel c` cannot decode this model here, if it cannot."""
+    from ..config import ConfigError
+    from .c_step import why_not
+    if strategy == "naive":
+        raise ConfigError("--kernel c decodes from a KV cache: use --strategy kv or paged")
+    reason = why_not(model)
+    if reason:
+        raise ConfigError(f"--kernel c: {reason}")
+
+
+def make_decoder(model: Transformer, cache, fast: FastPathConfig, next_pos: int,
+                 record_rows: bool = False):
+    """The decode step for `cache` that `fast` asks for: the C step, or the fixed-shape step,
+    compiled and/or captured. Each has `step(token, pos) -> logits`; the C step also keeps the
+    attention rows of its last step in `.rows` when `record_rows`."""
+    if fast.kernel == "c":
+        from .c_step import CDecoder
+        return CDecoder(model, cache, record_rows=record_rows)
     decoder = StaticDecoder(model, cache)
     if fast.compile:
         from .compile import compile_decoder
@@ -87,4 +108,5 @@ def make_decoder(model: Transformer, cache, fast: FastPathConfig, next_pos: int)
     return decoder
 
 
-__all__ = ["prepare", "decode_bytes", "make_decoder", "shallow_copy", "StaticDecoder"]
+__all__ = ["prepare", "decode_bytes", "make_decoder", "check_c_step", "shallow_copy",
+           "StaticDecoder"]

@@ -135,8 +135,9 @@ def test_quantize_per_channel_error_bound():
 
 @pytest.mark.skipif(not kernels.available(), reason="no C compiler for the int8 kernel")
 @pytest.mark.parametrize("shape", [(1, 1, 64), (1, 1, 33), (1, 64)])
-def test_int8_gemv_kernel_equals_dequantised_matmul(shape):
-    lin = torch.nn.Linear(shape[-1], 70, bias=True)
+@pytest.mark.parametrize("out_features", [70, 72])        # 72: stored in 4×8 tiles
+def test_int8_gemv_kernel_equals_dequantised_matmul(shape, out_features):
+    lin = torch.nn.Linear(shape[-1], out_features, bias=True)
     x = torch.randn(shape)
     fast, ref = Int8Linear(lin, kernel="gemv"), Int8Linear(lin, kernel="dequant")
     with torch.inference_mode():

@@ -1,0 +1,160 @@
+/* One decode step of a Llama-family model, written out in C (in the spirit of llama2.c).
+ *
+ * The PyTorch model does the same arithmetic, but as ~40 separate operations per layer, each a
+ * Python call that dispatches a tiny kernel on a 576-float vector: on a small CPU those calls
+ * cost as much as reading the weights. Here the whole step is one call from Python, the
+ * element-wise work runs in plain loops on vectors that stay in L1, and what remains is what
+ * a decode step must do — stream every weight through the matrix–vector products of gemv.c.
+ *
+ * It reads the model's own tensors (no copy): the weights, the RoPE tables, and the engine's
+ * KV cache, so a prompt prefilled by the PyTorch model continues here, and the tests compare
+ * this step with the PyTorch one position by position (same tokens, logits within 1e-4).
+ *
+ *   x = tok_emb[token]
+ *   for each layer:
+ *       h = rmsnorm(x) · g_attn
+ *       q, k, v = Wq h (+bq), Wk h (+bk), Wv h (+bv)
+ *       q, k = rope(q, pos), rope(k, pos)            rotate channel pairs (i, i + hd/2)
+ *       cache[pos] = k, v
+ *       o_h = Σ_t softmax_t(q_h · k_t / √hd) v_t      per query head, over its K/V head (GQA)
+ *       x = x + Wo o
+ *       h = rmsnorm(x) · g_mlp
+ *       x = x + Wdown (silu(Wgate h) ⊙ Wup h)
+ *   logits = Whead (rmsnorm(x) · g_final)
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gemv.c"
+
+/* Every pointer the step reads, filled in once by engine/fast/c_step.py (a ctypes Structure
+ * with the same fields in the same order). Per-layer tensors are arrays of n_layers pointers. */
+typedef struct {
+    int64_t dim, n_layers, n_heads, n_kv, head_dim, ffn, vocab;
+    float eps;
+    int32_t format;               /* projections: 0 float32, 1 int8 row-major, 2 int8 tiled */
+    int32_t head_format;          /* the LM head, likewise */
+    const void **wq, **wk, **wv, **wo, **wgate, **wup, **wdown;
+    const float **sq, **sk, **sv, **so, **sgate, **sup, **sdown;   /* int8 scales, else NULL */
+    const float **bq, **bk, **bv;                                   /* biases (Qwen2) or NULL */
+    const float **attn_norm, **mlp_norm;
+    const float *final_norm, *tok_emb;
+    const void *head;                          /* float32 or int8 (vocab, dim) */
+    const float *head_scale;
+    const float *rope_cos, *rope_sin;          /* (max_seq_len, head_dim) */
+    float **k_cache, **v_cache;                /* per layer: (blocks, n_kv, block, head_dim) */
+    int64_t block;                             /* tokens per cache block (contiguous: capacity) */
+} Model;
+
+static void matvec(float *y, const float *x, const void *w, const float *scale,
+                   const float *bias, int64_t rows, int64_t cols, int format, int threads)
+{
+    if (format)
+        int8_gemv(x, (const int8_t *)w, scale, bias, y, rows, cols, format == 2, threads);
+    else
+        f32_gemv(x, (const float *)w, bias, y, rows, cols, threads);
+}
+
+static void rmsnorm(float *out, const float *x, const float *gain, int64_t n, float eps)
+{
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++)
+        out[i] = gain[i] * (x[i] * r);
+}
+
+/* RoPE, "rotate half" convention: channel i pairs with i + hd/2 (as Hugging Face's Llama). */
+static void rope(float *v, int64_t heads, int64_t hd, const float *cos, const float *sin)
+{
+    int64_t half = hd / 2;
+    for (int64_t h = 0; h < heads; h++, v += hd)
+        for (int64_t i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+}
+
+/* Where token t of K/V head h lives: block table → block, then (head, offset) inside it. */
+static inline float *slot(float *base, const int32_t *table, int64_t block, int64_t n_kv,
+                          int64_t hd, int64_t h, int64_t t)
+{
+    return base + (((int64_t)table[t / block] * n_kv + h) * block + t % block) * hd;
+}
+
+/* logits: (vocab,) out. rows: NULL, or (n_layers, n_heads, pos + 1) out — each query head's
+ * attention probabilities, for the app's heatmap. table: the cache's block table. */
+void decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table,
+                 float *logits, float *rows, int threads)
+{
+    const int64_t D = m->dim, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, F = m->ffn;
+    const int64_t T = pos + 1, group = H / KV;
+    const float inv_sqrt = 1.0f / sqrtf((float)hd);
+    float *x = malloc(sizeof(float) * (2 * D + (H + 2 * KV) * hd + H * hd + 2 * F + H * T));
+    float *h = x + D, *q = h + D, *k = q + H * hd, *v = k + KV * hd, *o = v + KV * hd;
+    float *gate = o + H * hd, *up = gate + F, *scores = up + F;       /* scores: (H, T) */
+    const float *cos = m->rope_cos + pos * hd, *sin = m->rope_sin + pos * hd;
+
+    memcpy(x, m->tok_emb + token * D, sizeof(float) * D);
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        /* attention */
+        rmsnorm(h, x, m->attn_norm[l], D, m->eps);
+        matvec(q, h, m->wq[l], m->sq[l], m->bq[l], H * hd, D, m->format, threads);
+        matvec(k, h, m->wk[l], m->sk[l], m->bk[l], KV * hd, D, m->format, threads);
+        matvec(v, h, m->wv[l], m->sv[l], m->bv[l], KV * hd, D, m->format, threads);
+        rope(q, H, hd, cos, sin);
+        rope(k, KV, hd, cos, sin);
+        for (int64_t g = 0; g < KV; g++) {
+            memcpy(slot(m->k_cache[l], table, m->block, KV, hd, g, pos), k + g * hd, 4 * hd);
+            memcpy(slot(m->v_cache[l], table, m->block, KV, hd, g, pos), v + g * hd, 4 * hd);
+        }
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t qh = 0; qh < H; qh++) {
+            const int64_t g = qh / group;                 /* the K/V head this query head reads */
+            const float *qv = q + qh * hd;
+            float *s = scores + qh * T, max = -INFINITY, sum = 0.0f;
+            for (int64_t t = 0; t < T; t++) {
+                const float *kt = slot(m->k_cache[l], table, m->block, KV, hd, g, t);
+                float dot = 0.0f;
+                for (int64_t i = 0; i < hd; i++)
+                    dot += qv[i] * kt[i];
+                s[t] = dot * inv_sqrt;
+                max = s[t] > max ? s[t] : max;
+            }
+            for (int64_t t = 0; t < T; t++) {             /* softmax, shifted by the max */
+                s[t] = expf(s[t] - max);
+                sum += s[t];
+            }
+            float *out = o + qh * hd;
+            memset(out, 0, sizeof(float) * hd);
+            for (int64_t t = 0; t < T; t++) {
+                const float *vt = slot(m->v_cache[l], table, m->block, KV, hd, g, t);
+                float p = s[t] / sum;
+                s[t] = p;
+                for (int64_t i = 0; i < hd; i++)
+                    out[i] += p * vt[i];
+            }
+            if (rows)
+                memcpy(rows + (l * H + qh) * T, s, sizeof(float) * T);
+        }
+        matvec(h, o, m->wo[l], m->so[l], NULL, D, H * hd, m->format, threads);
+        for (int64_t i = 0; i < D; i++)
+            x[i] += h[i];
+
+        /* feed-forward (SwiGLU) */
+        rmsnorm(h, x, m->mlp_norm[l], D, m->eps);
+        matvec(gate, h, m->wgate[l], m->sgate[l], NULL, F, D, m->format, threads);
+        matvec(up, h, m->wup[l], m->sup[l], NULL, F, D, m->format, threads);
+        for (int64_t i = 0; i < F; i++)
+            gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        matvec(h, gate, m->wdown[l], m->sdown[l], NULL, D, F, m->format, threads);
+        for (int64_t i = 0; i < D; i++)
+            x[i] += h[i];
+    }
+    rmsnorm(h, x, m->final_norm, D, m->eps);
+    matvec(logits, h, m->head, m->head_scale, NULL, m->vocab, D, m->head_format, threads);
+    free(x);
+}
