@@ -3,7 +3,9 @@
 `FakeEngineClient` runs `EngineLoop` (the same loop as the engine process) in a thread, with a
 `fake_generate` that makes believable events: a prompt split into words, tokens from a fixed
 text, a cache that fills like `kv`/`paged`/`naive` would, attention rows that look at the start
-and the recent past, and per-token latencies that grow with position for `naive`.
+and the recent past, per-token latencies that grow with position for `naive`, and for `flash`
+the online-softmax running max and sum of made-up scores, computed tile by tile as the real
+backend does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,26 @@ BACKENDS = {"naive": None, "sdpa": None, "flash": None,
             "triton": "needs a CUDA GPU (or TRITON_INTERPRET=1)"}
 
 
-def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0):
+def flash_tiles(scores: np.ndarray, tile: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The online softmax over `scores` in tiles: the running max m and running sum ℓ after
+    each tile (ℓ rescaled by exp(m_old − m_new) whenever the max grows)."""
+    m, l = -math.inf, 0.0
+    ms, ls = [], []
+    for k0 in range(0, len(scores), tile):
+        s = scores[k0:k0 + tile]
+        m_new = max(m, float(s.max()))
+        l = l * math.exp(m - m_new) + float(np.exp(s - m_new).sum())
+        m = m_new
+        ms.append(m)
+        ls.append(l)
+    return tuple(ms), tuple(ls)
+
+
+def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0,
+                  diverge: dict[str, int] | None = None, flash_tile: int | None = None):
+    """diverge: {"strategy/backend": index}, that contestant's tokens differ from `index` on
+    (to show a race that disagrees); flash_tile: a tile size for the flash events other than
+    cfg.flash_tile (64 keys make one tile for a short demo)."""
     from engine.cache.base import CacheStats, SequenceBlocks
     from engine.config import ConfigError
     from engine.events import (AttentionRow, CacheSnapshot, Finished, FlashTiles, Prefill,
@@ -49,6 +70,11 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0
     rng = np.random.default_rng(0)
     tokens, latencies = [], []
     reason = "length"
+    split = (diverge or {}).get(f"{cfg.strategy}/{cfg.backend}")
+    tile = flash_tile or cfg.flash_tile
+    # the newest query's scores against every key (its own generator: the attention rows'
+    # noise above stays as it was)
+    scores = np.random.default_rng(1).normal(0.0, 1.5, n_prompt + cfg.max_new_tokens)
     for index in range(cfg.max_new_tokens):
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
@@ -62,6 +88,8 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0
         lat = 0.02 + (0.0004 * seq if cfg.strategy == "naive" else 0.0) + 0.001 * (index % 3)
         latencies.append(lat)
         tok = index % len(WORDS)
+        if split is not None and index >= split:
+            tok = (tok + 7) % len(WORDS)
         tokens.append(tok)
         logits = np.zeros(64, dtype=np.float32)
         logits[tok % 64] = 10.0
@@ -101,10 +129,8 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0
             probs /= probs.sum(-1, keepdims=True)
             yield AttentionRow(position=seq, probs=probs.astype(np.float16))
         if cfg.backend == "flash":
-            n_tiles = max(1, math.ceil((seq + 1) / cfg.flash_tile))
-            yield FlashTiles(layer=0, head=0, tile_size=cfg.flash_tile,
-                             running_max=tuple(1.0 + 0.1 * i for i in range(n_tiles)),
-                             running_sum=tuple(2.0 + i for i in range(n_tiles)))
+            m, l = flash_tiles(scores[:seq + 1], tile)
+            yield FlashTiles(layer=0, head=0, tile_size=tile, running_max=m, running_sum=l)
     total = sum(latencies)
     ttft = latencies[0] if latencies else float("nan")
     n = len(latencies)
@@ -131,11 +157,13 @@ class FakeLoop(EngineLoop):
 class FakeEngineClient(QueueClient):
     """Replays synthetic events through the real serving loop, in a thread.
 
-    delay: seconds per token (0 = as fast as possible); load_error: make loading fail.
+    delay: seconds per token (0 = as fast as possible); load_error: make loading fail;
+    diverge, flash_tile: see `fake_generate`.
     """
 
     def __init__(self, delay: float = 0.0, load_error: str | None = None,
-                 flush_interval: float = 1 / 12):
+                 flush_interval: float = 1 / 12, diverge: dict[str, int] | None = None,
+                 flash_tile: int | None = 8):
         super().__init__()
         self.delay, self.load_error = delay, load_error
         self.commands: queue.Queue = queue.Queue()
@@ -144,7 +172,8 @@ class FakeEngineClient(QueueClient):
         self.requests: list = []          # what the app asked for, for tests to inspect
 
         def gen(model, tokenizer, prompt, cfg, cancel=None):
-            return fake_generate(model, tokenizer, prompt, cfg, cancel, delay=self.delay)
+            return fake_generate(model, tokenizer, prompt, cfg, cancel, delay=self.delay,
+                                 diverge=diverge, flash_tile=flash_tile)
         self.loop = FakeLoop(self.results.put, self.cancel_event, gen, flush_interval,
                              freeze_gc=False)
         self._thread = threading.Thread(target=self._serve, name="fake-engine", daemon=True)

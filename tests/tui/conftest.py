@@ -15,11 +15,12 @@ from tui.fake_engine import FakeEngineClient
 
 
 def make_app(delay: float = 0.0, load_error: str | None = None, depth: str = "truecolor",
-             **settings) -> MiniLLMApp:
-    """The real app, with synthetic events instead of a model (no torch model is loaded)."""
+             diverge: dict[str, int] | None = None, **settings) -> MiniLLMApp:
+    """The real app, with synthetic events instead of a model (no torch model is loaded).
+    diverge: {"strategy/backend": index} makes that contestant's tokens differ from there on."""
     s = Settings(**settings)
-    return MiniLLMApp(s, client=FakeEngineClient(delay=delay, load_error=load_error),
-                      color_depth=depth)
+    client = FakeEngineClient(delay=delay, load_error=load_error, diverge=diverge)
+    return MiniLLMApp(s, client=client, color_depth=depth)
 
 
 async def wait_for(pilot, condition, timeout: float = 10.0, what: str = "condition"):
