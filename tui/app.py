@@ -114,7 +114,9 @@ class MiniLLMApp(App[int]):
         Binding("right_square_bracket", "attention('layer', 1)", "Layer+", show=False),
         Binding("left_curly_bracket", "attention('head', -1)", "Head−", show=False),
         Binding("right_curly_bracket", "attention('head', 1)", "Head+", show=False),
-        Binding("m", "attention('mode', 0)", "Row/matrix", show=False),
+        Binding("m", "attention('mode', 0)", "Row/matrix/flash", show=False),
+        Binding("p", "attention('play', 0)", "Flash play/pause", show=False),
+        Binding("full_stop", "attention('step', 1)", "Flash step", show=False),
         Binding("k", "tokens('boundaries')", "Token shades", show=False),
         Binding("c", "tokens('latency')", "Latency colours", show=False),
         Binding("T", "cycle_theme", "Theme", show=False),
@@ -262,7 +264,7 @@ class MiniLLMApp(App[int]):
                 elif isinstance(ev, AttentionRow):
                     rows.append(ev)
                 elif isinstance(ev, FlashTiles):
-                    attention.flash = ev
+                    attention.show_flash(ev)
                 elif isinstance(ev, Prefill):
                     tokens.set_prompt(ev.prompt_pieces)
                     attention.reset(ev.prompt_pieces)
@@ -458,6 +460,10 @@ class MiniLLMApp(App[int]):
         pane = self.query_one(AttentionPane)
         if what == "mode":
             pane.action_toggle_mode()
+        elif what == "play":
+            pane.action_flash_play()
+        elif what == "step":
+            pane.action_flash_step()
         elif what == "layer":
             pane.action_layer(delta)
         else:
