@@ -35,6 +35,7 @@ from .screens.settings import SettingsScreen
 from .widgets.attention import AttentionPane
 from .widgets.kv_cache import KVCachePane
 from .widgets.latency import LatencyPane
+from .widgets.race_lanes import RaceLanes
 from .widgets.status_bar import StatusBar
 from .widgets.token_stream import TokenStream
 
@@ -109,6 +110,7 @@ class MiniLLMApp(App[int]):
         Binding("b", "cycle_backend", "Backend"),
         Binding("R", "race", "Race"),
         Binding("t", "show_race", "Race table", show=False),
+        Binding("l", "toggle_lanes", "Race lanes", show=False),
         Binding("o", "settings", "Sampling"),
         Binding("left_square_bracket", "attention('layer', -1)", "Layer−", show=False),
         Binding("right_square_bracket", "attention('layer', 1)", "Layer+", show=False),
@@ -159,6 +161,7 @@ class MiniLLMApp(App[int]):
             yield ProgressBar(total=1.0, show_eta=False, id="load-progress")
         with Container(id="panes"):
             yield TokenStream(id="tokens")
+            yield RaceLanes(id="lanes")       # in the token stream's place while racing
             yield AttentionPane(id="attention")
             yield KVCachePane(id="kv")
             yield LatencyPane(id="latency")
@@ -171,7 +174,7 @@ class MiniLLMApp(App[int]):
         for theme in themes.ALL:
             self.register_theme(theme)
         self.theme = themes.theme_name(self.settings.theme)
-        titles = {"tokens": "Token stream", "attention": "Attention",
+        titles = {"tokens": "Token stream", "lanes": "Race", "attention": "Attention",
                   "kv": "KV cache", "latency": "Latency"}
         for wid, title in titles.items():
             self.query_one(f"#{wid}").border_title = title
@@ -232,16 +235,24 @@ class MiniLLMApp(App[int]):
             if message.run_id is None and "process" in message.text:
                 self.engine_gone = True
                 self.current_run, self.racing = None, False
+        if message.run_id in self.race_runs:
+            self.query_one(RaceLanes).fail(message.run_id, message.text)
         if message.run_id is not None and message.run_id == self.current_run:
             self.current_run = None
 
     @closing_safe
     def on_engine_events(self, message: EngineEvents) -> None:
-        if (self.racing and message.run_id in self.race_runs
-                and (self.current_run is None or message.run_id > self.current_run)):
+        in_race = self.racing and message.run_id in self.race_runs
+        if in_race and (self.current_run is None or message.run_id > self.current_run):
             self.current_run = message.run_id      # the race moved on to its next contestant
         if message.run_id != self.current_run:
             return                       # a run we stopped following
+        with self.batch_update():
+            if in_race:
+                self.query_one(RaceLanes).feed(message.run_id, message.events)
+            self._draw_events(message.events)
+
+    def _draw_events(self, events: tuple) -> None:
         from engine.events import (AttentionRow, CacheSnapshot, Finished, FlashTiles, Prefill,
                                    Started, Token)
         tokens = self.query_one(TokenStream)
@@ -250,9 +261,9 @@ class MiniLLMApp(App[int]):
         latency = self.query_one(LatencyPane)
         pieces, points, rows, snapshot, finished = [], [], [], None, None
         self.batches_drawn += 1
-        self.events_drawn += len(message.events)
+        self.events_drawn += len(events)
         with self.batch_update():
-            for ev in message.events:
+            for ev in events:
                 if isinstance(ev, Token):
                     pieces.append((ev.text, False, ev.latency_s))
                     attention.pieces.append(ev.text)
@@ -311,6 +322,7 @@ class MiniLLMApp(App[int]):
 
     @closing_safe
     def on_race_finished(self, message: RaceFinished) -> None:
+        self.query_one(RaceLanes).finish(message)
         self.racing = False
         self.current_run = None
         self.race_runs.clear()
@@ -361,6 +373,7 @@ class MiniLLMApp(App[int]):
         s = self.settings
         run_id = self._next_run_id()
         self.current_run = run_id
+        self.show_lanes(False)
         self._loading_note()
         self.client.run(RunRequest(run_id=run_id, prompt=prompt, strategy=s.strategy,
                                    backend=s.backend, max_new_tokens=s.max_new_tokens,
@@ -405,6 +418,8 @@ class MiniLLMApp(App[int]):
         self.racing = True
         self.current_run = ids[0]
         s = self.settings
+        self.query_one(RaceLanes).start(list(self.race_runs.items()), s.max_new_tokens, prompt)
+        self.show_lanes(True)
         self._loading_note()
         self.notify(f"racing {len(combos)} combinations: "
                     f"{', '.join(self.race_runs.values())}", timeout=4)
@@ -441,6 +456,21 @@ class MiniLLMApp(App[int]):
         cur = self.settings.backend
         i = usable.index(cur) if cur in usable else -1
         self.set_backend(usable[(i + 1) % len(usable)])
+
+    def show_lanes(self, show: bool) -> None:
+        """The race lanes in the token stream's place (show) or the token stream back."""
+        if show == self.has_class("-lanes"):
+            return
+        self.set_class(show, "-lanes")
+        focused = self.focused
+        if focused is None or isinstance(focused, (TokenStream, RaceLanes)):
+            self.query_one(RaceLanes if show else TokenStream).focus()
+
+    def action_toggle_lanes(self) -> None:
+        if not self.query_one(RaceLanes).lanes:
+            self.notify("no race yet: press R to race", timeout=3)
+            return
+        self.show_lanes(not self.has_class("-lanes"))
 
     def action_show_race(self) -> None:
         if self.last_race is None:

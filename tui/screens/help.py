@@ -26,10 +26,20 @@ once. Contiguous buffers reserve for the worst case; paging wastes at most one b
 ## Attention
 The newest token's attention over every earlier position, one row per head, for one layer
 (`[` `]` layer, `{` `}` head, `m` switches to the causal matrix of one head). With the flash
-backend, the running max and sum of the online softmax per tile.
+backend, `m` once more shows the online softmax tile by tile: the keys as a strip of tiles
+consumed one after another, the running max m and running sum ℓ after each; when a tile brings
+a larger max, ℓ is rescaled by e^(m_old − m_new) (`p` pauses, `.` steps).
 **Why it matters:** this is what the cache is for — each step reads every previous key. Heads
 specialise (some look at the first token, some at the previous one), and flash attention gets
 the same numbers without ever writing this matrix out.
+
+## Race
+`R` sends the prompt through every strategy/backend, one lane each in the token stream's place:
+the text as it streams, tokens done of max, tok/s and TPOT, and ✓ (same tokens as the first
+contestant so far) or ✗@i (the first token that differs). The contestants run one after another
+— at the same time they would share the cores and each timing would measure the others too.
+It ends in a comparison table (`t` shows it again, `l` switches lanes ↔ token stream).
+**Why it matters:** a faster strategy or kernel is only an optimisation if its tokens match.
 
 ## Latency
 Milliseconds per token against position, this run over the previous ones; TTFT, TPOT, tokens/s
@@ -44,6 +54,7 @@ that changes the output is a bug, not a speed-up.
 ## Keys
 `/` edit the prompt · `enter` run · `x` stop · `s` / `b` cycle strategy / backend ·
 `R` race (the same prompt through every strategy/backend) · `t` last race table ·
+`l` race lanes ↔ token stream · `m` row / matrix / flash tiles · `p` `.` pause / step the tiles ·
 `o` sampling settings · `T` theme · `C` colour depth (truecolor/256/16) · `ctrl+p` commands ·
 `?` this help · `q` quit.
 

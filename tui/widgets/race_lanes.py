@@ -1,0 +1,312 @@
+"""The race lanes: every contestant of a race stacked one above the other, text and numbers live."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from rich.cells import cell_len
+from rich.style import Style
+from rich.text import Text
+from textual.widget import Widget
+
+BAR_MIN, BAR_MAX = 6, 24
+
+
+@dataclass
+class Lane:
+    """One contestant as the lanes see it: its tokens so far and its numbers."""
+    run_id: int
+    label: str                                       # "strategy/backend"
+    max_tokens: int
+    state: str = "waiting"                           # waiting | running | done | stopped | error
+    pieces: list[str] = field(default_factory=list)  # text of each generated token
+    ids: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    ttft_s: float = math.nan
+    tpot_s: float = math.nan
+    tokens_per_s: float = math.nan
+    error: str | None = None
+    same_tokens: bool | None = None                  # the engine's verdict, once the race ends
+
+    def live_numbers(self) -> None:
+        """TTFT, TPOT and tok/s from the token latencies so far (the first carries the prefill,
+        so TPOT averages the others, as engine.metrics does)."""
+        if self.latencies:
+            self.ttft_s = self.latencies[0]
+        if len(self.latencies) > 1:
+            rest = self.latencies[1:]
+            self.tpot_s = sum(rest) / len(rest)
+            self.tokens_per_s = 1 / self.tpot_s if self.tpot_s > 0 else math.nan
+
+
+def first_difference(ids: list[int], ref: list[int], ref_done: bool, done: bool) -> int | None:
+    """The first token index where `ids` and the reference `ref` disagree, or None if they agree
+    so far. A lane that goes on after a finished reference, or stops short of it, differs at the
+    end of the shorter one."""
+    for i, (a, b) in enumerate(zip(ids, ref)):
+        if a != b:
+            return i
+    if ref_done and len(ids) > len(ref):
+        return len(ref)
+    if done and ref_done and len(ids) < len(ref):
+        return len(ids)
+    return None
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "—" if x is None or math.isnan(x) else format(x, spec)
+
+
+class RaceLanes(Widget, can_focus=True):
+    """One lane per contestant of a race, stacked so they compare at a glance.
+
+    Each lane: ✓ (same tokens as the reference, the first contestant, so far) or ✗ @i (the first
+    index where they differ, with the differing tokens drawn as errors), the strategy/backend,
+    a progress bar of tokens done out of max, tok/s and TPOT as they come, and the tail of its
+    text clipped to the lane. Finished lanes keep their text and numbers, so the last lane ends
+    next to all the others.
+
+    The contestants run one after another in the engine process, not at the same time: run
+    concurrently on the same cores (or the same GPU) they would compete for compute and memory
+    bandwidth, and each one's tok/s and TPOT would measure the contention, not the strategy.
+    Only one lane is ever "running"; "side by side" is about reading them, not running them.
+
+    The app feeds it batches (`feed`, ~12 a second) and it repaints once per batch.
+    """
+
+    DEFAULT_CSS = """
+    RaceLanes { background: $surface; padding: 0 1; height: 1fr; }
+    RaceLanes > .lanes--label { color: $text-muted; }
+    RaceLanes > .lanes--name { color: $foreground; text-style: bold; }
+    RaceLanes > .lanes--running { color: $accent; text-style: bold; }
+    RaceLanes > .lanes--same { color: $success; text-style: bold; }
+    RaceLanes > .lanes--differ { color: $error; text-style: bold; }
+    RaceLanes > .lanes--bar-done { color: $primary; }
+    RaceLanes > .lanes--bar-todo { color: $block-free; }
+    RaceLanes > .lanes--even { color: $token-even; }
+    RaceLanes > .lanes--odd { color: $token-odd; }
+    """
+
+    COMPONENT_CLASSES = {"lanes--label", "lanes--name", "lanes--running", "lanes--same",
+                         "lanes--differ", "lanes--bar-done", "lanes--bar-todo", "lanes--even",
+                         "lanes--odd"}
+
+    def __init__(self, *, name=None, id=None, classes=None) -> None:
+        super().__init__(name=name, id=id, classes=classes)
+        self.lanes: list[Lane] = []
+        self.prompt = ""
+        self.finished = False          # the race is over (RaceFinished arrived)
+        self.cancelled = False
+
+    # ------------------------------------------------------------------ data
+    def start(self, contestants: list[tuple[int, str]], max_tokens: int, prompt: str) -> None:
+        """A new race: one waiting lane per (run_id, "strategy/backend"), in running order."""
+        self.lanes = [Lane(run_id, label, max_tokens) for run_id, label in contestants]
+        self.prompt, self.finished, self.cancelled = prompt, False, False
+        self.refresh()
+
+    def lane(self, run_id: int) -> Lane | None:
+        return next((lane for lane in self.lanes if lane.run_id == run_id), None)
+
+    def feed(self, run_id: int, events) -> None:
+        """One batch of engine events for one contestant; one repaint."""
+        from engine.events import Finished, Started, Token
+        lane = self.lane(run_id)
+        if lane is None:
+            return
+        for ev in events:
+            if isinstance(ev, Started):
+                lane.state = "running"
+            elif isinstance(ev, Token):
+                lane.state = "running"
+                lane.pieces.append(ev.text)
+                lane.ids.append(ev.id)
+                lane.latencies.append(ev.latency_s)
+            elif isinstance(ev, Finished):
+                self._finish_lane(lane, ev)
+        if lane.state == "running":
+            lane.live_numbers()
+        self.refresh()
+
+    def _finish_lane(self, lane: Lane, ev) -> None:
+        lane.live_numbers()
+        if ev.tail:
+            lane.pieces.append(ev.tail)
+        if ev.reason == "error":
+            lane.state, lane.error = "error", ev.error or "error"
+            return
+        lane.state = "stopped" if ev.reason == "cancelled" else "done"
+        m = ev.metrics
+        if m is not None:             # the engine's own numbers replace the running estimate
+            lane.ttft_s, lane.tpot_s, lane.tokens_per_s = m.ttft_s, m.tpot_s, m.decode_tokens_per_s
+
+    def fail(self, run_id: int, text: str) -> None:
+        lane = self.lane(run_id)
+        if lane is not None:
+            lane.state, lane.error = "error", text
+            self.refresh()
+
+    def finish(self, race) -> None:
+        """The race is over (a RaceFinished message): take the engine's verdicts; lanes that
+        never started were skipped by a stop."""
+        self.finished, self.cancelled = True, race.cancelled
+        for lane, row in zip(self.lanes, race.rows):
+            lane.same_tokens = row.same_tokens
+            if row.error and lane.state != "error":
+                lane.state, lane.error = "error", row.error
+        for lane in self.lanes:
+            if lane.state in ("waiting", "running"):
+                lane.state = "stopped"
+        self.refresh()
+
+    @property
+    def reference(self) -> Lane | None:
+        """The lane the others are compared with: the first that ran without an error (as the
+        engine's race comparison does)."""
+        return next((lane for lane in self.lanes
+                     if lane.state in ("running", "done") and lane.error is None), None)
+
+    def difference(self, lane: Lane) -> int | None | str:
+        """'ref' for the reference, None while waiting or identical so far, else the first
+        differing token index."""
+        ref = self.reference
+        if ref is None or lane.state in ("waiting", "error"):
+            return None
+        if lane is ref:
+            return "ref"
+        return first_difference(lane.ids, ref.ids, ref.state == "done", lane.state == "done")
+
+    # ------------------------------------------------------------------ drawing
+    def render(self) -> Text:
+        muted = self.get_component_rich_style("lanes--label")
+        if not self.lanes:
+            return Text("no race yet — press R to race the prompt through every "
+                        "strategy/backend", muted)
+        width = max(self.size.width - 2, 20)          # inside the padding
+        height = max(self.size.height, 1)
+        n = len(self.lanes)
+        out = Text(no_wrap=True, overflow="crop")
+        lines_left = height
+        if height >= 2 * n + 1:                       # room for a title line
+            running = sum(lane.state in ("done", "stopped", "error") for lane in self.lanes)
+            state = ("stopped" if self.cancelled else "finished") if self.finished else \
+                f"{running}/{n} finished"
+            out.append(self._title(state, width), muted)
+            out.append("\n")
+            lines_left -= 1
+        per_lane = max(lines_left // n, 1)
+        for lane in self.lanes:
+            if per_lane == 1:
+                self._render_compact(out, lane, width)
+            else:
+                self._render_header(out, lane, width)
+                self._render_text(out, lane, width, per_lane - 1)
+        out.rstrip()
+        return out
+
+    def _title(self, state: str, width: int) -> str:
+        title = (f"race · {state} · one contestant at a time, so each timing is its own · "
+                 f"✓/✗ vs the first · t table · l token view")
+        return title if cell_len(title) <= width else f"race · {state} · ✓/✗ vs the first"
+
+    def _marker(self, lane: Lane) -> tuple[str, Style]:
+        diff = self.difference(lane)
+        style = self.get_component_rich_style
+        if lane.state == "error":
+            return "error", style("lanes--differ")
+        if lane.state == "waiting":
+            return "·", style("lanes--label")
+        if diff == "ref":
+            return "ref", style("lanes--name")
+        if diff is None:
+            return "✓", style("lanes--same")
+        return f"✗@{diff}", style("lanes--differ")
+
+    def _bar(self, out: Text, lane: Lane, width: int) -> None:
+        done = min(len(lane.ids), lane.max_tokens)
+        filled = round(width * done / lane.max_tokens) if lane.max_tokens else width
+        out.append("━" * filled, self.get_component_rich_style("lanes--bar-done"))
+        out.append("─" * (width - filled), self.get_component_rich_style("lanes--bar-todo"))
+
+    def _numbers(self, lane: Lane, wide: bool) -> str:
+        count = f"{len(lane.ids):>{len(str(lane.max_tokens))}}/{lane.max_tokens}"
+        text = f" {count} {_fmt(lane.tokens_per_s, '6.1f')} tok/s"
+        if wide:
+            text += f" · TPOT {_fmt(lane.tpot_s * 1e3, '5.1f')} ms"
+        return text
+
+    def _append_name(self, out: Text, lane: Lane, label_width: int) -> None:
+        marker, marker_style = self._marker(lane)
+        out.append(f"{marker:<6}", marker_style)
+        name_style = self.get_component_rich_style(
+            "lanes--running" if lane.state == "running" else "lanes--name")
+        out.append(f"{lane.label:<{label_width}} ", name_style)
+
+    def _label_width(self) -> int:
+        return max(cell_len(lane.label) for lane in self.lanes)
+
+    def _render_header(self, out: Text, lane: Lane, width: int) -> None:
+        label_width = self._label_width()
+        fixed = 6 + label_width + 1
+        numbers = self._numbers(lane, wide=True)
+        state = {"waiting": " waiting", "stopped": " stopped", "error": ""}.get(lane.state, "")
+        if fixed + BAR_MIN + cell_len(numbers + state) > width:
+            numbers = self._numbers(lane, wide=False)
+        bar = max(min(width - fixed - cell_len(numbers + state), BAR_MAX), BAR_MIN)
+        self._append_name(out, lane, label_width)
+        self._bar(out, lane, bar)
+        out.append(numbers)
+        out.append(state, self.get_component_rich_style("lanes--label"))
+        out.append("\n")
+
+    def _render_compact(self, out: Text, lane: Lane, width: int) -> None:
+        """One line per lane (a short pane): marker, name, bar, count, tok/s, then text."""
+        label_width = self._label_width()
+        self._append_name(out, lane, label_width)
+        self._bar(out, lane, BAR_MIN)
+        numbers = self._numbers(lane, wide=False) + " │ "
+        out.append(numbers, self.get_component_rich_style("lanes--label"))
+        room = width - (6 + label_width + 1 + BAR_MIN + cell_len(numbers))
+        if room > 4:
+            self._append_tail(out, lane, room)
+        out.append("\n")
+
+    def _render_text(self, out: Text, lane: Lane, width: int, lines: int) -> None:
+        """The lane's text, its last `lines` × `width` cells, wrapped by cell and indented."""
+        indent = 6
+        room = max(width - indent, 8)
+        tail = Text()
+        self._append_tail(tail, lane, room * lines)
+        if lane.error:
+            tail = Text(lane.error, self.get_component_rich_style("lanes--differ"))
+        n = len(tail.plain)
+        rows = tail.divide(range(room, n, room)) if n else []
+        rows = rows[-lines:]
+        for i in range(lines):
+            out.append(" " * indent)
+            if i < len(rows):
+                out.append_text(rows[i])
+            out.append("\n")
+
+    def _append_tail(self, out: Text, lane: Lane, cells: int) -> None:
+        """As many of the lane's last tokens as fit in `cells`, alternating shades; tokens from
+        the first difference on in the error colour. Newlines are shown as ⏎."""
+        diff = self.difference(lane)
+        even = self.get_component_rich_style("lanes--even")
+        odd = self.get_component_rich_style("lanes--odd")
+        bad = self.get_component_rich_style("lanes--differ")
+        parts: list[tuple[str, Style]] = []
+        used = 0
+        for i in range(len(lane.pieces) - 1, -1, -1):
+            piece = lane.pieces[i].replace("\n", "⏎")
+            w = len(piece)
+            style = bad if isinstance(diff, int) and i >= diff else (odd if i % 2 else even)
+            if used + w > cells:
+                if used < cells:
+                    parts.append(("…" + piece[len(piece) - (cells - used) + 1:], style))
+                break
+            parts.append((piece, style))
+            used += w
+        for piece, style in reversed(parts):
+            out.append(piece, style)
