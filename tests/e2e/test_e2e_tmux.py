@@ -91,3 +91,30 @@ def test_real_app_generates_and_fills_the_panes(tmux):
     while tmux.alive() and time.monotonic() < end:
         time.sleep(0.2)
     assert not tmux.alive(), "the app did not exit on q"
+
+
+def test_real_race_shows_lanes_table_and_flash_tiles(tmux):
+    tmux.start(f"{sys.executable} main.py --max-new-tokens 6 --backend flash "
+               "--prompt 'Deep learning is'")
+    tmux.wait(lambda s: "SmolLM2" in s, 120, "the model to load")
+    tmux.keys("R")                                        # race every combination, in lanes
+    tmux.wait(lambda s: "naive/sdpa" in s and "waiting" in s, 30, "the race lanes")
+    screen = tmux.wait(lambda s: "identical tokens" in s or "tokens differ" in s, 300,
+                       "the race table")
+    assert "same tokens" in screen                        # the comparison table's header
+    tmux.keys("Escape")                                   # close it: the lanes stay
+    screen = tmux.wait(lambda s: "same tokens" not in s, 10, "the table to close")
+    # naive/sdpa, kv/sdpa, paged/sdpa, kv/naive, kv/flash (and kv/triton where it can run)
+    lanes = {label: next((line for line in screen.splitlines() if f" {label} " in line), "")
+             for label in ("naive/sdpa", "kv/sdpa", "paged/sdpa", "kv/naive", "kv/flash")}
+    assert "ref" in lanes["naive/sdpa"]                   # every lane finished, and agrees
+    assert all("6/6" in line and "tok/s" in line for line in lanes.values()), screen
+    assert all("✓" in line for label, line in lanes.items() if label != "naive/sdpa"), screen
+    assert "a mindset that prioritizes" in screen         # each lane keeps its text
+    tmux.keys("Enter")                                    # one flash run: the tile view
+    tmux.wait(lambda s: "Token stream" in s and "online softmax" in s, 120, "a flash run")
+    tmux.keys("m", "m")                                   # attention: row → matrix → flash
+    screen = tmux.wait(lambda s: "keys 0–" in s, 10, "the flash tile view")
+    Path(os.environ.get("MINILLM_E2E_SCREEN", os.devnull)).write_text(screen)
+    assert "1 tile × 64 keys" in screen and ("L29" in screen or "layer 29" in screen)
+    tmux.keys("q")
