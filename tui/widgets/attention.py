@@ -90,6 +90,8 @@ class AttentionPane(Widget, can_focus=True):
     def show_flash(self, event) -> None:
         """The newest FlashTiles event: the animation carries on with its data (from tile 0
         when it is the run's first)."""
+        if not event.running_max:
+            return
         if self.flash is None:
             self.flash_frame = 0
         self.flash = event
