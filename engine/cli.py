@@ -105,6 +105,10 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--theme", default="dark", help="dark, light or projector")
     p.add_argument("--truecolor", action="store_true",
                    help="force 24-bit colour (COLORTERM is often lost over SSH)")
+    p.add_argument("--fast", default="", metavar="OPTS",
+                   help="fast-path options for the runs, words joined by + as in the bench: "
+                        "c, fuse+cols, c+int8, int8, fp16 (default: the plain model; "
+                        "`f` cycles them in the app)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,13 +207,14 @@ def cmd_run(args) -> int:
                     "itl_p50_ms": _ms(m.itl_p50_s), "itl_p99_ms": _ms(m.itl_p99_s),
                     "peak_memory_bytes": m.peak_memory_bytes, "kv_bytes": m.kv_bytes,
                     "strategy": cfg.strategy, "backend": cfg.backend,
-                    "model": lm.name, "device": str(lm.model.device),
+                    "fast": cfg.fast.spec(), "model": lm.name, "device": str(lm.model.device),
                     "dtype": args.dtype}) + "\n")
             else:
                 out.write(ev.tail + "\n")
+                fast = f" +{cfg.fast.spec()}" if cfg.fast.spec() else ""
                 print(f"[{m.new_tokens} tokens · TTFT {m.ttft_s * 1e3:.0f} ms · "
                       f"TPOT {_fmt(m.tpot_s * 1e3)} ms · {_fmt(m.decode_tokens_per_s)} tok/s · "
-                      f"{cfg.strategy}/{cfg.backend} · {ev.reason}]", file=sys.stderr)
+                      f"{cfg.strategy}/{cfg.backend}{fast} · {ev.reason}]", file=sys.stderr)
     return 0
 
 

@@ -248,6 +248,40 @@ class FastPathConfig:
     def key(self) -> tuple:
         return (self.fuse, self.layout, self.weights, self.quantize_head)
 
+    def spec(self) -> str:
+        """The inverse of from_spec (thread count aside): "c+int8", "" for the plain model."""
+        short = {"bfloat16": "bf16", "float16": "fp16"}
+        words = [w for w, on in (("fuse", self.fuse), ("cols", self.layout == "cols"),
+                                 ("c", self.kernel == "c"),
+                                 (short.get(self.weights, self.weights), self.weights != "same"),
+                                 ("head-full", not self.quantize_head),
+                                 ("compile", self.compile), ("graphs", self.cuda_graphs)) if on]
+        return "+".join(words)
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "FastPathConfig":
+        """Options as words joined by "+", as the bench and the app name them:
+        "c+int8" → FastPathConfig(kernel="c", weights="int8"); "" → the plain model."""
+        kw = {}
+        for word in (w.strip() for w in spec.split("+") if w.strip()):
+            if word not in FAST_WORDS:
+                raise ConfigError(f"unknown fast-path option {word!r} in {spec!r}; choose from: "
+                                  f"{', '.join(FAST_WORDS)} (joined with +)")
+            key, value = FAST_WORDS[word]
+            kw[key] = value
+        return cls(**kw)
+
+
+# The words of FastPathConfig.from_spec: word → (field, value).
+FAST_WORDS = {
+    "fuse": ("fuse", True), "cols": ("layout", "cols"), "c": ("kernel", "c"),
+    "compile": ("compile", True), "graphs": ("cuda_graphs", True),
+    "bf16": ("weights", "bfloat16"), "bfloat16": ("weights", "bfloat16"),
+    "fp16": ("weights", "float16"), "float16": ("weights", "float16"),
+    "int8": ("weights", "int8"), "int8-dequant": ("weights", "int8-dequant"),
+    "head-full": ("quantize_head", False),
+}
+
 
 @dataclass(slots=True)
 class GenerationConfig:

@@ -177,7 +177,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
 
     yield Started(strategy=cfg.strategy, backend=backend.name, device=str(device),
                   dtype=str(model.dtype).removeprefix("torch."), prompt=prompt_text,
-                  max_new_tokens=cfg.max_new_tokens)
+                  max_new_tokens=cfg.max_new_tokens, fast=cfg.fast.spec())
     stream = StreamDecoder(tokenizer)
     decoder = None          # the fixed-shape step (compile / CUDA graphs), built after prefill
     generated: list[int] = []

@@ -25,6 +25,7 @@ class Started:
     dtype: str
     prompt: str
     max_new_tokens: int
+    fast: str = ""          # fast-path options as words ("c+int8"); "" for the plain model
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ import themes
 from themes import ramps
 
 from .bridge import EngineClient
-from .engine_process import RaceRequest, RunRequest
+from .engine_process import FAST_CHOICES, RaceRequest, RunRequest
 from .messages import (AttentionUpdated, CacheUpdated, EngineEvents, EngineFailed,
                        EngineProgress, EngineReady, RaceFinished)
 from .screens.help import HelpScreen
@@ -58,15 +58,30 @@ class Settings:
     theme: str = "dark"
     truecolor: bool = False
     sampling: dict = field(default_factory=lambda: dict(temperature=0.0))
+    fast: str = ""                  # fast-path options ("c", "c+int8", …); "" = plain model
 
     @classmethod
     def from_args(cls, args) -> "Settings":
         s = cls()
         for name in ("model", "device", "dtype", "strategy", "backend", "prompt",
-                     "max_new_tokens", "theme", "truecolor"):
+                     "max_new_tokens", "theme", "truecolor", "fast"):
             if getattr(args, name, None) is not None:
                 setattr(s, name, getattr(args, name))
         return s
+
+
+FAST_TEXT = {
+    "": "the plain PyTorch model (the reference)",
+    "c": "the whole decode step in one C call — same tokens, faster",
+    "fuse+cols": "fused Q/K/V and gate/up, weights stored (in, out) — same tokens",
+    "c+int8": "C step on int8 weights — a quarter of the bytes; tokens may differ",
+    "int8": "int8 weights (per-channel) — a quarter of the bytes; tokens may differ",
+    "fp16": "16-bit weights, float32 arithmetic — half the bytes; tokens may differ",
+}
+
+
+def fast_description(spec: str) -> str:
+    return FAST_TEXT.get(spec, spec)
 
 
 def sampling_text(sampling: dict, max_new: int) -> str:
@@ -108,6 +123,7 @@ class MiniLLMApp(App[int]):
         Binding("x", "stop", "Stop"),
         Binding("s", "cycle_strategy", "Strategy"),
         Binding("b", "cycle_backend", "Backend"),
+        Binding("f", "cycle_fast", "Fast path"),
         Binding("R", "race", "Race"),
         Binding("t", "show_race", "Race table", show=False),
         Binding("l", "toggle_lanes", "Race lanes", show=False),
@@ -198,7 +214,7 @@ class MiniLLMApp(App[int]):
     def _update_status(self) -> None:
         bar = self.query_one(StatusBar)
         s = self.settings
-        bar.strategy, bar.backend = s.strategy, s.backend
+        bar.strategy, bar.backend, bar.fast = s.strategy, s.backend, s.fast
         bar.sampling = sampling_text(s.sampling, s.max_new_tokens)
 
     @closing_safe
@@ -223,6 +239,12 @@ class MiniLLMApp(App[int]):
             self.notify(f"backend {self.settings.backend!r} is unavailable here: {reason}; "
                         f"using sdpa", title="Backend", severity="error", timeout=8)
             self.settings.backend = "sdpa"
+            self._update_status()
+        reason = self._fast_reasons().get(self.settings.fast, "not one of the app's choices")
+        if reason:
+            self.notify(f"fast path {self.settings.fast!r} is unavailable here: {reason}; "
+                        f"using the plain model", title="Fast path", severity="error", timeout=8)
+            self.settings.fast = ""
             self._update_status()
         self.notify(f"{info['name']} ready on {info['device']}", timeout=3)
 
@@ -283,7 +305,8 @@ class MiniLLMApp(App[int]):
                     tokens.clear()
                     kv.reset()
                     attention.reset()
-                    latency.start_run(f"{ev.strategy}/{ev.backend}")
+                    fast = getattr(ev, "fast", "")
+                    latency.start_run(f"{ev.strategy}/{ev.backend}" + (f" +{fast}" if fast else ""))
                 elif isinstance(ev, Finished):
                     finished = ev
             if pieces:
@@ -377,7 +400,7 @@ class MiniLLMApp(App[int]):
         self._loading_note()
         self.client.run(RunRequest(run_id=run_id, prompt=prompt, strategy=s.strategy,
                                    backend=s.backend, max_new_tokens=s.max_new_tokens,
-                                   sampling=dict(s.sampling)))
+                                   sampling=dict(s.sampling), fast=s.fast))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "prompt":
@@ -398,12 +421,18 @@ class MiniLLMApp(App[int]):
             return
         self.client.cancel()
 
-    def race_combos(self) -> list[tuple[str, str]]:
-        """Every strategy on sdpa, then every other backend that can run here on kv."""
-        combos = [(s, "sdpa") for s in STRATEGIES]
+    def race_combos(self) -> list[tuple[str, str, str]]:
+        """Every strategy on sdpa, every other backend that can run here on kv, then kv with
+        the exact fast-path options that can run here (same tokens, only faster) — and the
+        fast-path option chosen with `f`, if it is another one (int8 shows its divergence)."""
+        combos = [(s, "sdpa", "") for s in STRATEGIES]
         for name, reason in self._backends().items():
             if name != "sdpa" and reason is None:
-                combos.append(("kv", name))
+                combos.append(("kv", name, ""))
+        reasons = self._fast_reasons()
+        for spec in dict.fromkeys(("c", "fuse+cols", self.settings.fast)):
+            if spec and reasons.get(spec, "unknown") is None:
+                combos.append(("kv", "sdpa", spec))
         return combos
 
     def action_race(self) -> None:
@@ -414,7 +443,8 @@ class MiniLLMApp(App[int]):
             return
         combos = self.race_combos()
         ids = tuple(self._next_run_id() for _ in combos)
-        self.race_runs = {rid: f"{a}/{b}" for rid, (a, b) in zip(ids, combos)}
+        self.race_runs = {rid: f"{a}/{b}" + (f" +{f}" if f else "")
+                          for rid, (a, b, f) in zip(ids, combos)}
         self.racing = True
         self.current_run = ids[0]
         s = self.settings
@@ -431,6 +461,30 @@ class MiniLLMApp(App[int]):
         if self.info is not None:
             return self.info["backends"]
         return {name: None for name in DEFAULT_BACKENDS}
+
+    def _fast_reasons(self) -> dict[str, str | None]:
+        """Fast-path choices → None if usable here, else why not (known once the model loads)."""
+        if self.info is not None and "fast" in self.info:
+            return self.info["fast"]
+        return {spec: None for spec in FAST_CHOICES}
+
+    def set_fast(self, spec: str) -> None:
+        reason = self._fast_reasons().get(spec, "not one of the app's choices")
+        if reason:
+            self.notify(f"fast path {spec!r} is unavailable here: {reason}", title="Fast path",
+                        severity="error")
+            return
+        self.settings.fast = spec
+        self._update_status()
+        if spec:
+            self.notify(f"fast path: {fast_description(spec)}", timeout=4)
+
+    def action_cycle_fast(self) -> None:
+        """Next usable fast-path option (docs/fast_path.md); "" is the plain model."""
+        usable = [s for s in FAST_CHOICES if self._fast_reasons().get(s) is None]
+        cur = self.settings.fast
+        i = usable.index(cur) if cur in usable else -1
+        self.set_fast(usable[(i + 1) % len(usable)])
 
     def set_strategy(self, name: str) -> None:
         self.settings.strategy = name
@@ -535,6 +589,9 @@ class MiniLLMApp(App[int]):
             yield SystemCommand(f"Backend: {name}",
                                 reason or f"Attention computed by the {name} backend",
                                 partial(self.set_backend, name))
+        for spec in FAST_CHOICES:
+            yield SystemCommand(f"Fast path: {spec or 'off'}", fast_description(spec),
+                                partial(self.set_fast, spec))
         yield SystemCommand("Sampling settings", "Temperature, top-k/p, seed, max tokens",
                             self.action_settings)
         yield SystemCommand("Help", "What each pane shows and why it matters", self.action_help)
@@ -552,14 +609,25 @@ def force_truecolor(settings: Settings) -> bool:
     return False
 
 
+def settings_error(settings: Settings) -> str | None:
+    """What is wrong with settings given on the command line, said plainly; None if nothing."""
+    from engine.config import STRATEGIES as known
+    if settings.strategy not in known:
+        return f"unknown strategy {settings.strategy!r}; choose one of: {', '.join(known)}"
+    if settings.fast not in FAST_CHOICES:
+        return (f"--fast {settings.fast!r} is not one of the app's fast-path choices: "
+                f"{', '.join(repr(c) for c in FAST_CHOICES)} ('' = the plain model; the bench "
+                f"takes any combination)")
+    return None
+
+
 def run_app(args) -> int:
     """Entry point for `python main.py` (engine/cli.py `cmd_ui`)."""
     settings = Settings.from_args(args)
     force_truecolor(settings)
-    from engine.config import STRATEGIES as known
-    if settings.strategy not in known:
-        print(f"error: unknown strategy {settings.strategy!r}; choose one of: "
-              f"{', '.join(known)}")
+    error = settings_error(settings)
+    if error:
+        print(f"error: {error}")
         return 2
     app = MiniLLMApp(settings)
     app.run()

@@ -40,6 +40,12 @@ class RunRequest:
     max_new_tokens: int = 50
     sampling: dict = field(default_factory=dict)    # SamplingConfig fields
     attention_rows: bool = True
+    fast: str = ""                                  # fast-path options, e.g. "c+int8"
+
+
+# The fast-path options the app cycles through with `f` (FastPathConfig.from_spec words; "" is
+# the plain model). Exact ones first: they change the speed, never the tokens.
+FAST_CHOICES = ("", "c", "fuse+cols", "c+int8", "int8", "fp16")
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class RaceRequest:
     race_id: int
     run_ids: tuple[int, ...]                        # one per contestant, in order
     prompt: str
-    combos: tuple[tuple[str, str], ...]             # (strategy, backend)
+    combos: tuple[tuple[str, str, str], ...]        # (strategy, backend, fast-path options)
     max_new_tokens: int = 50
     sampling: dict = field(default_factory=dict)
     attention_rows: bool = True
@@ -106,7 +112,22 @@ class EngineLoop:
         return dict(name=lm.name, device=str(device),
                     dtype=str(lm.model.dtype).removeprefix("torch."), backends=reasons,
                     n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                    head_dim=cfg.head_dim, max_seq_len=cfg.max_seq_len)
+                    head_dim=cfg.head_dim, max_seq_len=cfg.max_seq_len,
+                    fast=self.fast_reasons())
+
+    def fast_reasons(self) -> dict[str, str | None]:
+        """For each of FAST_CHOICES: None if it can run on this model here, else why not."""
+        from engine.config import FastPathConfig
+        from engine.fast import check_c_step
+        reasons = {}
+        for spec in FAST_CHOICES:
+            try:
+                if FastPathConfig.from_spec(spec).kernel == "c":
+                    check_c_step(self.lm.model, "kv")
+                reasons[spec] = None
+            except Exception as exc:      # noqa: BLE001
+                reasons[spec] = user_message(exc)
+        return reasons
 
     # ------------------------------------------------------------------ serving
     def serve(self, get: Callable[[], Any]) -> None:
@@ -122,15 +143,17 @@ class EngineLoop:
                 continue
             if kind == "run":
                 self.run_one(req.run_id, req.prompt, req.strategy, req.backend,
-                             req.max_new_tokens, req.sampling, req.attention_rows)
+                             req.max_new_tokens, req.sampling, req.attention_rows,
+                             fast=req.fast)
             elif kind == "race":
                 self.race(req)
 
-    def _config(self, strategy, backend, max_new_tokens, sampling, attention_rows, keep_logits):
-        from engine.config import GenerationConfig, SamplingConfig
+    def _config(self, strategy, backend, max_new_tokens, sampling, attention_rows, keep_logits,
+                fast=""):
+        from engine.config import FastPathConfig, GenerationConfig, SamplingConfig
         return GenerationConfig(strategy=strategy, backend=backend, max_new_tokens=max_new_tokens,
                                 sampling=SamplingConfig(**sampling), attention_rows=attention_rows,
-                                keep_logits=keep_logits)
+                                keep_logits=keep_logits, fast=FastPathConfig.from_spec(fast))
 
     def backend_options(self, cfg) -> dict:
         """The flash backend records its tile-by-tile softmax state only when asked (the
@@ -142,7 +165,7 @@ class EngineLoop:
                                         trace=True))
 
     def run_one(self, run_id, prompt, strategy, backend, max_new_tokens, sampling,
-                attention_rows=True, keep_logits=False):
+                attention_rows=True, keep_logits=False, fast=""):
         """Run one request, sending batched events. Returns (Finished or None, [logits])."""
         from engine.events import Finished, Started, Token
         logits: list = []
@@ -151,7 +174,7 @@ class EngineLoop:
         finished = None
         try:
             cfg = self._config(strategy, backend, max_new_tokens, sampling, attention_rows,
-                               keep_logits)
+                               keep_logits, fast)
             extra = self.backend_options(cfg)
             for ev in self.generate(self.lm.model, self.lm.tokenizer, prompt, cfg,
                                     cancel=self.cancel, **extra):
@@ -184,14 +207,15 @@ class EngineLoop:
         sampling = dict(req.sampling)
         if sampling.get("temperature", 0.0) > 0 and sampling.get("seed") is None:
             sampling["seed"] = 0          # sampled races only compare with one shared seed
-        for run_id, (strategy, backend) in zip(req.run_ids, req.combos):
+        for run_id, (strategy, backend, fast) in zip(req.run_ids, req.combos):
             if self.cancel.is_set():
                 cancelled = True
                 break
             fin, logits = self.run_one(run_id, req.prompt, strategy, backend,
                                        req.max_new_tokens, sampling, req.attention_rows,
-                                       keep_logits=True)
-            row = dict(strategy=strategy, backend=backend, reason=fin.reason if fin else "error",
+                                       keep_logits=True, fast=fast)
+            row = dict(strategy=strategy, backend=backend, fast=fast,
+                       reason=fin.reason if fin else "error",
                        tokens=tuple(fin.tokens) if fin else (), text=fin.text if fin else "",
                        ttft_s=float("nan"), tpot_s=float("nan"), tokens_per_s=float("nan"),
                        peak_memory_bytes=0, kv_bytes=0, same_tokens=None, max_logit_delta=None,
@@ -242,10 +266,14 @@ def child_main(spec, device, dtype, commands, results, cancel, log_path: str | N
 
     try:
         from engine.decoding import generate
+        from engine.fast.threads import apply_threads, threads_beside
         from engine.loader import load_model
     except BaseException as exc:         # noqa: BLE001
         send(("load_failed", user_message(exc)))
         return
+    # One core stays with the app: the engine's OpenMP barriers must not wait for a thread the
+    # app's repaint has displaced (docs/ui.md measured what that costs).
+    apply_threads(threads_beside(1))
     loop = EngineLoop(send, cancel, generate)
     loop.load(lambda progress: load_model(spec, device, dtype, progress=progress))
     try:

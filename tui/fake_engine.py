@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .bridge import Post, QueueClient
-from .engine_process import EngineLoop
+from .engine_process import FAST_CHOICES, EngineLoop
 
 WORDS = (" the model reads the prompt once and then writes one token at a time, keeping keys and"
          " values so that each new step only pays for itself and not for the whole past again."
@@ -27,6 +27,8 @@ WORDS = (" the model reads the prompt once and then writes one token at a time, 
 N_LAYERS, N_HEADS, N_KV, HEAD_DIM = 4, 6, 2, 16
 BACKENDS = {"naive": None, "sdpa": None, "flash": None,
             "triton": "needs a CUDA GPU (or TRITON_INTERPRET=1)"}
+# One fast-path choice the fake machine "cannot run", to exercise the refusal.
+FAST_UNAVAILABLE = {"fp16": "fbgemm is not available here (fake)"}
 
 
 def flash_tiles(scores: np.ndarray, tile: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -63,7 +65,8 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0
     if not prompt.strip():
         raise ConfigError("the prompt is empty: type some text to continue")
     n_prompt = len(pieces)
-    yield Started(strategy=cfg.strategy, backend=cfg.backend, device="cpu", dtype="float32",
+    yield Started(strategy=cfg.strategy, backend=cfg.backend, fast=cfg.fast.spec(),
+                  device="cpu", dtype="float32",
                   prompt=prompt, max_new_tokens=cfg.max_new_tokens)
     bpt = 2 * N_LAYERS * N_KV * HEAD_DIM * 4
     capacity = n_prompt + cfg.max_new_tokens
@@ -151,7 +154,8 @@ class FakeLoop(EngineLoop):
     def info(self) -> dict:
         return dict(name="fake-model (synthetic events)", device="cpu", dtype="float32",
                     backends=dict(BACKENDS), n_layers=N_LAYERS, n_heads=N_HEADS,
-                    n_kv_heads=N_KV, head_dim=HEAD_DIM, max_seq_len=2048)
+                    n_kv_heads=N_KV, head_dim=HEAD_DIM, max_seq_len=2048,
+                    fast={spec: FAST_UNAVAILABLE.get(spec) for spec in FAST_CHOICES})
 
 
 class FakeEngineClient(QueueClient):

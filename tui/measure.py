@@ -5,7 +5,9 @@
 Three ways to run the same greedy request, interleaved round by round so that a change in
 machine load hits all of them alike:
 
-    engine     generate() in this process, nothing listening (the reference)
+    engine     generate() in this process, nothing listening (the reference), PyTorch's
+               default threads; and `engine@N`, the same with the N threads the engine process
+               uses beside the app (one core left to the app), when N differs
     process    the engine process the app uses, with a plain thread reading its batches
     app        the real app (headless Textual, full compositing) on the engine process
 
@@ -22,6 +24,11 @@ import os
 import queue
 import statistics
 import time
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def engine_runs(lm, cfg, prompt):
@@ -41,8 +48,12 @@ async def main_async(args) -> dict[str, list[float]]:
     from tui.messages import EngineEvents, EngineReady
 
     prompt = args.prompt
+    from engine.config import FastPathConfig
+    from engine.fast.threads import apply_threads, threads_beside
     cfg = GenerationConfig(strategy=args.strategy, backend=args.backend,
-                           max_new_tokens=args.tokens, attention_rows=True)
+                           max_new_tokens=args.tokens, attention_rows=True,
+                           fast=FastPathConfig.from_spec(args.fast))
+    default_threads, app_threads = torch_threads(), threads_beside(1)
     lm = load_model(None, "cpu", "float32")
 
     inbox: queue.Queue = queue.Queue()
@@ -51,7 +62,7 @@ async def main_async(args) -> dict[str, list[float]]:
 
     async def bare_run(run_id: int) -> float:
         bare.run(RunRequest(run_id=run_id, prompt=prompt, strategy=args.strategy,
-                            backend=args.backend, max_new_tokens=args.tokens))
+                            backend=args.backend, max_new_tokens=args.tokens, fast=args.fast))
         while True:
             try:
                 msg = inbox.get_nowait()
@@ -64,8 +75,10 @@ async def main_async(args) -> dict[str, list[float]]:
                     return last.metrics.decode_tokens_per_s
 
     results: dict[str, list[float]] = {"engine": [], "process": [], "app": []}
+    if app_threads != default_threads:
+        results[f"engine@{app_threads}"] = []
     app = MiniLLMApp(Settings(max_new_tokens=args.tokens, strategy=args.strategy,
-                              backend=args.backend, prompt=prompt))
+                              backend=args.backend, prompt=prompt, fast=args.fast))
     async with app.run_test(size=(160, 48)) as pilot:
         while app.info is None:
             await asyncio.sleep(0.1)
@@ -82,6 +95,10 @@ async def main_async(args) -> dict[str, list[float]]:
             await asyncio.sleep(0.05)
         for r in range(args.rounds):
             results["engine"].append(engine_runs(lm, cfg, prompt))
+            if app_threads != default_threads:
+                apply_threads(app_threads)
+                results[f"engine@{app_threads}"].append(engine_runs(lm, cfg, prompt))
+                apply_threads(default_threads)
             results["process"].append(await bare_run(r + 1))
             n = len(app.finished)
             await pilot.press("enter")
@@ -101,12 +118,14 @@ def main() -> None:
     p.add_argument("--strategy", default="kv")
     p.add_argument("--backend", default="sdpa")
     p.add_argument("--prompt", default="Deep learning is")
+    p.add_argument("--fast", default="", help="fast-path options, e.g. c (as the app's --fast)")
     args = p.parse_args()
     load = os.getloadavg()[0]
     t0 = time.time()
     res = asyncio.run(main_async(args))
     ref = statistics.median(res["engine"])
-    print(f"\n{args.tokens} tokens, {args.strategy}/{args.backend}, {args.rounds} rounds, "
+    fast = f" +{args.fast}" if args.fast else ""
+    print(f"\n{args.tokens} tokens, {args.strategy}/{args.backend}{fast}, {args.rounds} rounds, "
           f"load average at start {load:.1f}, {time.time() - t0:.0f} s")
     for name, values in res.items():
         med = statistics.median(values)

@@ -62,6 +62,12 @@ class RaceRow:
     same_tokens: bool | None       # vs the first contestant; None for the first itself
     max_logit_delta: float | None  # max |Δ logits| vs the first, over the positions both made
     error: str | None = None
+    fast: str = ""                 # fast-path options of this contestant ("" = plain model)
+
+    @property
+    def label(self) -> str:
+        """"kv/sdpa", or "kv/sdpa +c" with fast-path options."""
+        return f"{self.strategy}/{self.backend}" + (f" +{self.fast}" if self.fast else "")
 
 
 @dataclass

@@ -79,27 +79,10 @@ class BenchSettings:
         return d
 
 
-FAST_WORDS = {
-    "fuse": ("fuse", True), "cols": ("layout", "cols"), "compile": ("compile", True),
-    "graphs": ("cuda_graphs", True), "bf16": ("weights", "bfloat16"),
-    "bfloat16": ("weights", "bfloat16"), "fp16": ("weights", "float16"),
-    "float16": ("weights", "float16"), "int8": ("weights", "int8"),
-    "int8-dequant": ("weights", "int8-dequant"), "head-full": ("quantize_head", False),
-    "c": ("kernel", "c"),
-}
-
-
 def fast_config(spec: str):
     """"fuse+cols+int8" → FastPathConfig(fuse=True, layout="cols", weights="int8")."""
     try:
         from ..config import FastPathConfig
     except ImportError:
         raise ConfigError("this engine has no fast path (engine.config.FastPathConfig)") from None
-    kw = {}
-    for word in (w.strip() for w in spec.split("+")):
-        if word not in FAST_WORDS:
-            raise ConfigError(f"unknown fast-path option {word!r} in {spec!r}; choose from: "
-                              f"{', '.join(FAST_WORDS)} (joined with +)")
-        key, value = FAST_WORDS[word]
-        kw[key] = value
-    return FastPathConfig(**kw)
+    return FastPathConfig.from_spec(spec)

@@ -14,7 +14,23 @@ option sets it for the whole process (PyTorch has no per-call setting); None lea
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def threads_beside(reserved_cores: int = 1) -> int:
+    """Threads for an engine that shares the machine with another busy process (the app).
+
+    PyTorch takes every core by default. With the app drawing on one of them, each OpenMP
+    region of a decode step waits at its barrier for the thread the app's repaint displaced:
+    on the 2-core machine the engine's decode rate fell by ~45 % with the app attached (7–8.5
+    → 4.3 tok/s, docs/ui.md). Leaving `reserved_cores` to the other process removes that.
+    """
+    if os.environ.get("MINILLM_ENGINE_THREADS", "").isdigit():       # the user knows best
+        return max(1, int(os.environ["MINILLM_ENGINE_THREADS"]))
+    cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores - reserved_cores))
 
 
 def apply_threads(threads: int | None) -> None:

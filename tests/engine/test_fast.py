@@ -248,3 +248,21 @@ def test_int8_over_column_layout_equals_int8_alone():
     assert out["int8"][0] == out["cols+int8"][0]
     for a, b in zip(out["int8"][1], out["cols+int8"][1]):
         assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("spec", ["", "c", "fuse+cols", "c+int8", "fuse+int8+head-full", "fp16",
+                                  "bf16+compile", "graphs"])
+def test_fast_spec_round_trip(spec):
+    """The bench's and the app's names for option sets parse into the config and back."""
+    assert FastPathConfig.from_spec(spec).spec() == spec
+
+
+def test_fast_spec_rejects_unknown_words():
+    with pytest.raises(ConfigError, match="warp"):
+        FastPathConfig.from_spec("fuse+warp")
+
+
+def test_started_event_names_the_fast_path(tokenizer):
+    events, _ = run_to_end(tiny_model("llama"), tokenizer, "hi", GenerationConfig(
+        max_new_tokens=2, fast=FastPathConfig(fuse=True, layout="cols")))
+    assert events[0].fast == "fuse+cols"

@@ -115,8 +115,10 @@ async def test_race_ends_in_a_table_and_a_verdict():
         await pilot.press("R")                  # race every strategy/backend combination
         await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="race table")
         combos = app.race_combos()
-        assert combos[:3] == [("naive", "sdpa"), ("kv", "sdpa"), ("paged", "sdpa")]
-        assert ("kv", "triton") not in combos  # unavailable here
+        assert combos[:3] == [("naive", "sdpa", ""), ("kv", "sdpa", ""), ("paged", "sdpa", "")]
+        assert ("kv", "triton", "") not in combos  # unavailable here
+        # the exact fast-path options race too: same tokens, only faster
+        assert ("kv", "sdpa", "c") in combos and ("kv", "sdpa", "fuse+cols") in combos
         table = app.screen.query_one(DataTable)
         assert table.row_count == len(combos)
         assert "identical tokens" in str(app.screen.query_one("#verdict").render())
@@ -329,3 +331,47 @@ def test_truecolor_can_be_forced(monkeypatch):
     monkeypatch.setenv("MINILLM_TRUECOLOR", "1")             # or --truecolor
     assert force_truecolor(Settings())
     assert MiniLLMApp(Settings(), client=FakeEngineClient()).console.color_system == "truecolor"
+
+
+async def test_fast_path_key_cycles_usable_options_and_runs_carry_them():
+    app = make_app(max_new_tokens=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        bar = app.query_one(StatusBar)
+        assert app.settings.fast == bar.fast == ""
+        await pilot.press("f")                  # plain → the C step
+        assert app.settings.fast == bar.fast == "c"
+        assert "+c" in str(bar.render())
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(app.finished) == 1)
+        assert app.client.requests[-1].fast == "c"
+        # the latency chart labels the run with its options
+        assert app.query_one(LatencyPane).runs[-1][0] == "kv/sdpa +c"
+        seen = {app.settings.fast}
+        for _ in range(6):
+            await pilot.press("f")
+            seen.add(app.settings.fast)
+        assert "fp16" not in seen                # unavailable on the fake machine: skipped
+        assert {"", "c", "fuse+cols", "c+int8", "int8"} <= seen
+        app.set_fast("fp16")                    # by name (command palette): refused, said why
+        await pilot.pause()
+        assert app.settings.fast != "fp16"
+        assert any("fp16" in n and "unavailable" in n for n in notes(app))
+
+
+async def test_unavailable_fast_path_on_the_command_line_falls_back_to_plain():
+    app = make_app(fast="fp16")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.settings.fast == ""
+        await pilot.pause()
+        assert any("fp16" in n and "unavailable" in n for n in notes(app))
+
+
+def test_bad_fast_option_on_the_command_line_is_an_error():
+    from engine.cli import build_parser
+    from tui.app import Settings, settings_error
+    settings = Settings.from_args(build_parser().parse_args(["ui", "--fast", "warp"]))
+    assert "warp" in settings_error(settings)
+    assert settings_error(Settings.from_args(build_parser().parse_args(["ui", "--fast", "c"]))) \
+        is None

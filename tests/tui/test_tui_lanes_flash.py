@@ -37,7 +37,8 @@ async def test_race_lanes_stream_side_by_side_and_end_in_the_table():
         await pilot.press("R")                  # race: the lanes take the token stream's place
         lanes = app.query_one(RaceLanes)
         combos = app.race_combos()
-        assert [lane.label for lane in lanes.lanes] == [f"{a}/{b}" for a, b in combos]
+        assert [lane.label for lane in lanes.lanes] == [
+            f"{a}/{b}" + (f" +{f}" if f else "") for a, b, f in combos]
         assert lanes.display and not app.query_one(TokenStream).display
         # While the third contestant runs, the first two keep their text and numbers.
         third = lanes.lanes[2]
@@ -87,7 +88,8 @@ async def test_race_lanes_fit_an_80x24_terminal():
 
 
 async def test_stopping_a_race_marks_the_lanes_that_never_ran():
-    app = make_app(delay=0.03, max_new_tokens=30)
+    # 300 tokens × 30 ms: the first lane cannot finish before the stop, even on a slow machine
+    app = make_app(delay=0.03, max_new_tokens=300)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await pilot.press("R")

@@ -28,7 +28,7 @@ def verdict(race: RaceFinished) -> str:
     d = f"; max |Δ logits| = {delta:.3g}" if delta is not None else ""
     if race.identical:
         return f"✓ all contestants produced identical tokens{d}"
-    differ = [f"{r.strategy}/{r.backend}" for r in race.rows if r.same_tokens is False]
+    differ = [r.label for r in race.rows if r.same_tokens is False]
     return f"✗ tokens differ from the first contestant: {', '.join(differ)}{d}"
 
 
@@ -62,12 +62,13 @@ class RaceScreen(ModalScreen[None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("strategy", "backend", "result", "TTFT ms", "TPOT ms", "tok/s",
+        table.add_columns("strategy", "backend +fast", "result", "TTFT ms", "TPOT ms", "tok/s",
                           "KV bytes", "peak mem", "same tokens", "max|Δlogits|")
         for r in self.race.rows:
             same = "ref" if r.same_tokens is None and not r.error else (
                 "—" if r.same_tokens is None else ("✓" if r.same_tokens else "✗"))
             delta = "—" if r.max_logit_delta is None else f"{r.max_logit_delta:.2e}"
-            table.add_row(r.strategy, r.backend, r.error or r.reason, _ms(r.ttft_s),
+            backend = r.backend + (f" +{r.fast}" if r.fast else "")
+            table.add_row(r.strategy, backend, r.error or r.reason, _ms(r.ttft_s),
                           _ms(r.tpot_s), _num(r.tokens_per_s), human_bytes(r.kv_bytes),
                           human_bytes(r.peak_memory_bytes), same, delta)

@@ -8,7 +8,8 @@ from textual.widget import Widget
 
 
 class StatusBar(Widget):
-    """One line: model · device · dtype │ strategy · backend │ sampling │ identical-tokens badge."""
+    """One line: model · device · dtype │ strategy/backend +fast path │ sampling │ identical-tokens
+    badge."""
 
     DEFAULT_CSS = """
     StatusBar { height: 1; background: $panel; color: $foreground; padding: 0 1; }
@@ -26,6 +27,8 @@ class StatusBar(Widget):
     dtype: reactive[str] = reactive("—")
     strategy: reactive[str] = reactive("kv")
     backend: reactive[str] = reactive("sdpa")
+    fast: reactive[str] = reactive("")
+    """Fast-path options of the next run ("c+int8"); empty for the plain model."""
     sampling: reactive[str] = reactive("greedy")
     identical: reactive[bool | None] = reactive(None)
     """Did the last compared runs produce identical tokens? None: nothing compared yet."""
@@ -41,6 +44,9 @@ class StatusBar(Widget):
         t.append(self.strategy, key)
         t.append("/")
         t.append(self.backend, key)
+        if self.fast:
+            t.append(" +")
+            t.append(self.fast, key)
         t.append(f" │ {self.sampling} │ ")
         if self.identical is None:
             t.append(" no comparison yet ", muted)
