@@ -7,7 +7,8 @@ same weights) it decodes the seed's experiment ("Deep learning is", greedy) and 
 tokens/s (median over rounds; rounds interleave the variants, so a noisy neighbour slows all of
 them alike), the bytes of weights one step reads, the machine's measured copy bandwidth, and
 the ceiling those two imply — plus, for every variant, whether its tokens equal the plain
-engine's, where they first differ, and the largest logits error while both runs had seen the same tokens.
+engine's, where they first differ, and the largest logits error while both runs had seen the
+same tokens.
 """
 
 from __future__ import annotations
