@@ -84,6 +84,15 @@ def test_real_app_generates_and_fills_the_panes(tmux):
     assert "layer 0/29" in screen                         # attention pane (30 layers)
     assert "latency per token" in screen                  # latency chart
     assert "kv/sdpa" in screen                            # status bar
+    tmux.keys("f")                                        # fast path: the decode step in C
+    tmux.wait(lambda s: "kv/sdpa +c" in s, 10, "the fast path to change")
+    tmux.keys("Enter")
+
+    def body(s: str) -> str:                              # the panes, without status and footer
+        return "\n".join(s.splitlines()[:-2])
+    tmux.wait(lambda s: "kv/sdpa +c" in body(s), 60, "the C-step run in the latency legend")
+    tmux.wait(lambda s: "Deep learning is a mindset that prioritizes" in " ".join(s.split()),
+              90, "the C-step run's text (the same golden tokens)")
     tmux.keys("s")                                        # strategy kv → paged
     tmux.wait(lambda s: "paged/sdpa" in s, 10, "the strategy to change")
     tmux.keys("q")                                        # quit: the app and engine exit
