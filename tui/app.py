@@ -59,12 +59,13 @@ class Settings:
     truecolor: bool = False
     sampling: dict = field(default_factory=lambda: dict(temperature=0.0))
     fast: str = ""                  # fast-path options ("c", "c+int8", …); "" = plain model
+    flash_tile: int = 16            # keys per flash tile: small, so a short run shows several
 
     @classmethod
     def from_args(cls, args) -> "Settings":
         s = cls()
         for name in ("model", "device", "dtype", "strategy", "backend", "prompt",
-                     "max_new_tokens", "theme", "truecolor", "fast"):
+                     "max_new_tokens", "theme", "truecolor", "fast", "flash_tile"):
             if getattr(args, name, None) is not None:
                 setattr(s, name, getattr(args, name))
         return s
@@ -400,7 +401,8 @@ class MiniLLMApp(App[int]):
         self._loading_note()
         self.client.run(RunRequest(run_id=run_id, prompt=prompt, strategy=s.strategy,
                                    backend=s.backend, max_new_tokens=s.max_new_tokens,
-                                   sampling=dict(s.sampling), fast=s.fast))
+                                   sampling=dict(s.sampling), fast=s.fast,
+                                   flash_tile=s.flash_tile))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "prompt":
@@ -455,7 +457,7 @@ class MiniLLMApp(App[int]):
                     f"{', '.join(self.race_runs.values())}", timeout=4)
         self.client.race(RaceRequest(race_id=self._next_run_id(), run_ids=ids, prompt=prompt,
                                      combos=tuple(combos), max_new_tokens=s.max_new_tokens,
-                                     sampling=dict(s.sampling)))
+                                     sampling=dict(s.sampling), flash_tile=s.flash_tile))
 
     def _backends(self) -> dict[str, str | None]:
         if self.info is not None:
@@ -614,6 +616,8 @@ def settings_error(settings: Settings) -> str | None:
     from engine.config import STRATEGIES as known
     if settings.strategy not in known:
         return f"unknown strategy {settings.strategy!r}; choose one of: {', '.join(known)}"
+    if settings.flash_tile <= 0:
+        return f"--flash-tile must be a positive number of keys, got {settings.flash_tile}"
     if settings.fast not in FAST_CHOICES:
         return (f"--fast {settings.fast!r} is not one of the app's fast-path choices: "
                 f"{', '.join(repr(c) for c in FAST_CHOICES)} ('' = the plain model; the bench "

@@ -41,6 +41,7 @@ class RunRequest:
     sampling: dict = field(default_factory=dict)    # SamplingConfig fields
     attention_rows: bool = True
     fast: str = ""                                  # fast-path options, e.g. "c+int8"
+    flash_tile: int = 64                            # keys per tile of the flash backend
 
 
 # The fast-path options the app cycles through with `f` (FastPathConfig.from_spec words; "" is
@@ -57,6 +58,7 @@ class RaceRequest:
     max_new_tokens: int = 50
     sampling: dict = field(default_factory=dict)
     attention_rows: bool = True
+    flash_tile: int = 64
 
 
 def user_message(exc: BaseException) -> str:
@@ -144,16 +146,17 @@ class EngineLoop:
             if kind == "run":
                 self.run_one(req.run_id, req.prompt, req.strategy, req.backend,
                              req.max_new_tokens, req.sampling, req.attention_rows,
-                             fast=req.fast)
+                             fast=req.fast, flash_tile=req.flash_tile)
             elif kind == "race":
                 self.race(req)
 
     def _config(self, strategy, backend, max_new_tokens, sampling, attention_rows, keep_logits,
-                fast=""):
+                fast="", flash_tile=64):
         from engine.config import FastPathConfig, GenerationConfig, SamplingConfig
         return GenerationConfig(strategy=strategy, backend=backend, max_new_tokens=max_new_tokens,
                                 sampling=SamplingConfig(**sampling), attention_rows=attention_rows,
-                                keep_logits=keep_logits, fast=FastPathConfig.from_spec(fast))
+                                keep_logits=keep_logits, fast=FastPathConfig.from_spec(fast),
+                                flash_tile=flash_tile)
 
     def backend_options(self, cfg) -> dict:
         """The flash backend records its tile-by-tile softmax state only when asked (the
@@ -165,7 +168,7 @@ class EngineLoop:
                                         trace=True))
 
     def run_one(self, run_id, prompt, strategy, backend, max_new_tokens, sampling,
-                attention_rows=True, keep_logits=False, fast=""):
+                attention_rows=True, keep_logits=False, fast="", flash_tile=64):
         """Run one request, sending batched events. Returns (Finished or None, [logits])."""
         from engine.events import Finished, Started, Token
         logits: list = []
@@ -174,7 +177,7 @@ class EngineLoop:
         finished = None
         try:
             cfg = self._config(strategy, backend, max_new_tokens, sampling, attention_rows,
-                               keep_logits, fast)
+                               keep_logits, fast, flash_tile)
             extra = self.backend_options(cfg)
             for ev in self.generate(self.lm.model, self.lm.tokenizer, prompt, cfg,
                                     cancel=self.cancel, **extra):
@@ -213,7 +216,7 @@ class EngineLoop:
                 break
             fin, logits = self.run_one(run_id, req.prompt, strategy, backend,
                                        req.max_new_tokens, sampling, req.attention_rows,
-                                       keep_logits=True, fast=fast)
+                                       keep_logits=True, fast=fast, flash_tile=req.flash_tile)
             row = dict(strategy=strategy, backend=backend, fast=fast,
                        reason=fin.reason if fin else "error",
                        tokens=tuple(fin.tokens) if fin else (), text=fin.text if fin else "",

@@ -103,7 +103,7 @@ def test_real_app_generates_and_fills_the_panes(tmux):
 
 
 def test_real_race_shows_lanes_table_and_flash_tiles(tmux):
-    tmux.start(f"{sys.executable} main.py --max-new-tokens 6 --backend flash "
+    tmux.start(f"{sys.executable} main.py --max-new-tokens 6 --backend flash --flash-tile 4 "
                "--prompt 'Deep learning is'")
     tmux.wait(lambda s: "SmolLM2" in s, 120, "the model to load")
     tmux.keys("R")                                        # race every combination, in lanes
@@ -125,5 +125,6 @@ def test_real_race_shows_lanes_table_and_flash_tiles(tmux):
     tmux.keys("m", "m")                                   # attention: row → matrix → flash
     screen = tmux.wait(lambda s: "keys 0–" in s, 10, "the flash tile view")
     Path(os.environ.get("MINILLM_E2E_SCREEN", os.devnull)).write_text(screen)
-    assert "1 tile × 64 keys" in screen and ("L29" in screen or "layer 29" in screen)
+    # the last forward pass attends over 3 prompt + 5 fed-back tokens = 8 keys: 2 tiles of 4
+    assert "2 tiles × 4 keys" in screen and ("L29" in screen or "layer 29" in screen)
     tmux.keys("q")
