@@ -142,13 +142,15 @@ async def test_same_prompt_twice_sets_the_badge():
         assert app.query_one(StatusBar).identical is True
 
 
-async def test_unavailable_backend_on_the_command_line_is_a_notification():
-    app = make_app(backend="triton")
+@pytest.mark.parametrize("name,value,fallback", [("backend", "triton", "sdpa"),
+                                                 ("fast", "fp16", "")])   # fake: no fbgemm
+async def test_unavailable_option_on_the_command_line_is_a_notification(name, value, fallback):
+    app = make_app(**{name: value})
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        assert app.settings.backend == "sdpa"
+        assert getattr(app.settings, name) == fallback
         await pilot.pause()
-        assert any("triton" in n and "unavailable" in n for n in notes(app))
+        assert any(value in n and "unavailable" in n for n in notes(app))
 
 
 async def test_load_failure_is_a_notification_not_a_crash():
@@ -356,15 +358,6 @@ async def test_fast_path_key_cycles_usable_options_and_runs_carry_them():
         app.set_fast("fp16")                    # by name (command palette): refused, said why
         await pilot.pause()
         assert app.settings.fast != "fp16"
-        assert any("fp16" in n and "unavailable" in n for n in notes(app))
-
-
-async def test_unavailable_fast_path_on_the_command_line_falls_back_to_plain():
-    app = make_app(fast="fp16")
-    async with app.run_test(size=SIZE) as pilot:
-        await ready(pilot)
-        assert app.settings.fast == ""
-        await pilot.pause()
         assert any("fp16" in n and "unavailable" in n for n in notes(app))
 
 
