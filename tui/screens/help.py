@@ -41,6 +41,14 @@ contestant so far) or ✗@i (the first token that differs). The contestants run 
 It ends in a comparison table (`t` shows it again, `l` switches lanes ↔ token stream).
 **Why it matters:** a faster strategy or kernel is only an optimisation if its tokens match.
 
+## Fast path
+`f` cycles the opt-in speed-ups (shown as `+c`, `+c+int8`… beside strategy/backend): `c` runs the
+whole decode step as one C call, `fuse+cols` stacks and re-lays the weights — both exact; `int8`
+and `fp16` store the weights in fewer bytes — lossy, and the race shows where the tokens part.
+**Why it matters:** a decode step reads every weight once, so its speed is bytes ÷ memory
+bandwidth plus overhead; these options remove overhead or bytes, and only the lossy ones may
+change the answer (docs/fast_path.md has the numbers).
+
 ## Latency
 Milliseconds per token against position, this run over the previous ones; TTFT, TPOT, tokens/s
 and peak memory. **Why it matters:** `naive` recomputes the whole sequence each step, so its line
@@ -52,7 +60,8 @@ Model, device, dtype, strategy/backend, sampling, and whether the last compared 
 that changes the output is a bug, not a speed-up.
 
 ## Keys
-`/` edit the prompt · `enter` run · `x` stop · `s` / `b` cycle strategy / backend ·
+`/` edit the prompt · `enter` run · `x` stop ·
+`s` / `b` / `f` cycle strategy / backend / fast path ·
 `R` race (the same prompt through every strategy/backend) · `t` last race table ·
 `l` race lanes ↔ token stream · `m` row / matrix / flash tiles · `p` `.` pause / step the tiles ·
 `o` sampling settings · `T` theme · `C` colour depth (truecolor/256/16) · `ctrl+p` commands ·
