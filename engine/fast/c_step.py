@@ -65,16 +65,18 @@ def why_not(model: Transformer) -> str | None:
 
 
 class _Rows:
-    """Row ranges of one projection module: (weight, scale, bias) pointers for rows [a, a+n)."""
+    """One projection's tensors, and pointers to any of its rows: a fused matrix such as `wqkv`
+    is handed to C as three row ranges (Q's rows, then K's, then V's)."""
 
     def __init__(self, module: nn.Module):
         if isinstance(module, Int8Linear):
-            # 1: int8 row-major, 2: int8 in 4×8 tiles (decode_step.c's `format`)
-            self.format, self.w, self.s, self.b = 1 + module.tiled, module.qweight, module.scale, \
-                module.bias
+            # decode_step.c's `format`: 1 = int8 row-major, 2 = int8 in 4×8 tiles
+            self.format = 2 if module.tiled else 1
+            self.w, self.s, self.b = module.qweight, module.scale, module.bias
         elif isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
-            self.format, self.w, self.s, self.b = 0, module.weight.detach().contiguous(), None, \
-                None if module.bias is None else module.bias.detach()
+            self.format = 0                                          # float32 row-major
+            self.w, self.s = module.weight.detach().contiguous(), None
+            self.b = None if module.bias is None else module.bias.detach()
         else:
             raise ConfigError(f"the C step reads float32 or int8 projections, not "
                               f"{type(module).__name__} ({module.extra_repr()}); drop "
@@ -118,7 +120,9 @@ class CDecoder:
                 self._keep += rows
                 kinds.update(r.format for r in rows)
             for name, (w, s, b) in zip("qkv", parts):
-                ptrs[f"w{name}"].append(w), ptrs[f"s{name}"].append(s), ptrs[f"b{name}"].append(b)
+                ptrs[f"w{name}"].append(w)
+                ptrs[f"s{name}"].append(s)
+                ptrs[f"b{name}"].append(b)
             if mlp.w_gate_up is not None:
                 gu = _Rows(mlp.w_gate_up)
                 gate, up = gu.at(0), gu.at(cfg.ffn_dim)
@@ -134,7 +138,8 @@ class CDecoder:
             self._keep += [o, down]
             for name, (w, s, _) in (("o", o.at()), ("gate", gate), ("up", up),
                                     ("down", down.at())):
-                ptrs[f"w{name}"].append(w), ptrs[f"s{name}"].append(s)
+                ptrs[f"w{name}"].append(w)
+                ptrs[f"s{name}"].append(s)
             ptrs["attn_norm"].append(block.attn_norm.weight.data_ptr())
             ptrs["mlp_norm"].append(block.mlp_norm.weight.data_ptr())
         if len(kinds) != 1:
