@@ -195,10 +195,12 @@ class CDecoder:
         if self.record_rows:
             cfg = self.model.cfg
             rows = torch.empty(cfg.n_layers, cfg.n_heads, pos + 1, dtype=torch.float32)
-        kernels.library().decode_step(ctypes.addressof(self.struct), token, pos,
-                                      table.data_ptr(), logits.data_ptr(),
-                                      None if rows is None else rows.data_ptr(),
-                                      torch.get_num_threads())
+        status = kernels.library().decode_step(ctypes.addressof(self.struct), token, pos,
+                                               table.data_ptr(), logits.data_ptr(),
+                                               None if rows is None else rows.data_ptr(),
+                                               torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("the C decode step could not allocate its scratch vectors")
         self.cache.commit(pos + 1)
         self.rows = None if rows is None else rows.to(torch.float16).numpy()
         return logits

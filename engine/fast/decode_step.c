@@ -86,14 +86,17 @@ static inline float *slot(float *base, const int32_t *table, int64_t block, int6
 }
 
 /* logits: (vocab,) out. rows: NULL, or (n_layers, n_heads, pos + 1) out — each query head's
- * attention probabilities, for the app's heatmap. table: the cache's block table. */
-void decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table,
+ * attention probabilities, for the app's heatmap. table: the cache's block table.
+ * Returns 0, or -1 when the scratch vectors could not be allocated. */
+int decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table,
                  float *logits, float *rows, int threads)
 {
     const int64_t D = m->dim, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, F = m->ffn;
     const int64_t T = pos + 1, group = H / KV;
     const float inv_sqrt = 1.0f / sqrtf((float)hd);
     float *x = malloc(sizeof(float) * (2 * D + (H + 2 * KV) * hd + H * hd + 2 * F + H * T));
+    if (!x)
+        return -1;
     float *h = x + D, *q = h + D, *k = q + H * hd, *v = k + KV * hd, *o = v + KV * hd;
     float *gate = o + H * hd, *up = gate + F, *scores = up + F;       /* scores: (H, T) */
     const float *cos = m->rope_cos + pos * hd, *sin = m->rope_sin + pos * hd;
@@ -157,4 +160,5 @@ void decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *tabl
     rmsnorm(h, x, m->final_norm, D, m->eps);
     matvec(logits, h, m->head, m->head_scale, NULL, m->vocab, D, m->head_format, threads);
     free(x);
+    return 0;
 }

@@ -54,7 +54,8 @@ def _load() -> ctypes.CDLL | None:
                            check=True, capture_output=True)
             os.replace(tmp, out)          # atomic: a concurrent build never sees half a file
         lib = ctypes.CDLL(str(out))
-        lib.int8_gemv.restype = lib.f32_gemv.restype = lib.decode_step.restype = None
+        lib.int8_gemv.restype = lib.f32_gemv.restype = None
+        lib.decode_step.restype = ctypes.c_int
         lib.gemv_vectorised.restype = ctypes.c_int
         lib.int8_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64,
                                                           ctypes.c_int, ctypes.c_int]
