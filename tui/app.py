@@ -81,6 +81,13 @@ FAST_TEXT = {
 }
 
 
+def next_choice(choices, current):
+    """The choice after `current`, wrapping round; the first one if `current` is not among them."""
+    choices = list(choices)
+    i = choices.index(current) if current in choices else -1
+    return choices[(i + 1) % len(choices)]
+
+
 def fast_description(spec: str) -> str:
     return FAST_TEXT.get(spec, spec)
 
@@ -483,10 +490,9 @@ class MiniLLMApp(App[int]):
 
     def action_cycle_fast(self) -> None:
         """Next usable fast-path option (docs/fast_path.md); "" is the plain model."""
-        usable = [s for s in FAST_CHOICES if self._fast_reasons().get(s) is None]
-        cur = self.settings.fast
-        i = usable.index(cur) if cur in usable else -1
-        self.set_fast(usable[(i + 1) % len(usable)])
+        reasons = self._fast_reasons()
+        self.set_fast(next_choice([s for s in FAST_CHOICES if reasons.get(s) is None],
+                                  self.settings.fast))
 
     def set_strategy(self, name: str) -> None:
         self.settings.strategy = name
@@ -502,16 +508,12 @@ class MiniLLMApp(App[int]):
         self._update_status()
 
     def action_cycle_strategy(self) -> None:
-        i = STRATEGIES.index(self.settings.strategy) if self.settings.strategy in STRATEGIES else -1
-        self.set_strategy(STRATEGIES[(i + 1) % len(STRATEGIES)])
+        self.set_strategy(next_choice(STRATEGIES, self.settings.strategy))
 
     def action_cycle_backend(self) -> None:
         usable = [n for n, reason in self._backends().items() if reason is None]
-        if not usable:
-            return
-        cur = self.settings.backend
-        i = usable.index(cur) if cur in usable else -1
-        self.set_backend(usable[(i + 1) % len(usable)])
+        if usable:
+            self.set_backend(next_choice(usable, self.settings.backend))
 
     def show_lanes(self, show: bool) -> None:
         """The race lanes in the token stream's place (show) or the token stream back."""
