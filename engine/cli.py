@@ -11,8 +11,8 @@ import json
 import math
 import sys
 
-from .config import (DTYPES, FAST_WEIGHTS, KERNELS, LAYOUTS, STRATEGIES, ConfigError, FastPathConfig,
-                     GenerationConfig, SamplingConfig)
+from .config import (DTYPES, FAST_WEIGHTS, KERNELS, LAYOUTS, STRATEGIES, ConfigError,
+                     FastPathConfig, GenerationConfig, SamplingConfig)
 
 EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -199,7 +199,7 @@ def cmd_run(args) -> int:
                 out.write(ev.text)
             out.flush()
         elif isinstance(ev, Finished):
-            m = ev.metrics
+            m, fast = ev.metrics, cfg.fast.spec()
             if args.json:
                 out.write(json.dumps({
                     "type": "summary", "reason": ev.reason, "tokens": list(ev.tokens),
@@ -210,14 +210,14 @@ def cmd_run(args) -> int:
                     "itl_p50_ms": _ms(m.itl_p50_s), "itl_p99_ms": _ms(m.itl_p99_s),
                     "peak_memory_bytes": m.peak_memory_bytes, "kv_bytes": m.kv_bytes,
                     "strategy": cfg.strategy, "backend": cfg.backend,
-                    "fast": cfg.fast.spec(), "model": lm.name, "device": str(lm.model.device),
+                    "fast": fast, "model": lm.name, "device": str(lm.model.device),
                     "dtype": args.dtype}) + "\n")
             else:
                 out.write(ev.tail + "\n")
-                fast = f" +{cfg.fast.spec()}" if cfg.fast.spec() else ""
                 print(f"[{m.new_tokens} tokens · TTFT {m.ttft_s * 1e3:.0f} ms · "
                       f"TPOT {_fmt(m.tpot_s * 1e3)} ms · {_fmt(m.decode_tokens_per_s)} tok/s · "
-                      f"{cfg.strategy}/{cfg.backend}{fast} · {ev.reason}]", file=sys.stderr)
+                      f"{cfg.strategy}/{cfg.backend}{' +' + fast if fast else ''} · "
+                      f"{ev.reason}]", file=sys.stderr)
     return 0
 
 

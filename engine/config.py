@@ -249,13 +249,13 @@ class FastPathConfig:
         return (self.fuse, self.layout, self.weights, self.quantize_head)
 
     def spec(self) -> str:
-        """The inverse of from_spec (thread count aside): "c+int8", "" for the plain model."""
-        short = {"bfloat16": "bf16", "float16": "fp16"}
-        words = [w for w, on in (("fuse", self.fuse), ("cols", self.layout == "cols"),
-                                 ("c", self.kernel == "c"),
-                                 (short.get(self.weights, self.weights), self.weights != "same"),
-                                 ("head-full", not self.quantize_head),
-                                 ("compile", self.compile), ("graphs", self.cuda_graphs)) if on]
+        """The inverse of from_spec (thread count aside): "c+int8", "" for the plain model.
+        Each setting is named by its first word in FAST_WORDS, in that table's order."""
+        words, named = [], set()
+        for word, (key, value) in FAST_WORDS.items():
+            if (key, value) not in named and getattr(self, key) == value:
+                words.append(word)
+            named.add((key, value))
         return "+".join(words)
 
     @classmethod
@@ -272,14 +272,15 @@ class FastPathConfig:
         return cls(**kw)
 
 
-# The words of FastPathConfig.from_spec: word → (field, value).
+# The words of FastPathConfig.from_spec: word → (field, value). The first word of a setting is
+# the one spec() writes, and this order is spec()'s order.
 FAST_WORDS = {
     "fuse": ("fuse", True), "cols": ("layout", "cols"), "c": ("kernel", "c"),
-    "compile": ("compile", True), "graphs": ("cuda_graphs", True),
     "bf16": ("weights", "bfloat16"), "bfloat16": ("weights", "bfloat16"),
     "fp16": ("weights", "float16"), "float16": ("weights", "float16"),
     "int8": ("weights", "int8"), "int8-dequant": ("weights", "int8-dequant"),
     "head-full": ("quantize_head", False),
+    "compile": ("compile", True), "graphs": ("cuda_graphs", True),
 }
 
 

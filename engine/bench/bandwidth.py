@@ -23,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..config import FastPathConfig
 from ..decoding import CachedAttention, forward_step, make_cache
 from ..attention import get_backend
 
@@ -147,8 +148,7 @@ def bytes_per_step(lm, prompt_tokens: int, new_tokens: int, cached: bool,
     weights = model.weight_bytes()
     if fast:                            # fused, re-laid-out or quantised weights: their own size
         from .. import fast as fastpath
-        from .settings import fast_config
-        weights = fastpath.decode_bytes(fastpath.prepare(model, fast_config(fast)))
+        weights = fastpath.decode_bytes(fastpath.prepare(model, FastPathConfig.from_spec(fast)))
     per_token = model.cfg.kv_bytes_per_token(torch.finfo(model.dtype).bits // 8)
     mean_pos = prompt_tokens + new_tokens / 2
     kv = int(per_token * mean_pos) if cached else 0

@@ -23,12 +23,12 @@ from typing import Callable
 import torch
 
 from ..attention import available_backends, get_backend
-from ..config import ConfigError, GenerationConfig
+from ..config import ConfigError, FastPathConfig, GenerationConfig
 from ..decoding import generate
 from ..events import Finished, Token
 from ..metrics import RunMetrics
 from .memory import PeakMemory
-from .settings import BenchSettings, fast_config
+from .settings import BenchSettings
 
 REFERENCE = ("naive", "naive")          # strategy, backend: the path everything is compared to
 FIGURES = ("total_s", "ttft_s", "tpot_s", "prefill_s", "decode_tokens_per_s",
@@ -133,7 +133,7 @@ def pick_backends(settings: BenchSettings, device: torch.device) -> list[str]:
 def engine_runner(lm, ids: list[int], settings: BenchSettings, strategy: str,
                   backend: str, fast: str | None = None) -> Runner:
     device = lm.model.device
-    extra = {"fast": fast_config(fast)} if fast else {}
+    extra = {"fast": FastPathConfig.from_spec(fast)} if fast else {}
 
     def run(keep_logits: bool) -> Outcome:
         cfg = GenerationConfig(strategy=strategy, backend=backend,

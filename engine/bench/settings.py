@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..config import DTYPES, STRATEGIES, ConfigError
+from ..config import DTYPES, STRATEGIES, ConfigError, FastPathConfig
 
 SEED_PROMPT = "Deep learning is"        # the seed's experiment: this prompt, 50 new tokens, greedy
 SEED_NEW_TOKENS = 50
@@ -54,7 +54,7 @@ class BenchSettings:
             raise ConfigError(f"--sweep-max must be ≥ 8, got {self.sweep_max}")
         self.fast = tuple(self.fast)
         for spec in self.fast:
-            fast_config(spec)                  # a bad name fails here, before anything loads
+            FastPathConfig.from_spec(spec)      # a bad name fails here, before anything loads
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be ≥ 1, got {self.threads}")
         if not self.prompt:
@@ -75,14 +75,5 @@ class BenchSettings:
         d = asdict(self)
         d["strategies"] = list(self.strategies)
         d["backends"] = list(self.backends) if self.backends is not None else None
-        d["fast"] = {spec: fast_config(spec).__repr__() for spec in self.fast}
+        d["fast"] = {spec: FastPathConfig.from_spec(spec).__repr__() for spec in self.fast}
         return d
-
-
-def fast_config(spec: str):
-    """"fuse+cols+int8" → FastPathConfig(fuse=True, layout="cols", weights="int8")."""
-    try:
-        from ..config import FastPathConfig
-    except ImportError:
-        raise ConfigError("this engine has no fast path (engine.config.FastPathConfig)") from None
-    return FastPathConfig.from_spec(spec)

@@ -17,7 +17,7 @@ import torch
 from engine.bench import BenchSettings, run_bench
 from engine.bench import report
 from engine.bench.runs import summarise
-from engine.bench.settings import fast_config
+from engine.config import FastPathConfig
 from engine.bench.sweep import cumulative_s
 from engine.cli import main as cli_main
 from engine.config import ConfigError, GenerationConfig, ModelConfig
@@ -137,7 +137,7 @@ def test_json_has_no_nan(quick_doc, tmp_path):
 
 # ----------------------------------------------------------------------------- correctness
 def _engine_tokens(lm, ids, strategy, backend, n, fast=None):
-    extra = {"fast": fast_config(fast)} if fast else {}
+    extra = {"fast": FastPathConfig.from_spec(fast)} if fast else {}
     cfg = GenerationConfig(strategy=strategy, backend=backend, max_new_tokens=n,
                            attention_rows=False, stop_at_eos=False, **extra)
     return list(run_to_end(lm.model, lm.tokenizer, ids, cfg)[1].tokens)
@@ -221,7 +221,7 @@ def test_bad_settings_are_config_errors(kw):
 
 
 def test_fast_variants_parse():
-    cfg = fast_config("fuse+cols+int8")
+    cfg = FastPathConfig.from_spec("fuse+cols+int8")
     assert (cfg.fuse, cfg.layout, cfg.weights) == (True, "cols", "int8")
     with pytest.raises(ConfigError, match="warp"):
         BenchSettings(fast=("fuse+warp",))
