@@ -28,7 +28,7 @@ from themes import ramps
 from .bridge import EngineClient
 from .engine_process import FAST_CHOICES, RaceRequest, RunRequest
 from .messages import (AttentionUpdated, CacheUpdated, EngineEvents, EngineFailed,
-                       EngineProgress, EngineReady, RaceFinished)
+                       EngineProgress, EngineReady, RaceFinished, run_label)
 from .screens.help import HelpScreen
 from .screens.race import RaceScreen, verdict
 from .screens.settings import SettingsScreen
@@ -313,8 +313,7 @@ class MiniLLMApp(App[int]):
                     tokens.clear()
                     kv.reset()
                     attention.reset()
-                    fast = getattr(ev, "fast", "")
-                    latency.start_run(f"{ev.strategy}/{ev.backend}" + (f" +{fast}" if fast else ""))
+                    latency.start_run(run_label(ev.strategy, ev.backend, ev.fast))
                 elif isinstance(ev, Finished):
                     finished = ev
             if pieces:
@@ -452,8 +451,7 @@ class MiniLLMApp(App[int]):
             return
         combos = self.race_combos()
         ids = tuple(self._next_run_id() for _ in combos)
-        self.race_runs = {rid: f"{a}/{b}" + (f" +{f}" if f else "")
-                          for rid, (a, b, f) in zip(ids, combos)}
+        self.race_runs = {rid: run_label(*combo) for rid, combo in zip(ids, combos)}
         self.racing = True
         self.current_run = ids[0]
         s = self.settings

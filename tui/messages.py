@@ -46,6 +46,11 @@ class EngineEvents(Message):
     events: tuple
 
 
+def run_label(strategy: str, backend: str, fast: str = "") -> str:
+    """How the app names a run: "kv/sdpa", or "kv/sdpa +c" with fast-path options."""
+    return f"{strategy}/{backend}" + (f" +{fast}" if fast else "")
+
+
 @dataclass
 class RaceRow:
     """One contestant of a race, summarised by the engine process."""
@@ -67,7 +72,7 @@ class RaceRow:
     @property
     def label(self) -> str:
         """"kv/sdpa", or "kv/sdpa +c" with fast-path options."""
-        return f"{self.strategy}/{self.backend}" + (f" +{self.fast}" if self.fast else "")
+        return run_label(self.strategy, self.backend, self.fast)
 
 
 @dataclass
