@@ -158,7 +158,7 @@ class CDecoder:
         m.final_norm = model.norm.weight.data_ptr()
         m.tok_emb = model.tok_emb.weight.data_ptr()
         m.rope_cos, m.rope_sin = model.rope_cos.data_ptr(), model.rope_sin.data_ptr()
-        self._keep += [head, model]
+        self._keep.append(head)             # the model itself is kept by self.model
         self.struct = m
 
     def _array(self, values: list) -> int:
