@@ -27,30 +27,46 @@
 #include <string.h>
 
 #include "gemv.c"
+#include "gguf_blocks.c"
 
 /* Every pointer the step reads, filled in once by engine/fast/c_step.py (a ctypes Structure
  * with the same fields in the same order). Per-layer tensors are arrays of n_layers pointers. */
 typedef struct {
     int64_t dim, n_layers, n_heads, n_kv, head_dim, ffn, vocab;
     float eps;
-    int32_t format;               /* projections: 0 float32, 1 int8 row-major, 2 int8 tiled */
+    int32_t format;               /* projections: 0 float32, 1 int8 row-major, 2 int8 tiled,
+                                     3 GGUF blocks (types in `gtype`) */
     int32_t head_format;          /* the LM head, likewise */
     const void **wq, **wk, **wv, **wo, **wgate, **wup, **wdown;
     const float **sq, **sk, **sv, **so, **sgate, **sup, **sdown;   /* int8 scales, else NULL */
     const float **bq, **bk, **bv;                                   /* biases (Qwen2) or NULL */
     const float **attn_norm, **mlp_norm;
-    const float *final_norm, *tok_emb;
+    const float *final_norm;
+    const void *tok_emb;                       /* float32 (vocab, dim), or GGUF blocks */
     const void *head;                          /* float32 or int8 (vocab, dim) */
     const float *head_scale;
     const float *rope_cos, *rope_sin;          /* (max_seq_len, head_dim) */
     float **k_cache, **v_cache;                /* per layer: (blocks, n_kv, block, head_dim) */
     int64_t block;                             /* tokens per cache block (contiguous: capacity) */
+    /* GGUF blocks (format 3, gguf_blocks.c): each matrix's ggml type, per layer in the order
+     * q k v o gate up down; the head's and the embedding's (-1: float32); and for Llama the
+     * stored row that makes each output of Q and K (llama.cpp interleaves them), or NULL. */
+    const int32_t *gtype;                      /* (n_layers, 7) */
+    int32_t head_gtype, emb_gtype;
+    const int32_t *q_rows, *k_rows;
 } Model;
 
+/* The GGUF type of projection j (q k v o gate up down = 0…6) of layer l. */
+#define GTYPE(m, l, j) ((m)->gtype ? (m)->gtype[(l) * 7 + (j)] : -1)
+
+/* y = W x (+ b) in W's format; a GGUF matrix may read its rows through `map`. */
 static void matvec(float *y, const float *x, const void *w, const float *scale,
-                   const float *bias, int64_t rows, int64_t cols, int format, int threads)
+                   const float *bias, int64_t rows, int64_t cols, int format, int gtype,
+                   const int32_t *map, int threads)
 {
-    if (format)
+    if (format == 3)
+        gguf_gemv(gtype, (const uint8_t *)w, map, x, bias, y, rows, cols, threads);
+    else if (format)
         int8_gemv(x, (const int8_t *)w, scale, bias, y, rows, cols, format == 2, threads);
     else
         f32_gemv(x, (const float *)w, bias, y, rows, cols, threads);
@@ -101,13 +117,21 @@ int decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table
     float *gate = o + H * hd, *up = gate + F, *scores = up + F;       /* scores: (H, T) */
     const float *cos = m->rope_cos + pos * hd, *sin = m->rope_sin + pos * hd;
 
-    memcpy(x, m->tok_emb + token * D, sizeof(float) * D);
+    if (m->emb_gtype >= 0) {                   /* GGUF blocks: dequantise the one row */
+        int32_t row = (int32_t)token;
+        gguf_dequant(m->emb_gtype, (const uint8_t *)m->tok_emb, &row, x, 1, D, 1);
+    } else {
+        memcpy(x, (const float *)m->tok_emb + token * D, sizeof(float) * D);
+    }
     for (int64_t l = 0; l < m->n_layers; l++) {
         /* attention */
         rmsnorm(h, x, m->attn_norm[l], D, m->eps);
-        matvec(q, h, m->wq[l], m->sq[l], m->bq[l], H * hd, D, m->format, threads);
-        matvec(k, h, m->wk[l], m->sk[l], m->bk[l], KV * hd, D, m->format, threads);
-        matvec(v, h, m->wv[l], m->sv[l], m->bv[l], KV * hd, D, m->format, threads);
+        matvec(q, h, m->wq[l], m->sq[l], m->bq[l], H * hd, D, m->format, GTYPE(m, l, 0), m->q_rows,
+               threads);
+        matvec(k, h, m->wk[l], m->sk[l], m->bk[l], KV * hd, D, m->format, GTYPE(m, l, 1), m->k_rows,
+               threads);
+        matvec(v, h, m->wv[l], m->sv[l], m->bv[l], KV * hd, D, m->format, GTYPE(m, l, 2), NULL,
+               threads);
         rope(q, H, hd, cos, sin);
         rope(k, KV, hd, cos, sin);
         for (int64_t g = 0; g < KV; g++) {
@@ -143,22 +167,25 @@ int decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table
             if (rows)
                 memcpy(rows + (l * H + qh) * T, s, sizeof(float) * T);
         }
-        matvec(h, o, m->wo[l], m->so[l], NULL, D, H * hd, m->format, threads);
+        matvec(h, o, m->wo[l], m->so[l], NULL, D, H * hd, m->format, GTYPE(m, l, 3), NULL, threads);
         for (int64_t i = 0; i < D; i++)
             x[i] += h[i];
 
         /* feed-forward (SwiGLU) */
         rmsnorm(h, x, m->mlp_norm[l], D, m->eps);
-        matvec(gate, h, m->wgate[l], m->sgate[l], NULL, F, D, m->format, threads);
-        matvec(up, h, m->wup[l], m->sup[l], NULL, F, D, m->format, threads);
+        matvec(gate, h, m->wgate[l], m->sgate[l], NULL, F, D, m->format, GTYPE(m, l, 4), NULL,
+               threads);
+        matvec(up, h, m->wup[l], m->sup[l], NULL, F, D, m->format, GTYPE(m, l, 5), NULL, threads);
         for (int64_t i = 0; i < F; i++)
             gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        matvec(h, gate, m->wdown[l], m->sdown[l], NULL, D, F, m->format, threads);
+        matvec(h, gate, m->wdown[l], m->sdown[l], NULL, D, F, m->format, GTYPE(m, l, 6), NULL,
+               threads);
         for (int64_t i = 0; i < D; i++)
             x[i] += h[i];
     }
     rmsnorm(h, x, m->final_norm, D, m->eps);
-    matvec(logits, h, m->head, m->head_scale, NULL, m->vocab, D, m->head_format, threads);
+    matvec(logits, h, m->head, m->head_scale, NULL, m->vocab, D, m->head_format, m->head_gtype,
+           NULL, threads);
     free(x);
     return 0;
 }

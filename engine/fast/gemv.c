@@ -18,11 +18,11 @@
  *               the arithmetic is float32 and the only rounding is the weights' own.
  *
  * Both compute the same dot products as PyTorch, only the order of the additions differs.
- * Built by engine/fast/kernels.py (cc -O3 -march=native -fopenmp); without AVX2+FMA the plain
- * C loops below the vector ones do all the work.
+ * Built by engine/fast/kernels.py (cc -O3 -march=native -fopenmp); without AVX2+FMA, or in the
+ * portable build (-DMINILLM_PORTABLE), the plain C loops below the vector ones do all the work.
  */
 #include <stdint.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && !defined(MINILLM_PORTABLE)
 #include <immintrin.h>
 #define VECTOR 1
 

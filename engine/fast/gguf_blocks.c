@@ -1,0 +1,581 @@
+/* Matrix–vector products read straight from a GGUF file's quantised blocks (`--weights gguf`).
+ *
+ * A GGUF stores each weight matrix row by row, and each row as a run of blocks: a few scale
+ * bytes, then the small integers. The embedded SmolLM2 keeps its projections in Q4_1 (20 bytes
+ * for 32 weights) and its embedding / LM head in Q8_0 (34 bytes for 32). The file's float32
+ * values *are* these formulas — gguf.quants.dequantize computes exactly them:
+ *
+ *   type   weights/block  bytes  weight i of a block
+ *   Q8_0        32          34   d · q_i                      q_i int8
+ *   Q4_0        32          18   d · (q_i − 8)                q_i 4 bits
+ *   Q4_1        32          20   d · q_i + m                  q_i 4 bits
+ *   Q5_0        32          22   d · (q_i − 16)               q_i 5 bits (4 + one from a bit mask)
+ *   Q5_1        32          24   d · q_i + m                  q_i 5 bits
+ *   Q4_K       256         144   (d·sc_j) · q_i − (dmin·m_j)   8 sub-blocks j of 32, 6-bit sc/m
+ *   Q5_K       256         176   likewise, q_i 5 bits
+ *   Q6_K       256         210   (d·sc_j) · (q_i − 32)         16 sub-blocks j of 16, int8 sc
+ *   F32 / F16 / BF16          1   the float itself
+ *
+ * (d, m, dmin are float16; all products of a float16 and a small integer are exact in float32.)
+ *
+ * So a decode step can read the blocks as they are — 4.5 bits a weight instead of 32 — and
+ * rebuild each weight in registers, in float32, with float32 activations: the same multiply-adds
+ * on the same numbers as the float32 model, only the order of the additions differs. Nothing is
+ * rounded that the float32 path does not round (llama.cpp, by contrast, also rounds each
+ * activation vector to 8 bits so that it can use integer dot products; that is why its text
+ * drifts away from the float32 one). Per block the work is arranged as
+ *
+ *     Σ_i (d·q_i + m) · x_i  =  d · Σ_i q_i·x_i  +  m · Σ_i x_i
+ *
+ * where Σ_i x_i over each 32 columns is computed once per product (not once per row), so the
+ * inner loop is one widening conversion and one multiply-add per weight.
+ *
+ *   gguf_gemv     y[i] = W[row i] · x (+ bias[i])   one token: the decode step's products
+ *   gguf_dequant  out[i, :] = W[row i, :]           bit-exact gguf.quants.dequantize: a prompt's
+ *                                                  tiles for a float32 GEMM, embedding rows
+ *
+ * Both take an optional row map: output i reads stored row rows[i] (NULL: row i). That is how
+ * llama.cpp's interleaved Q/K rows are read in Hugging Face order without copying them, and how
+ * the embedding picks the rows of a prompt's tokens.
+ *
+ * Two builds of the same arithmetic: with AVX2 + FMA (+F16C) the blocks are unpacked with
+ * intrinsics, 32 weights at a time; the portable build (no intrinsics, no OpenMP: -DMINILLM_PORTABLE,
+ * or any CPU without AVX2, such as an ARM Mac) writes each block as eight independent float
+ * lanes, a loop shape a compiler vectorises by itself (NEON, SSE) without reordering any sum.
+ * Included by decode_step.c after gemv.c (which defines VECTOR and hsum).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define INLINE inline __attribute__((always_inline))   /* so each format's loop is its own code */
+#else
+#define INLINE inline
+#endif
+
+enum { GG_F32 = 0, GG_F16 = 1, GG_Q4_0 = 2, GG_Q4_1 = 3, GG_Q5_0 = 6, GG_Q5_1 = 7, GG_Q8_0 = 8,
+       GG_Q4_K = 12, GG_Q5_K = 13, GG_Q6_K = 14, GG_BF16 = 30 };
+
+/* Weights per block and bytes per block of a type; 0 for a type these kernels do not read. */
+static INLINE int64_t block_weights(int type)
+{
+    switch (type) {
+    case GG_F32: case GG_F16: case GG_BF16: return 1;
+    case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: case GG_Q8_0: return 32;
+    case GG_Q4_K: case GG_Q5_K: case GG_Q6_K: return 256;
+    default: return 0;
+    }
+}
+
+static INLINE int64_t block_bytes(int type)
+{
+    switch (type) {
+    case GG_F32: return 4;
+    case GG_F16: case GG_BF16: return 2;
+    case GG_Q4_0: return 18;
+    case GG_Q4_1: return 20;
+    case GG_Q5_0: return 22;
+    case GG_Q5_1: return 24;
+    case GG_Q8_0: return 34;
+    case GG_Q4_K: return 144;
+    case GG_Q5_K: return 176;
+    case GG_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+/* Bytes of one row of `cols` weights, or -1 when the type is unknown or cols does not divide. */
+int64_t gguf_row_bytes(int type, int64_t cols)
+{
+    int64_t n = block_weights(type);
+    if (n == 0 || cols <= 0 || cols % n)
+        return -1;
+    return cols / n * block_bytes(type);
+}
+
+/* ------------------------------------------------------------------ float16 / bfloat16 */
+static inline float bits_to_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float h2f(const uint8_t *p)          /* little-endian IEEE half → float */
+{
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+#if defined(VECTOR) && defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, man = h & 0x3ff;
+    if (e == 0) {                                   /* zero or subnormal: man · 2^-24 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    if (e == 31)                                    /* inf / nan */
+        return bits_to_float(sign | 0x7f800000u | (man << 13));
+    return bits_to_float(sign | ((e + 112) << 23) | (man << 13));
+#endif
+}
+
+static inline float bf2f(const uint8_t *p)
+{
+    return bits_to_float((uint32_t)(p[0] | (p[1] << 8)) << 16);
+}
+
+/* Weight c of a row of floats (F32, F16 or BF16). */
+static inline float float_at(int type, const uint8_t *row, int64_t c)
+{
+    float f;
+    if (type == GG_F32) {
+        memcpy(&f, row + 4 * c, 4);
+        return f;
+    }
+    return type == GG_F16 ? h2f(row + 2 * c) : bf2f(row + 2 * c);
+}
+
+/* ------------------------------------------------------------------ 32 weights, 8 lanes
+ * q32: 32 weights of one block as small signed integers (every format's q fits in int8).
+ * f8:  8 float accumulator lanes.
+ *   dot32(q, x)        lanes of Σ q_i x_i over the 32 weights
+ *   dot16(q, h, x)     the same over weights 16h … 16h+15 (Q6_K scales 16 weights at a time)
+ *   madd(acc, s, p)    acc + s · p, lane by lane
+ *   store32(out, q, s, m, with_m)   out_i = s·q_i (+ m): the dequantised weights
+ */
+#ifdef VECTOR
+typedef __m256i q32;
+typedef __m256 f8;
+
+static inline __m256 widen(__m128i q8) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)); }
+static inline f8 f8_zero(void) { return _mm256_setzero_ps(); }
+static inline float f8_sum(f8 a) { return hsum(a); }
+static inline f8 madd(f8 acc, float s, f8 p) { return _mm256_fmadd_ps(_mm256_set1_ps(s), p, acc); }
+
+static inline f8 dot16(q32 q, int h, const float *x)
+{
+    __m128i half = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+    __m256 p = _mm256_mul_ps(widen(half), _mm256_loadu_ps(x));
+    return _mm256_fmadd_ps(widen(_mm_unpackhi_epi64(half, half)), _mm256_loadu_ps(x + 8), p);
+}
+
+static inline f8 dot32(q32 q, const float *x)
+{
+    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    __m256 p = _mm256_mul_ps(widen(lo), _mm256_loadu_ps(x));
+    __m256 r = _mm256_mul_ps(widen(hi), _mm256_loadu_ps(x + 16));
+    p = _mm256_fmadd_ps(widen(_mm_unpackhi_epi64(lo, lo)), _mm256_loadu_ps(x + 8), p);
+    r = _mm256_fmadd_ps(widen(_mm_unpackhi_epi64(hi, hi)), _mm256_loadu_ps(x + 24), r);
+    return _mm256_add_ps(p, r);
+}
+
+/* The two formats of the embedded model, without going through q32 (measured ~15 % faster on
+ * the project's CPU, where this loop — not memory — sets the pace).
+ * Q8_0: each 8 bytes are widened straight from memory. */
+static inline f8 dot_int8(const uint8_t *q, const float *x)
+{
+    __m256 p = _mm256_mul_ps(widen(_mm_loadl_epi64((const __m128i *)q)), _mm256_loadu_ps(x));
+    __m256 r = _mm256_mul_ps(widen(_mm_loadl_epi64((const __m128i *)(q + 16))),
+                             _mm256_loadu_ps(x + 16));
+    p = _mm256_fmadd_ps(widen(_mm_loadl_epi64((const __m128i *)(q + 8))), _mm256_loadu_ps(x + 8), p);
+    r = _mm256_fmadd_ps(widen(_mm_loadl_epi64((const __m128i *)(q + 24))),
+                        _mm256_loadu_ps(x + 24), r);
+    return _mm256_add_ps(p, r);
+}
+
+/* Q4_0 / Q4_1: the 16 bytes go to both halves of a register and a byte shuffle puts one byte in
+ * each 32-bit lane (bytes 0–7, then 8–15); an AND then gives eight low nibbles (weights 0–15),
+ * a shift eight high ones (weights 16–31), each ready to convert: no widening shuffles. */
+static inline f8 dot_nibbles(const uint8_t *qs, const float *x, int offset)
+{
+    const __m256i first = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                           4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i second = _mm256_add_epi32(first, _mm256_set1_epi32(8));   /* bytes 8–15 */
+    const __m256i low = _mm256_set1_epi32(15), off = _mm256_set1_epi32(offset);
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    __m256i a = _mm256_shuffle_epi8(v, first), b = _mm256_shuffle_epi8(v, second);
+#define NIB(t) _mm256_cvtepi32_ps(_mm256_sub_epi32(t, off))
+    __m256 p = _mm256_mul_ps(NIB(_mm256_and_si256(a, low)), _mm256_loadu_ps(x));
+    __m256 r = _mm256_mul_ps(NIB(_mm256_srli_epi32(a, 4)), _mm256_loadu_ps(x + 16));
+    p = _mm256_fmadd_ps(NIB(_mm256_and_si256(b, low)), _mm256_loadu_ps(x + 8), p);
+    r = _mm256_fmadd_ps(NIB(_mm256_srli_epi32(b, 4)), _mm256_loadu_ps(x + 24), r);
+#undef NIB
+    return _mm256_add_ps(p, r);
+}
+
+static inline void store32(float *out, q32 q, float s, float m, int with_m)
+{
+    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    __m128i part[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
+    __m256 sv = _mm256_set1_ps(s), mv = _mm256_set1_ps(m);
+    for (int k = 0; k < 4; k++) {
+        __m256 v = _mm256_mul_ps(sv, widen(part[k]));        /* no FMA: one rounding each, */
+        _mm256_storeu_ps(out + 8 * k, with_m ? _mm256_add_ps(v, mv) : v);   /* as numpy */
+    }
+}
+
+/* Nibbles: bytes b → (b & 15) in weights 0–15, (b >> 4) in weights 16–31. */
+static inline q32 nibbles(const uint8_t *b)
+{
+    __m128i raw = _mm_loadu_si128((const __m128i *)b), low = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+}
+
+/* The 32 bits of a Q5 block's mask → byte i = 16 where bit i is set, else 0. */
+static inline q32 fifth_bits(const uint8_t *qh)
+{
+    uint32_t bits;
+    memcpy(&bits, qh, 4);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16));
+}
+
+static inline q32 q_add(q32 a, q32 b) { return _mm256_or_si256(a, b); }   /* disjoint bits */
+static inline q32 q_sub(q32 a, int k) { return _mm256_sub_epi8(a, _mm256_set1_epi8((char)k)); }
+static inline q32 q_load(const uint8_t *b) { return _mm256_loadu_si256((const __m256i *)b); }
+
+/* 32 bytes, each shifted right by `shift` and masked: one sub-block of K-quant bits. */
+static inline q32 q_bits(const uint8_t *b, int shift, int mask)
+{
+    __m256i v = _mm256_srl_epi16(q_load(b), _mm_cvtsi32_si128(shift));
+    return _mm256_and_si256(v, _mm256_set1_epi8((char)mask));
+}
+
+static inline q32 q_shl4(q32 a) { return _mm256_slli_epi16(a, 4); }    /* values ≤ 15 only */
+
+#else   /* ---------------------------------------------------------- portable: 8 lanes in C */
+typedef struct { int8_t v[32]; } q32;
+typedef struct { float v[8]; } f8;
+
+static inline f8 f8_zero(void) { f8 a; for (int k = 0; k < 8; k++) a.v[k] = 0.0f; return a; }
+
+static inline float f8_sum(f8 a)
+{
+    return ((a.v[0] + a.v[4]) + (a.v[1] + a.v[5])) + ((a.v[2] + a.v[6]) + (a.v[3] + a.v[7]));
+}
+
+static inline f8 madd(f8 acc, float s, f8 p)
+{
+    for (int k = 0; k < 8; k++)
+        acc.v[k] += s * p.v[k];
+    return acc;
+}
+
+static inline f8 dot16(q32 q, int h, const float *x)
+{
+    f8 p = f8_zero();
+    for (int i = 0; i < 16; i += 8)
+        for (int k = 0; k < 8; k++)
+            p.v[k] += (float)q.v[16 * h + i + k] * x[i + k];
+    return p;
+}
+
+static inline f8 dot32(q32 q, const float *x)
+{
+    f8 p = f8_zero();
+    for (int i = 0; i < 32; i += 8)
+        for (int k = 0; k < 8; k++)
+            p.v[k] += (float)q.v[i + k] * x[i + k];
+    return p;
+}
+
+static inline void store32(float *out, q32 q, float s, float m, int with_m)
+{
+    for (int i = 0; i < 32; i++)
+        out[i] = with_m ? s * (float)q.v[i] + m : s * (float)q.v[i];
+}
+
+static inline q32 nibbles(const uint8_t *b)
+{
+    q32 q;
+    for (int i = 0; i < 16; i++) {
+        q.v[i] = (int8_t)(b[i] & 15);
+        q.v[i + 16] = (int8_t)(b[i] >> 4);
+    }
+    return q;
+}
+
+static inline q32 fifth_bits(const uint8_t *qh)
+{
+    uint32_t bits = (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 |
+                    (uint32_t)qh[3] << 24;
+    q32 q;
+    for (int i = 0; i < 32; i++)
+        q.v[i] = (int8_t)(((bits >> i) & 1) << 4);
+    return q;
+}
+
+static inline q32 q_add(q32 a, q32 b) { for (int i = 0; i < 32; i++) a.v[i] |= b.v[i]; return a; }
+static inline q32 q_sub(q32 a, int k) { for (int i = 0; i < 32; i++) a.v[i] -= k; return a; }
+
+static inline q32 q_load(const uint8_t *b)
+{
+    q32 q;
+    memcpy(q.v, b, 32);
+    return q;
+}
+
+static inline q32 q_bits(const uint8_t *b, int shift, int mask)
+{
+    q32 q;
+    for (int i = 0; i < 32; i++)
+        q.v[i] = (int8_t)((b[i] >> shift) & mask);
+    return q;
+}
+
+static inline q32 q_shl4(q32 a) { for (int i = 0; i < 32; i++) a.v[i] <<= 4; return a; }
+
+static inline f8 dot_int8(const uint8_t *q, const float *x) { return dot32(q_load(q), x); }
+
+static inline f8 dot_nibbles(const uint8_t *qs, const float *x, int offset)
+{
+    return dot32(q_sub(nibbles(qs), offset), x);
+}
+#endif
+
+/* ------------------------------------------------------------------ one block → 32 integers
+ * Each returns the block's integers q (offsets such as −8 already applied, in int8) and its
+ * scale d and, for the formats with one, its added term m (0 otherwise). */
+static INLINE q32 unpack32(int type, const uint8_t *b, float *d, float *m)
+{
+    *d = h2f(b);
+    *m = 0.0f;
+    switch (type) {
+    case GG_Q8_0: return q_load(b + 2);
+    case GG_Q4_0: return q_sub(nibbles(b + 2), 8);
+    case GG_Q4_1: *m = h2f(b + 2); return nibbles(b + 4);
+    case GG_Q5_0: return q_sub(q_add(nibbles(b + 6), fifth_bits(b + 2)), 16);
+    default: /* GG_Q5_1 */ *m = h2f(b + 2); return q_add(nibbles(b + 8), fifth_bits(b + 4));
+    }
+}
+
+/* Q4_K / Q5_K: the 6-bit scale and min of sub-block j, packed in 12 bytes. */
+static inline void k_scale_min(const uint8_t *s, int j, int *sc, int *mn)
+{
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* Sub-block j (32 weights) of a Q4_K (qh NULL) or Q5_K block. The 4-bit parts sit in 4 runs of
+ * 32 bytes: run j/2, low nibbles for even j, high nibbles for odd j; Q5_K's fifth bit of
+ * weight i is bit j of qh[i]. */
+static inline q32 unpack_k(const uint8_t *qs, const uint8_t *qh, int j)
+{
+    q32 q = q_bits(qs + 32 * (j / 2), 4 * (j & 1), 15);
+    return qh ? q_add(q, q_shl4(q_bits(qh, j, 1))) : q;
+}
+
+/* Group g (32 weights, 0–7) of a Q6_K block: ql holds the low 4 bits in two halves of 64 bytes,
+ * qh the top 2 bits in two halves of 32; weight n of half h takes ql[64h + n % 64] (low nibble
+ * for n < 64, high for n ≥ 64) and bits 2·(n / 32) of qh[32h + n % 32]. */
+static inline q32 unpack_q6(const uint8_t *ql, const uint8_t *qh, int g)
+{
+    int h = g / 4, n = g % 4;
+    q32 lo = q_bits(ql + 64 * h + 32 * (n & 1), 4 * (n / 2), 15);
+    q32 hi = q_bits(qh + 32 * h, 2 * n, 3);
+    return q_sub(q_add(lo, q_shl4(hi)), 32);
+}
+
+/* ------------------------------------------------------------------ one row · x */
+static INLINE int has_min(int type) { return type == GG_Q4_1 || type == GG_Q5_1; }
+
+/* Σ_i q_i x_i of one block (its scale and min left out), and its d and m. */
+static INLINE f8 dot_block32(const int type, const uint8_t *b, const float *x, float *d, float *m)
+{
+    switch (type) {
+    case GG_Q8_0: *d = h2f(b); *m = 0.0f; return dot_int8(b + 2, x);
+    case GG_Q4_0: *d = h2f(b); *m = 0.0f; return dot_nibbles(b + 2, x, 8);
+    case GG_Q4_1: *d = h2f(b); *m = h2f(b + 2); return dot_nibbles(b + 4, x, 0);
+    default: return dot32(unpack32(type, b, d, m), x);      /* Q5_0, Q5_1 */
+    }
+}
+
+/* A row of 32-weight blocks of one format (a constant once inlined: the compiler writes one loop
+ * per format, with no format test inside). Two blocks per turn, two accumulators: the two
+ * chains of multiply-adds overlap instead of waiting on each other. */
+static INLINE float dot_blocks32(const int type, const uint8_t *row, const float *x,
+                                 const float *xs, int64_t nb)
+{
+    const int64_t bb = block_bytes(type);
+    f8 acc0 = f8_zero(), acc1 = f8_zero();
+    float off0 = 0.0f, off1 = 0.0f;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2, row += 2 * bb, x += 64) {
+        float d0, m0, d1, m1;
+        f8 p0 = dot_block32(type, row, x, &d0, &m0), p1 = dot_block32(type, row + bb, x + 32, &d1, &m1);
+        acc0 = madd(acc0, d0, p0);
+        acc1 = madd(acc1, d1, p1);
+        if (has_min(type)) {
+            off0 += m0 * xs[b];
+            off1 += m1 * xs[b + 1];
+        }
+    }
+    if (b < nb) {
+        float d, m;
+        f8 p = dot_block32(type, row, x, &d, &m);
+        acc0 = madd(acc0, d, p);
+        if (has_min(type))
+            off0 += m * xs[b];
+    }
+    return (f8_sum(acc0) + f8_sum(acc1)) + (off0 + off1);
+}
+
+static float dot_row(int type, const uint8_t *row, const float *x, const float *xs, int64_t cols)
+{
+    f8 acc = f8_zero();
+    float offsets = 0.0f;                      /* Σ over sub-blocks of −dmin·m_j · Σx */
+    switch (type) {
+    case GG_Q8_0: return dot_blocks32(GG_Q8_0, row, x, xs, cols / 32);
+    case GG_Q4_0: return dot_blocks32(GG_Q4_0, row, x, xs, cols / 32);
+    case GG_Q4_1: return dot_blocks32(GG_Q4_1, row, x, xs, cols / 32);
+    case GG_Q5_0: return dot_blocks32(GG_Q5_0, row, x, xs, cols / 32);
+    case GG_Q5_1: return dot_blocks32(GG_Q5_1, row, x, xs, cols / 32);
+    case GG_Q4_K: case GG_Q5_K: {
+        const int five = type == GG_Q5_K;
+        for (int64_t b = 0; b < cols / 256; b++, x += 256, xs += 8) {
+            float d = h2f(row), dmin = h2f(row + 2);
+            const uint8_t *scales = row + 4, *qh = five ? row + 16 : NULL;
+            const uint8_t *qs = row + (five ? 48 : 16);
+            for (int j = 0; j < 8; j++) {
+                int sc, mn;
+                k_scale_min(scales, j, &sc, &mn);
+                acc = madd(acc, d * (float)sc, dot32(unpack_k(qs, qh, j), x + 32 * j));
+                offsets -= dmin * (float)mn * xs[j];
+            }
+            row += five ? 176 : 144;
+        }
+        break;
+    }
+    case GG_Q6_K:
+        for (int64_t b = 0; b < cols / 256; b++, row += 210, x += 256) {
+            const uint8_t *ql = row, *qh = row + 128;
+            const int8_t *sc = (const int8_t *)(row + 192);
+            float d = h2f(row + 208);
+            for (int g = 0; g < 8; g++) {
+                q32 q = unpack_q6(ql, qh, g);
+                acc = madd(acc, d * (float)sc[2 * g], dot16(q, 0, x + 32 * g));
+                acc = madd(acc, d * (float)sc[2 * g + 1], dot16(q, 1, x + 32 * g + 16));
+            }
+        }
+        break;
+    default: {                                  /* F32 / F16 / BF16: floats, 8 lanes */
+        float lane[8] = {0}, s;
+        int64_t c = 0;
+        for (; c + 8 <= cols; c += 8)
+            for (int k = 0; k < 8; k++)
+                lane[k] += float_at(type, row, c + k) * x[c + k];
+        s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+        for (; c < cols; c++)
+            s += float_at(type, row, c) * x[c];
+        return s;
+    }
+    }
+    return f8_sum(acc) + offsets;
+}
+
+/* Σ x over each run of 32 columns (the `m · Σx` term of the formats with an added min). */
+static void block_sums(const float *x, int64_t cols, float *xs)
+{
+    for (int64_t b = 0; b < cols / 32; b++) {
+        float lane[8] = {0};
+        for (int i = 0; i < 32; i += 8)
+            for (int k = 0; k < 8; k++)
+                lane[k] += x[32 * b + i + k];
+        xs[b] = ((lane[0] + lane[4]) + (lane[1] + lane[5])) +
+                ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    }
+}
+
+/* y[i] = W[rows ? rows[i] : i] · x (+ bias[i]) for i < n. W: n_stored rows of `cols` weights in
+ * `type`'s blocks. Returns 0, or -1 for an unknown type / shape or a failed allocation. */
+int gguf_gemv(int type, const uint8_t *w, const int32_t *rows, const float *x, const float *bias,
+              float *y, int64_t n, int64_t cols, int threads)
+{
+    const int64_t rb = gguf_row_bytes(type, cols);
+    if (rb < 0)
+        return -1;
+    float stack[512], *xs = stack;
+    if (cols / 32 > 512 && !(xs = malloc(sizeof(float) * (size_t)(cols / 32))))
+        return -1;
+    block_sums(x, cols, xs);
+    #pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 32768)
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = w + (rows ? (int64_t)rows[i] : i) * rb;
+        y[i] = dot_row(type, row, x, xs, cols) + (bias ? bias[i] : 0.0f);
+    }
+    if (xs != stack)
+        free(xs);
+    return 0;
+}
+
+/* One stored row → `cols` floats, exactly as gguf.quants.dequantize computes them. */
+static void dequant_row(int type, const uint8_t *row, float *out, int64_t cols)
+{
+    switch (type) {
+    case GG_Q8_0: case GG_Q4_0: case GG_Q4_1: case GG_Q5_0: case GG_Q5_1: {
+        const int64_t bb = block_bytes(type);
+        for (int64_t b = 0; b < cols / 32; b++, row += bb, out += 32) {
+            float d, m;
+            q32 q = unpack32(type, row, &d, &m);
+            store32(out, q, d, m, type == GG_Q4_1 || type == GG_Q5_1);
+        }
+        break;
+    }
+    case GG_Q4_K: case GG_Q5_K: {
+        const int five = type == GG_Q5_K;
+        for (int64_t b = 0; b < cols / 256; b++, out += 256) {
+            float d = h2f(row), dmin = h2f(row + 2);
+            const uint8_t *scales = row + 4, *qh = five ? row + 16 : NULL;
+            const uint8_t *qs = row + (five ? 48 : 16);
+            for (int j = 0; j < 8; j++) {
+                int sc, mn;
+                k_scale_min(scales, j, &sc, &mn);
+                /* numpy: (d·sc)·q − dmin·m; adding the negated product rounds the same */
+                store32(out + 32 * j, unpack_k(qs, qh, j), d * (float)sc, -(dmin * (float)mn), 1);
+            }
+            row += five ? 176 : 144;
+        }
+        break;
+    }
+    case GG_Q6_K:
+        for (int64_t b = 0; b < cols / 256; b++, row += 210, out += 256) {
+            const int8_t *sc = (const int8_t *)(row + 192);
+            float d = h2f(row + 208);
+            for (int g = 0; g < 8; g++) {
+                q32 q = unpack_q6(row, row + 128, g);
+                float tmp[32];
+                store32(tmp, q, 1.0f, 0.0f, 0);            /* the integers, as floats */
+                for (int i = 0; i < 32; i++)
+                    out[32 * g + i] = (d * (float)sc[2 * g + i / 16]) * tmp[i];
+            }
+        }
+        break;
+    case GG_F32:
+        memcpy(out, row, sizeof(float) * (size_t)cols);
+        break;
+    default:                                    /* F16 / BF16 */
+        for (int64_t c = 0; c < cols; c++)
+            out[c] = float_at(type, row, c);
+    }
+}
+
+/* out[i, :] = W[rows ? rows[i] : i, :] for i < n, as float32. Returns 0, or -1 (unknown type). */
+int gguf_dequant(int type, const uint8_t *w, const int32_t *rows, float *out, int64_t n,
+                 int64_t cols, int threads)
+{
+    const int64_t rb = gguf_row_bytes(type, cols);
+    if (rb < 0)
+        return -1;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 32768)
+    for (int64_t i = 0; i < n; i++)
+        dequant_row(type, w + (rows ? (int64_t)rows[i] : i) * rb, out + i * cols, cols);
+    return 0;
+}
