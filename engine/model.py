@@ -183,35 +183,37 @@ class Transformer(nn.Module):
         else:
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)
             self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-            self.init_rope()
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.family == "gpt2" \
             else RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight   # one matrix reads and writes tokens
+        self.init_rope()
 
     def init_rope(self) -> None:
         """RoPE angles for every position, computed once: angle[p, i] = p · θ_i."""
         if self.cfg.family == "gpt2":
             return
-        device = self.tok_emb.weight.device
+        device = self.device
         if device.type == "meta":      # built without storage; the loader calls this again
             return
         inv_freq = rope_frequencies(self.cfg)
         angles = torch.outer(torch.arange(self.cfg.max_seq_len, dtype=torch.float32), inv_freq)
         angles = torch.cat((angles, angles), dim=-1).to(device)        # (max_seq_len, hd)
         # Kept in the model's dtype, so no step converts them again.
-        dtype = self.tok_emb.weight.dtype
+        dtype = self.dtype
         self.rope_cos, self.rope_sin = angles.cos().to(dtype), angles.sin().to(dtype)
 
+    # The final norm's gain tells where the model lives and in which dtype it computes: every
+    # family has one, and unlike the embedding it is never stored quantised (engine/fast).
     @property
     def device(self) -> torch.device:
-        return self.tok_emb.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_emb.weight.dtype
+        return self.norm.weight.dtype
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, attend: Attend,
                 last_only: bool = False) -> torch.Tensor:

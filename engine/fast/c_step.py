@@ -31,6 +31,7 @@ from ..cache import ContiguousKVCache, PagedKVCache
 from ..config import ConfigError
 from ..model import Transformer
 from . import kernels
+from .gguf_weights import GGUFEmbedding, GGUFLinear
 from .quant import Int8Linear
 
 P = ctypes.c_void_p
@@ -48,7 +49,9 @@ class Model(ctypes.Structure):
                 + [(n, P) for n in _PER_LAYER]
                 + [(n, P) for n in ("final_norm", "tok_emb", "head", "head_scale",
                                     "rope_cos", "rope_sin", "k_cache", "v_cache")]
-                + [("block", ctypes.c_int64)])
+                + [("block", ctypes.c_int64)]
+                + [("gtype", P), ("head_gtype", ctypes.c_int32), ("emb_gtype", ctypes.c_int32),
+                   ("q_rows", P), ("k_rows", P)])
 
 
 def why_not(model: Transformer) -> str | None:
@@ -69,7 +72,12 @@ class _Rows:
     is handed to C as three row ranges (Q's rows, then K's, then V's)."""
 
     def __init__(self, module: nn.Module):
-        if isinstance(module, Int8Linear):
+        self.gtype, self.map = -1, None            # GGUF blocks: the ggml type, the row map
+        if isinstance(module, GGUFLinear):
+            self.format = 3                                          # GGUF blocks
+            self.w, self.s, self.b = module.blocks, None, module.bias
+            self.gtype, self.map = module.ggml_type, module.rows
+        elif isinstance(module, Int8Linear):
             # decode_step.c's `format`: 1 = int8 row-major, 2 = int8 in 4×8 tiles
             self.format = 2 if module.tiled else 1
             self.w, self.s, self.b = module.qweight, module.scale, module.bias
@@ -85,7 +93,8 @@ class _Rows:
     def at(self, start: int = 0) -> tuple[int, int | None, int | None]:
         """Pointers to row `start` (a multiple of 4 for tiled weights: tiles hold 4 rows)."""
         assert self.format != 2 or start % 4 == 0
-        cols = self.w.shape[1]
+        assert self.format != 3 or start == 0       # GGUF matrices are never fused
+        cols = self.w.shape[1]                # (bytes per row, for GGUF blocks)
         w = self.w.data_ptr() + start * cols * self.w.element_size()
         s = None if self.s is None else self.s.data_ptr() + 4 * start
         b = None if self.b is None else self.b.data_ptr() + 4 * start
@@ -107,6 +116,8 @@ class CDecoder:
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         ptrs: dict[str, list] = {n: [] for n in _PER_LAYER}
         kinds = set()
+        gtypes: list[int] = []                    # GGUF: per layer, q k v o gate up down
+        qk_maps = None
         for block in model.layers:
             att, mlp = block.attn, block.mlp
             if att.wqkv is not None:
@@ -114,11 +125,13 @@ class CDecoder:
                 parts = [qkv.at(0), qkv.at(H * hd), qkv.at((H + KV) * hd)]
                 kinds.add(qkv.format)
                 self._keep.append(qkv)
+                qkv_rows = [qkv] * 3
             else:
-                rows = [_Rows(att.wq), _Rows(att.wk), _Rows(att.wv)]
+                qkv_rows = rows = [_Rows(att.wq), _Rows(att.wk), _Rows(att.wv)]
                 parts = [r.at() for r in rows]
                 self._keep += rows
                 kinds.update(r.format for r in rows)
+                qk_maps = qk_maps or (rows[0].map, rows[1].map)   # the same in every layer
             for name, (w, s, b) in zip("qkv", parts):
                 ptrs[f"w{name}"].append(w)
                 ptrs[f"s{name}"].append(s)
@@ -128,14 +141,17 @@ class CDecoder:
                 gate, up = gu.at(0), gu.at(cfg.ffn_dim)
                 kinds.add(gu.format)
                 self._keep.append(gu)
+                gate_up_rows = [gu] * 2
             else:
                 g, u = _Rows(mlp.w_gate), _Rows(mlp.w_up)
                 gate, up = g.at(), u.at()
                 self._keep += [g, u]
                 kinds.update((g.format, u.format))
+                gate_up_rows = [g, u]
             o, down = _Rows(att.wo), _Rows(mlp.w_down)
             kinds.update((o.format, down.format))
             self._keep += [o, down]
+            gtypes += [r.gtype for r in (*qkv_rows, o, *gate_up_rows, down)]
             for name, (w, s, _) in (("o", o.at()), ("gate", gate), ("up", up),
                                     ("down", down.at())):
                 ptrs[f"w{name}"].append(w)
@@ -143,8 +159,8 @@ class CDecoder:
             ptrs["attn_norm"].append(block.attn_norm.weight.data_ptr())
             ptrs["mlp_norm"].append(block.mlp_norm.weight.data_ptr())
         if len(kinds) != 1:
-            raise ConfigError("--kernel c needs every projection in one format (float32, or "
-                              "int8 in one layout)")
+            raise ConfigError("--kernel c needs every projection in one format (float32, "
+                              "int8 in one layout, or GGUF blocks)")
         head = _Rows(model.lm_head)
         k_layers, v_layers, self.block = self._cache_layout(cache)
 
@@ -156,9 +172,18 @@ class CDecoder:
         m.k_cache, m.v_cache = self._array(k_layers), self._array(v_layers)
         m.head, m.head_scale, _ = head.at()
         m.final_norm = model.norm.weight.data_ptr()
-        m.tok_emb = model.tok_emb.weight.data_ptr()
         m.rope_cos, m.rope_sin = model.rope_cos.data_ptr(), model.rope_sin.data_ptr()
         self._keep.append(head)             # the model itself is kept by self.model
+        if isinstance(model.tok_emb, GGUFEmbedding):         # GGUF blocks (gguf_weights.py)
+            m.tok_emb, m.emb_gtype = model.tok_emb.blocks.data_ptr(), model.tok_emb.ggml_type
+        else:
+            m.tok_emb, m.emb_gtype = model.tok_emb.weight.data_ptr(), -1
+        m.head_gtype = head.gtype
+        if m.format == 3:
+            types = torch.tensor(gtypes, dtype=torch.int32)
+            self._keep.append(types)
+            m.gtype = types.data_ptr()
+            m.q_rows, m.k_rows = (None if t is None else t.data_ptr() for t in qk_maps)
         self.struct = m
 
     def _array(self, values: list) -> int:

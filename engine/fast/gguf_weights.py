@@ -1,0 +1,306 @@
+"""`--weights gguf`: the model built straight from a GGUF file's memory map, weights kept in the
+file's own quantised blocks.
+
+The loader's usual path dequantises every tensor to float32 (538 MB for the embedded SmolLM2,
+5.5× the file). Those float32 numbers *are* the blocks' formulas (d·q + m …), so nothing is lost
+by keeping the blocks instead and rebuilding each weight in registers when it is used
+(gguf_blocks.c): the same multiply-adds on the same numbers, at 4–8 bits of memory traffic per
+weight instead of 32. The tests hold a block model to the float32 model of the same file:
+logits within 1e-4 at every position, the same greedy tokens.
+
+    GGUFLinear      a projection (or the LM head): y = W x with W in blocks. One token → the C
+                    product straight from the blocks; a prompt → the matrix dequantised into a
+                    reused float32 scratch and one GEMM (the same numbers as the float32 model's,
+                    bit for bit, so the prompt's logits are that model's)
+    GGUFEmbedding   the token embedding: only the rows of the tokens asked for are dequantised
+    load_block_model(path)   the Transformer, its projections pointing into the file's pages
+
+Nothing is copied at load time: norms and biases (a few KB) become float32 tensors, every other
+weight stays a view of the memory-mapped file, and pages the OS has cached are shared with any
+other process reading the same file. llama.cpp stores Llama's Q and K rows with each head's
+rotary halves interleaved; instead of reordering them, the products read row `rows[i]` for
+output i (the loader's own un-permutation, applied to row numbers).
+
+Without a C compiler the same modules dequantise each matrix once, with gguf's numpy code, and
+run float32 PyTorch (correct, without the bandwidth saving).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError, ModelConfig
+from ..model import Transformer
+from . import kernels
+
+# ggml type → name, for the types gguf_blocks.c reads (others are refused with their name).
+TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+         12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
+# GGUF tensor name inside a block → (module path in this engine's Block, is it Q/K)
+PROJECTIONS = {"attn_q": "attn.wq", "attn_k": "attn.wk", "attn_v": "attn.wv",
+               "attn_output": "attn.wo", "ffn_gate": "mlp.w_gate", "ffn_up": "mlp.w_up",
+               "ffn_down": "mlp.w_down"}
+NORMS = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm"}
+
+_scratch = threading.local()      # one float32 buffer per thread for dequantised prompt tiles
+
+
+def _scratch_for(numel: int) -> torch.Tensor:
+    """A float32 buffer of at least `numel` elements, reused: a prompt dequantises matrix after
+    matrix into the same memory (it stays in cache, and no page is faulted in twice)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+def row_bytes(ggml_type: int, cols: int) -> int:
+    """Bytes of one stored row of `cols` weights (the block layout of gguf's own table)."""
+    import gguf
+    per_block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    if cols % per_block:
+        raise ConfigError(f"a row of {cols} weights is not a whole number of "
+                          f"{TYPES.get(ggml_type, ggml_type)} blocks of {per_block}")
+    return cols // per_block * nbytes
+
+
+class GGUFMatrix:
+    """One weight matrix as the file stores it: (rows, row_bytes) raw bytes of `ggml_type`."""
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, rows: int, cols: int):
+        if ggml_type not in TYPES:
+            raise ConfigError(f"GGUF type {ggml_type} is not one the block kernels read "
+                              f"(they read {', '.join(TYPES.values())})")
+        expected = (rows, row_bytes(ggml_type, cols))
+        if tuple(blocks.shape) != expected or blocks.dtype != torch.uint8:
+            raise ConfigError(f"{TYPES[ggml_type]} matrix of {rows}×{cols}: expected "
+                              f"{expected[0]}×{expected[1]} bytes, found {tuple(blocks.shape)}")
+        self.blocks, self.type, self.rows, self.cols = blocks, ggml_type, rows, cols
+
+    @property
+    def type_name(self) -> str:
+        return TYPES[self.type]
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The matrix (its rows `rows`, in that order, if given) as float32, exactly as
+        gguf.quants.dequantize computes it."""
+        n = self.rows if rows is None else rows.numel()
+        lib = kernels.library()
+        if lib is not None:
+            out = torch.empty(n, self.cols, dtype=torch.float32)
+            self._dequantize_into(out, rows)
+            return out
+        import gguf
+        dense = gguf.quants.dequantize(self.blocks.numpy(), gguf.GGMLQuantizationType(self.type))
+        dense = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
+        return dense if rows is None else dense[rows.long()]
+
+    def _dequantize_into(self, out: torch.Tensor, rows: torch.Tensor | None) -> None:
+        n = out.shape[0]
+        idx = None if rows is None else rows.to(torch.int32).contiguous()
+        status = kernels.library().gguf_dequant(
+            self.type, self.blocks.data_ptr(), None if idx is None else idx.data_ptr(),
+            out.data_ptr(), n, self.cols, torch.get_num_threads())
+        if status:
+            raise RuntimeError(f"gguf_dequant refused a {self.type_name} matrix")
+
+
+class GGUFLinear(nn.Module):
+    """y = x Wᵀ (+ b) with W kept in GGUF blocks. `rows`: output i is stored row rows[i]."""
+
+    def __init__(self, matrix: GGUFMatrix, bias: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None):
+        super().__init__()
+        self.matrix = matrix
+        self.in_features, self.out_features = matrix.cols, matrix.rows
+        self.register_buffer("blocks", matrix.blocks, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+        self.register_buffer("rows", None if rows is None else rows.to(torch.int32).contiguous(),
+                             persistent=False)
+        self._dense: torch.Tensor | None = None     # only without the C kernels
+
+    @property
+    def ggml_type(self) -> int:
+        return self.matrix.type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = kernels.library()
+        if lib is not None and x.numel() == self.in_features and x.dtype == torch.float32 \
+                and x.device.type == "cpu":
+            # One token: the product straight from the blocks.
+            xv = x.reshape(-1).contiguous()
+            y = torch.empty(self.out_features, dtype=torch.float32)
+            status = lib.gguf_gemv(self.matrix.type, self.blocks.data_ptr(),
+                                   None if self.rows is None else self.rows.data_ptr(),
+                                   xv.data_ptr(), None if self.bias is None else
+                                   self.bias.data_ptr(), y.data_ptr(), self.out_features,
+                                   self.in_features, torch.get_num_threads())
+            if status:
+                raise RuntimeError(f"gguf_gemv refused a {self.matrix.type_name} matrix")
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight_for_prompt(), self.bias)
+
+    def weight_for_prompt(self) -> torch.Tensor:
+        """The float32 weight for a GEMM over several tokens: dequantised into the per-thread
+        scratch (valid until the next call), or once and kept when there are no C kernels."""
+        if kernels.library() is not None:
+            w = _scratch_for(self.out_features * self.in_features).view(self.out_features,
+                                                                          self.in_features)
+            self.matrix._dequantize_into(w, self.rows)
+            return w
+        if self._dense is None:
+            self._dense = self.matrix.dequantize(self.rows)
+        return self._dense
+
+    def stored_bytes(self) -> int:
+        return self.blocks.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, {self.matrix.type_name} "
+                f"blocks{', rows reordered' if self.rows is not None else ''}")
+
+
+class GGUFEmbedding(nn.Module):
+    """Token embedding kept in GGUF blocks: forward dequantises only the rows it looks up."""
+
+    def __init__(self, matrix: GGUFMatrix):
+        super().__init__()
+        self.matrix = matrix
+        self.num_embeddings, self.embedding_dim = matrix.rows, matrix.cols
+        self.register_buffer("blocks", matrix.blocks, persistent=False)
+
+    @property
+    def ggml_type(self) -> int:
+        return self.matrix.type
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range for a vocabulary of {self.num_embeddings}")
+        out = self.matrix.dequantize(flat)                              # (B·T, dim)
+        return out.view(*tokens.shape, self.embedding_dim)
+
+    def stored_bytes(self) -> int:
+        return self.blocks.nbytes // self.num_embeddings       # one row per token, as nn.Embedding
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.matrix.type_name} blocks"
+
+
+def is_block_model(model: nn.Module) -> bool:
+    """True for a model made by load_block_model (its embedding is GGUF blocks)."""
+    return isinstance(getattr(model, "tok_emb", None), GGUFEmbedding)
+
+
+# ----------------------------------------------------------------------------- loading
+def _matrix(tensor, rows: int, cols: int, what: str) -> GGUFMatrix:
+    """A GGUFMatrix viewing `tensor`'s bytes in the file, after checking everything the C
+    kernels will trust: the type, the shape the model expects, and the byte count."""
+    ggml_type = int(tensor.tensor_type)
+    shape = tuple(int(n) for n in tensor.shape)           # GGUF order: (cols, rows)
+    if shape != (cols, rows):
+        raise ConfigError(f"{what}: the file says {shape[::-1]}, the model needs ({rows}, {cols})")
+    if ggml_type not in TYPES:
+        raise ConfigError(f"{what} is {tensor.tensor_type.name}, which --weights gguf does not "
+                          f"read (it reads {', '.join(TYPES.values())}); use --weights same")
+    data = np.asarray(tensor.data)
+    nbytes = rows * row_bytes(ggml_type, cols)
+    if data.nbytes != nbytes:
+        raise ConfigError(f"{what}: {data.nbytes} bytes in the file, {nbytes} expected "
+                          f"(truncated or inconsistent GGUF)")
+    with warnings.catch_warnings():
+        # The map is read-only and stays so: nothing ever writes to a weight. (PyTorch warns
+        # because it cannot mark a tensor read-only.)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        raw = torch.from_numpy(data.reshape(-1).view(np.uint8)).view(rows, nbytes // rows)
+    return GGUFMatrix(raw, ggml_type, rows, cols)
+
+
+def _floats(tensor, numel: int, what: str) -> torch.Tensor:
+    """A small tensor (norm gain, bias) as a float32 copy."""
+    import gguf
+    if int(np.prod([int(n) for n in tensor.shape])) != numel:
+        raise ConfigError(f"{what}: {tuple(int(n) for n in tensor.shape)} in the file, "
+                          f"{numel} values expected")
+    values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(numel))
+
+
+def qk_rows(cfg: ModelConfig, n_heads: int) -> torch.Tensor | None:
+    """For Llama: the stored row behind each output of Q (or K, with its head count) — the
+    loader's un-permutation applied to row numbers. Qwen2 files keep Hugging Face's order."""
+    if cfg.family != "llama":
+        return None
+    from ..loader import _unpermute
+    out = n_heads * cfg.head_dim
+    return _unpermute(torch.arange(out).view(out, 1), n_heads).reshape(out).to(torch.int32)
+
+
+def load_block_model(path: str | Path, reader=None) -> Transformer:
+    """The Transformer of a GGUF file with every matrix kept in the file's blocks (see above).
+
+    Raises ConfigError when the file cannot be decoded this way (another architecture, a type
+    the kernels do not read, shapes or sizes that do not add up)."""
+    from ..loader import _gguf_reader, gguf_config
+    path = Path(path)
+    reader = reader or _gguf_reader(path)
+    if getattr(reader, "byte_order", "I") == "S":
+        raise ConfigError(f"{path.name} is a big-endian GGUF; --weights gguf reads "
+                          f"little-endian files only")
+    cfg = gguf_config(reader)
+    if cfg.family not in ("llama", "qwen2"):
+        raise ConfigError(f"--weights gguf decodes Llama and Qwen2 models, not {cfg.family}")
+    tensors = {t.name: t for t in reader.tensors}
+    H, KV, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+    out_dims = {"attn_q": (H * hd, D), "attn_k": (KV * hd, D), "attn_v": (KV * hd, D),
+                "attn_output": (D, H * hd), "ffn_gate": (cfg.ffn_dim, D),
+                "ffn_up": (cfg.ffn_dim, D), "ffn_down": (D, cfg.ffn_dim)}
+    reorder = {"attn_q": qk_rows(cfg, H), "attn_k": qk_rows(cfg, KV)}
+
+    def need(name: str):
+        if name not in tensors:
+            raise ConfigError(f"{path.name} has no tensor {name}")
+        return tensors[name]
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    known = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    emb = _matrix(need("token_embd.weight"), cfg.vocab_size, D, "token_embd.weight")
+    model.tok_emb = GGUFEmbedding(emb)
+    head = emb if cfg.tie_embeddings else _matrix(need("output.weight"), cfg.vocab_size, D,
+                                                  "output.weight")
+    model.lm_head = GGUFLinear(head)
+    model.norm.weight = nn.Parameter(_floats(need("output_norm.weight"), D, "output_norm"),
+                                     requires_grad=False)
+    for i, block in enumerate(model.layers):
+        for g, (rows, cols) in out_dims.items():
+            name = f"blk.{i}.{g}.weight"
+            known.add(name)
+            bias = None
+            if cfg.qkv_bias and g in ("attn_q", "attn_k", "attn_v"):
+                known.add(f"blk.{i}.{g}.bias")
+                bias = _floats(need(f"blk.{i}.{g}.bias"), rows, f"blk.{i}.{g}.bias")
+            parent, attr = PROJECTIONS[g].split(".")
+            setattr(getattr(block, parent), attr,
+                    GGUFLinear(_matrix(need(name), rows, cols, name), bias, reorder.get(g)))
+        for g, attr in NORMS.items():
+            name = f"blk.{i}.{g}.weight"
+            known.add(name)
+            getattr(block, attr).weight = nn.Parameter(_floats(need(name), D, name),
+                                                       requires_grad=False)
+    extra = sorted(set(tensors) - known)
+    if extra:
+        raise ConfigError(f"{path.name}: unexpected tensor {extra[0]} for a {cfg.family} model")
+    # Only the RoPE tables are left on the meta device: compute them (float32, CPU).
+    model.rope_cos = torch.empty(0)
+    model.init_rope()
+    model.gguf_path = str(path)
+    model._gguf_reader = reader            # keeps the memory map (and so every view) alive
+    return model.eval()
