@@ -46,10 +46,12 @@ def add_fast_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fast path")
     g.add_argument("--fuse", action="store_true", help="one matmul for Q/K/V and for gate/up")
     g.add_argument("--layout", default="rows", help=f"weight layout: {', '.join(LAYOUTS)}")
-    g.add_argument("--weights", default="same", help=f"one of: {', '.join(FAST_WEIGHTS)}")
+    g.add_argument("--weights", default="same",
+                   help=f"one of: {', '.join(FAST_WEIGHTS)} (gguf: a GGUF model's own quantised "
+                        f"blocks, memory-mapped — the float32 model's tokens at 4-bit traffic)")
     g.add_argument("--kernel", default="torch", choices=KERNELS,
                    help="torch: the PyTorch model steps; c: the whole decode step in C (CPU, "
-                        "Llama/Qwen2, float32 or --weights int8)")
+                        "Llama/Qwen2, float32, --weights int8 or --weights gguf)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     g.add_argument("--cuda-graphs", action="store_true", help="replay the decode step (CUDA)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
@@ -187,7 +189,8 @@ def cmd_run(args) -> int:
 
     cfg = generation_config(args, attention_rows=False)   # validate flags before loading
     lm = load_model(args.model, args.device, args.dtype,
-                    progress=_progress_printer(sys.stderr.isatty()))
+                    progress=_progress_printer(sys.stderr.isatty()),
+                    weights="gguf" if cfg.fast.weights == "gguf" else "same")
     out = sys.stdout
     for ev in generate(lm.model, lm.tokenizer, args.prompt, cfg):
         if isinstance(ev, Token):

@@ -185,7 +185,7 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
-FAST_WEIGHTS = ("same", "bfloat16", "float16", "int8", "int8-dequant")
+FAST_WEIGHTS = ("same", "bfloat16", "float16", "int8", "int8-dequant", "gguf")
 LAYOUTS = ("rows", "cols")
 KERNELS = ("torch", "c")
 
@@ -195,13 +195,14 @@ class FastPathConfig:
     """Opt-in decode speed-ups (engine/fast/, docs/fast_path.md). The defaults change nothing.
 
     Exact options (same greedy tokens as the plain model): `fuse`, `layout`, `kernel`,
-    `compile`, `cuda_graphs`, `threads`. Lossy ones (bounded, reported divergence): `weights`
-    other than "same".
+    `compile`, `cuda_graphs`, `threads`, and `weights="gguf"` (a GGUF model's own quantised
+    blocks, read as they are: the float32 model's numbers at 4-bit traffic, engine/fast/
+    gguf_weights.py). Lossy ones (bounded, reported divergence): the other `weights`.
     """
 
     fuse: bool = False              # one matmul for Q/K/V and one for gate/up
     layout: str = "rows"            # rows: nn.Linear's (out, in); cols: stored (in, out)
-    weights: str = "same"           # same | bfloat16 | float16 | int8 | int8-dequant
+    weights: str = "same"           # same | bfloat16 | float16 | int8 | int8-dequant | gguf
     quantize_head: bool = True      # the LM head too (it is ~21% of the embedded model's bytes)
     compile: bool = False           # torch.compile the static decode step
     cuda_graphs: bool = False       # capture the decode step once per cache (CUDA only)
@@ -225,9 +226,16 @@ class FastPathConfig:
                                            ("--compile", self.compile),
                                            ("--cuda-graphs", self.cuda_graphs)) if on]
             if clash:
-                raise ConfigError(f"--kernel c runs its own decode step on float32 or int8 "
-                                  f"row-major weights; it cannot be combined with "
+                raise ConfigError(f"--kernel c runs its own decode step on float32, int8 or "
+                                  f"GGUF-block weights; it cannot be combined with "
                                   f"{', '.join(clash)}")
+        if self.weights == "gguf":
+            clash = [flag for flag, on in (("--fuse", self.fuse), ("--layout cols",
+                                           self.layout == "cols"),
+                                           ("head-full", not self.quantize_head)) if on]
+            if clash:
+                raise ConfigError(f"--weights gguf reads the file's blocks as they are stored; "
+                                  f"it cannot be combined with {', '.join(clash)}")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"threads must be a positive integer, got {self.threads}")
 
@@ -279,6 +287,7 @@ FAST_WORDS = {
     "bf16": ("weights", "bfloat16"), "bfloat16": ("weights", "bfloat16"),
     "fp16": ("weights", "float16"), "float16": ("weights", "float16"),
     "int8": ("weights", "int8"), "int8-dequant": ("weights", "int8-dequant"),
+    "gguf": ("weights", "gguf"),
     "head-full": ("quantize_head", False),
     "compile": ("compile", True), "graphs": ("cuda_graphs", True),
 }

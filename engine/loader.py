@@ -333,6 +333,18 @@ def gguf_tokenizer_json(path: Path) -> tuple[str, dict]:
     return text, {"add_bos_token": bool(getattr(tok, "add_bos_token", False))}
 
 
+def gguf_tokenizer(path: Path, cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer of a GGUF, without converting its weights: from the conversion cache's
+    tokenizer.json if an earlier load wrote one, else built from the file's vocabulary."""
+    from tokenizers import Tokenizer as HFTokenizer
+    folder = cache_root() / gguf_cache_key(path)
+    if folder.is_dir() and _cache_complete(folder):
+        return Tokenizer.from_folder(folder, cfg.bos_token_id, cfg.eos_token_ids)
+    tok_json, tok_cfg = gguf_tokenizer_json(path)
+    return Tokenizer(HFTokenizer.from_str(tok_json), cfg.bos_token_id, cfg.eos_token_ids,
+                     tok_cfg.get("add_bos_token", False))
+
+
 def gguf_cache_key(path: Path) -> str:
     st = path.stat()
     raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v{CACHE_FORMAT}"
@@ -411,8 +423,11 @@ def load_gguf(path: Path, device, dtype, progress: Progress | None = None):
 
 # ----------------------------------------------------------------------------- entry point
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "float32",
-               progress: Progress | None = None) -> LoadedModel:
-    """Load `spec` (None = the embedded default; a .gguf path; a folder; or a hub id)."""
+               progress: Progress | None = None, weights: str = "same") -> LoadedModel:
+    """Load `spec` (None = the embedded default; a .gguf path; a folder; or a hub id).
+
+    weights="gguf": a GGUF's matrices stay in the file's quantised blocks, memory-mapped
+    (engine/fast/gguf_weights.py) — no float32 conversion, no conversion cache."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -429,11 +444,27 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "floa
     if progress:
         progress(f"loading {name or path.name}", 0.0)
     converted, hf_folder = False, None
-    if path.is_dir():
+    if weights == "gguf":
+        from .fast.gguf_weights import load_block_model
+        if path.is_dir() or not (path.suffix == ".gguf" or _is_gguf(path)):
+            raise ConfigError("--weights gguf reads a GGUF file's own blocks; "
+                              f"{path.name} is not a .gguf file")
+        if dev.type != "cpu" or dt != torch.float32:
+            raise ConfigError("--weights gguf computes in float32 on the CPU: use --device cpu "
+                              "and --dtype float32")
+        if progress:
+            progress("mapping the GGUF blocks", 0.2)
+        model = load_block_model(path)
+        cfg = model.cfg
+        if progress:
+            progress("building the tokenizer", 0.6)
+        tok = gguf_tokenizer(path, cfg)
+    elif path.is_dir():
         model, tok, cfg = load_hf_folder(path, dev, dt, progress)
         hf_folder = path
     elif path.suffix == ".gguf" or _is_gguf(path):
         model, tok, cfg, converted, hf_folder = load_gguf(path, dev, dt, progress)
+        model.gguf_path = str(path)     # --weights gguf beside it reads the same file's blocks
     elif path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
         raise ModelLoadError(f"{path.name} is a pickle checkpoint, which can run arbitrary code "
                              f"when loaded; only .safetensors and .gguf are accepted")

@@ -3,6 +3,8 @@
     fuse.py         Q/K/V and gate/up as one matmul each                       exact
     layout.py       projections stored (in, out) when the BLAS reads that faster  exact
     quant.py        16-bit or int8 (per-channel) weights: fewer bytes per token   lossy, reported
+    gguf_weights.py a GGUF's own blocks, read in place (`--weights gguf`)       exact
+    gguf_blocks.c   products and dequantisation straight from those blocks
     static_step.py  a decode step with fixed shapes (tensor position, masked cache)
     compile.py      torch.compile of that step                                  exact
     cuda_graph.py   one CUDA-graph replay per step                              exact
@@ -16,6 +18,8 @@
 `prepare(model, fast)` returns the model to decode with: the model itself when nothing changes
 it, otherwise a transformed copy that shares the untouched tensors (embedding, norms) with the
 original, built once per option set and remembered, so the plain model stays the reference.
+`--weights gguf` is the exception: its model is built from the GGUF file the float32 model was
+loaded from (the loader notes it as `model.gguf_path`), not from the float32 tensors.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from ..config import FastPathConfig
+from ..config import ConfigError, FastPathConfig
 from ..model import Transformer
 from .fuse import fuse_projections
 from .layout import to_column_layout
@@ -46,10 +50,18 @@ def shallow_copy(model: Transformer) -> Transformer:
 def prepare(model: Transformer, fast: FastPathConfig) -> Transformer:
     """The model with `fast`'s weight options applied (cached per model and option set)."""
     apply_threads(fast.threads)
+    from .gguf_weights import is_block_model
+    if is_block_model(model):
+        if fast.changes_model and fast.weights != "gguf":
+            raise ConfigError("this model was loaded with --weights gguf (its weights are the "
+                              "file's blocks); other weight options need the float32 model")
+        return model
     if not fast.changes_model:
         return model
     variants = _VARIANTS.setdefault(model, {})
     key = fast.key()
+    if key not in variants and fast.weights == "gguf":
+        variants[key] = gguf_variant(model)
     if key not in variants:
         fast_model = shallow_copy(model)
         with torch.no_grad():
@@ -61,6 +73,20 @@ def prepare(model: Transformer, fast: FastPathConfig) -> Transformer:
                 quantize_linears(fast_model, fast.weights, include_head=fast.quantize_head)
         variants[key] = fast_model.eval()
     return variants[key]
+
+
+def gguf_variant(model: Transformer) -> Transformer:
+    """The block-format model of the GGUF file `model` was loaded from (for `--weights gguf`
+    beside a float32 model: the app's `f` cycle, races, the bench)."""
+    from .gguf_weights import load_block_model
+    path = getattr(model, "gguf_path", None)
+    if path is None:
+        raise ConfigError("--weights gguf reads a GGUF file's own blocks; this model was not "
+                          "loaded from a .gguf file")
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        raise ConfigError("--weights gguf computes in float32 on the CPU; this model is "
+                          f"{str(model.dtype)[6:]} on {model.device.type}")
+    return load_block_model(path)
 
 
 def decode_bytes(model: Transformer) -> int:

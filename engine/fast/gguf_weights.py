@@ -248,9 +248,10 @@ def load_block_model(path: str | Path, reader=None) -> Transformer:
 
     Raises ConfigError when the file cannot be decoded this way (another architecture, a type
     the kernels do not read, shapes or sizes that do not add up)."""
-    from ..loader import _gguf_reader, gguf_config
+    from ..loader import gguf_config
+    from .gguf_file import GGUFFile
     path = Path(path)
-    reader = reader or _gguf_reader(path)
+    reader = reader or GGUFFile(path)
     if getattr(reader, "byte_order", "I") == "S":
         raise ConfigError(f"{path.name} is a big-endian GGUF; --weights gguf reads "
                           f"little-endian files only")
