@@ -57,7 +57,7 @@ class Model(ctypes.Structure):
 def why_not(model: Transformer) -> str | None:
     """None when the C step can run this model here, else the reason it cannot."""
     if kernels.library() is None:
-        return "the C kernels could not be built (no C compiler with OpenMP?)"
+        return f"the C kernels could not be built here ({kernels.why_unavailable()})"
     if model.device.type != "cpu":
         return f"the C step runs on the CPU, the model is on {model.device.type}"
     if model.dtype != torch.float32:

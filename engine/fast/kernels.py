@@ -61,9 +61,11 @@ def _build(variant: str) -> Path:
         out = _build_dir() / f"minillm-kernels-{variant}-{digest.hexdigest()[:16]}.so"
         if out.exists():
             return out
-        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+        named = os.environ.get("CC")
+        cc = shutil.which(named) if named else (shutil.which("cc") or shutil.which("gcc"))
         if cc is None:
-            raise RuntimeError("no C compiler found (install gcc or clang, or set CC)")
+            raise RuntimeError(f"no C compiler found ({'CC=' + named if named else 'cc, gcc'}); "
+                               f"install gcc or clang, or set CC")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         done = subprocess.run([cc, *flags, "-shared", "-fPIC", str(_SOURCES[-1]), "-o", str(tmp),
