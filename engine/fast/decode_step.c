@@ -101,6 +101,52 @@ static inline float *slot(float *base, const int32_t *table, int64_t block, int6
     return base + (((int64_t)table[t / block] * n_kv + h) * block + t % block) * hd;
 }
 
+/* Σ_i a_i b_i in eight independent lanes (a loop shape compilers vectorise without reordering
+ * any sum), then the lanes. */
+static inline float dot_lanes(const float *a, const float *b, int64_t n)
+{
+    float lane[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++)
+            lane[k] += a[i + k] * b[i + k];
+    float s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+/* One query head over the T cached positions of its K/V head g: scores, softmax, the weighted
+ * sum of values into out, the probabilities left in s. The cache is walked block by block (a
+ * block's tokens are consecutive rows of hd floats), so no position costs a division. */
+static void attend_head(float *out, float *s, const float *qv, const Model *m, int64_t l,
+                        const int32_t *table, int64_t g, int64_t T, float inv_sqrt)
+{
+    const int64_t hd = m->head_dim, B = m->block, KV = m->n_kv;
+    float max = -INFINITY, sum = 0.0f;
+    for (int64_t t0 = 0; t0 < T; t0 += B) {
+        const float *kt = slot(m->k_cache[l], table, B, KV, hd, g, t0);
+        for (int64_t t = t0; t < T && t < t0 + B; t++, kt += hd) {
+            s[t] = dot_lanes(qv, kt, hd) * inv_sqrt;
+            max = s[t] > max ? s[t] : max;
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {                     /* softmax, shifted by the max */
+        s[t] = expf(s[t] - max);
+        sum += s[t];
+    }
+    memset(out, 0, sizeof(float) * hd);
+    for (int64_t t0 = 0; t0 < T; t0 += B) {
+        const float *vt = slot(m->v_cache[l], table, B, KV, hd, g, t0);
+        for (int64_t t = t0; t < T && t < t0 + B; t++, vt += hd) {
+            float p = s[t] / sum;
+            s[t] = p;
+            for (int64_t i = 0; i < hd; i++)
+                out[i] += p * vt[i];
+        }
+    }
+}
+
 /* logits: (vocab,) out. rows: NULL, or (n_layers, n_heads, pos + 1) out — each query head's
  * attention probabilities, for the app's heatmap. table: the cache's block table.
  * Returns 0, or -1 when the scratch vectors could not be allocated. */
@@ -126,12 +172,17 @@ int decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table
     for (int64_t l = 0; l < m->n_layers; l++) {
         /* attention */
         rmsnorm(h, x, m->attn_norm[l], D, m->eps);
-        matvec(q, h, m->wq[l], m->sq[l], m->bq[l], H * hd, D, m->format, GTYPE(m, l, 0), m->q_rows,
-               threads);
-        matvec(k, h, m->wk[l], m->sk[l], m->bk[l], KV * hd, D, m->format, GTYPE(m, l, 1), m->k_rows,
-               threads);
-        matvec(v, h, m->wv[l], m->sv[l], m->bv[l], KV * hd, D, m->format, GTYPE(m, l, 2), NULL,
-               threads);
+        if (m->format == 3) {                   /* GGUF blocks: Q, K, V in one pass */
+            GemvPart qkv[3] = {
+                {GTYPE(m, l, 0), m->wq[l], m->q_rows, m->bq[l], q, H * hd},
+                {GTYPE(m, l, 1), m->wk[l], m->k_rows, m->bk[l], k, KV * hd},
+                {GTYPE(m, l, 2), m->wv[l], NULL, m->bv[l], v, KV * hd}};
+            gguf_gemv_parts(qkv, 3, h, D, threads);
+        } else {
+            matvec(q, h, m->wq[l], m->sq[l], m->bq[l], H * hd, D, m->format, 0, NULL, threads);
+            matvec(k, h, m->wk[l], m->sk[l], m->bk[l], KV * hd, D, m->format, 0, NULL, threads);
+            matvec(v, h, m->wv[l], m->sv[l], m->bv[l], KV * hd, D, m->format, 0, NULL, threads);
+        }
         rope(q, H, hd, cos, sin);
         rope(k, KV, hd, cos, sin);
         for (int64_t g = 0; g < KV; g++) {
@@ -139,33 +190,11 @@ int decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table
             memcpy(slot(m->v_cache[l], table, m->block, KV, hd, g, pos), v + g * hd, 4 * hd);
         }
         #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t qh = 0; qh < H; qh++) {
-            const int64_t g = qh / group;                 /* the K/V head this query head reads */
-            const float *qv = q + qh * hd;
-            float *s = scores + qh * T, max = -INFINITY, sum = 0.0f;
-            for (int64_t t = 0; t < T; t++) {
-                const float *kt = slot(m->k_cache[l], table, m->block, KV, hd, g, t);
-                float dot = 0.0f;
-                for (int64_t i = 0; i < hd; i++)
-                    dot += qv[i] * kt[i];
-                s[t] = dot * inv_sqrt;
-                max = s[t] > max ? s[t] : max;
-            }
-            for (int64_t t = 0; t < T; t++) {             /* softmax, shifted by the max */
-                s[t] = expf(s[t] - max);
-                sum += s[t];
-            }
-            float *out = o + qh * hd;
-            memset(out, 0, sizeof(float) * hd);
-            for (int64_t t = 0; t < T; t++) {
-                const float *vt = slot(m->v_cache[l], table, m->block, KV, hd, g, t);
-                float p = s[t] / sum;
-                s[t] = p;
-                for (int64_t i = 0; i < hd; i++)
-                    out[i] += p * vt[i];
-            }
+        for (int64_t qh = 0; qh < H; qh++) {     /* query head qh reads K/V head qh / group */
+            attend_head(o + qh * hd, scores + qh * T, q + qh * hd, m, l, table, qh / group, T,
+                        inv_sqrt);
             if (rows)
-                memcpy(rows + (l * H + qh) * T, s, sizeof(float) * T);
+                memcpy(rows + (l * H + qh) * T, scores + qh * T, sizeof(float) * T);
         }
         matvec(h, o, m->wo[l], m->so[l], NULL, D, H * hd, m->format, GTYPE(m, l, 3), NULL, threads);
         for (int64_t i = 0; i < D; i++)
@@ -173,9 +202,14 @@ int decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table
 
         /* feed-forward (SwiGLU) */
         rmsnorm(h, x, m->mlp_norm[l], D, m->eps);
-        matvec(gate, h, m->wgate[l], m->sgate[l], NULL, F, D, m->format, GTYPE(m, l, 4), NULL,
-               threads);
-        matvec(up, h, m->wup[l], m->sup[l], NULL, F, D, m->format, GTYPE(m, l, 5), NULL, threads);
+        if (m->format == 3) {                   /* GGUF blocks: gate and up in one pass */
+            GemvPart gu[2] = {{GTYPE(m, l, 4), m->wgate[l], NULL, NULL, gate, F},
+                              {GTYPE(m, l, 5), m->wup[l], NULL, NULL, up, F}};
+            gguf_gemv_parts(gu, 2, h, D, threads);
+        } else {
+            matvec(gate, h, m->wgate[l], m->sgate[l], NULL, F, D, m->format, 0, NULL, threads);
+            matvec(up, h, m->wup[l], m->sup[l], NULL, F, D, m->format, 0, NULL, threads);
+        }
         for (int64_t i = 0; i < F; i++)
             gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         matvec(h, gate, m->wdown[l], m->sdown[l], NULL, D, F, m->format, GTYPE(m, l, 6), NULL,

@@ -494,26 +494,56 @@ static void block_sums(const float *x, int64_t cols, float *xs)
     }
 }
 
-/* y[i] = W[rows ? rows[i] : i] · x (+ bias[i]) for i < n. W: n_stored rows of `cols` weights in
- * `type`'s blocks. Returns 0, or -1 for an unknown type / shape or a failed allocation. */
-int gguf_gemv(int type, const uint8_t *w, const int32_t *rows, const float *x, const float *bias,
-              float *y, int64_t n, int64_t cols, int threads)
+/* One of the products gguf_gemv_parts computes: y[i] = W[rows ? rows[i] : i] · x (+ bias[i]),
+ * i < n, W in `type`'s blocks. (A ctypes Structure in Python mirrors nothing here: only C calls
+ * this with several parts; gguf_gemv is the one-part door.) */
+typedef struct {
+    int type;
+    const uint8_t *w;
+    const int32_t *rows;
+    const float *bias;
+    float *y;
+    int64_t n;
+} GemvPart;
+
+/* Several products that read the same x (Q, K and V; gate and up) in one parallel loop over all
+ * their rows: Σx per 32 columns is computed once, and the threads meet once instead of once per
+ * matrix. Returns 0, or -1 for an unknown type / shape or a failed allocation. */
+int gguf_gemv_parts(const GemvPart *p, int parts, const float *x, int64_t cols, int threads)
 {
-    const int64_t rb = gguf_row_bytes(type, cols);
-    if (rb < 0)
+    int64_t rb[4], total = 0;
+    if (parts < 1 || parts > 4)
         return -1;
+    for (int j = 0; j < parts; j++) {
+        if ((rb[j] = gguf_row_bytes(p[j].type, cols)) < 0)
+            return -1;
+        total += p[j].n;
+    }
     float stack[512], *xs = stack;
     if (cols / 32 > 512 && !(xs = malloc(sizeof(float) * (size_t)(cols / 32))))
         return -1;
     block_sums(x, cols, xs);
-    #pragma omp parallel for schedule(static) num_threads(threads) if (n * cols >= 32768)
-    for (int64_t i = 0; i < n; i++) {
-        const uint8_t *row = w + (rows ? (int64_t)rows[i] : i) * rb;
-        y[i] = dot_row(type, row, x, xs, cols) + (bias ? bias[i] : 0.0f);
+    #pragma omp parallel for schedule(static) num_threads(threads) if (total * cols >= 32768)
+    for (int64_t i = 0; i < total; i++) {
+        int j = 0;
+        int64_t r = i;
+        while (r >= p[j].n)                     /* which product row i belongs to */
+            r -= p[j++].n;
+        const uint8_t *row = p[j].w + (p[j].rows ? (int64_t)p[j].rows[r] : r) * rb[j];
+        p[j].y[r] = dot_row(p[j].type, row, x, xs, cols) + (p[j].bias ? p[j].bias[r] : 0.0f);
     }
     if (xs != stack)
         free(xs);
     return 0;
+}
+
+/* y[i] = W[rows ? rows[i] : i] · x (+ bias[i]) for i < n. W: rows of `cols` weights in `type`'s
+ * blocks. Returns 0, or -1 for an unknown type / shape or a failed allocation. */
+int gguf_gemv(int type, const uint8_t *w, const int32_t *rows, const float *x, const float *bias,
+              float *y, int64_t n, int64_t cols, int threads)
+{
+    GemvPart part = {type, w, rows, bias, y, n};
+    return gguf_gemv_parts(&part, 1, x, cols, threads);
 }
 
 /* One stored row → `cols` floats, exactly as gguf.quants.dequantize computes them. */
