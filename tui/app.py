@@ -74,6 +74,8 @@ class Settings:
 FAST_TEXT = {
     "": "the plain PyTorch model (the reference)",
     "c": "the whole decode step in one C call — same tokens, faster",
+    "c+gguf": "C step on the GGUF file's own 4-bit blocks — same tokens, a fifth of the bytes",
+    "gguf": "the GGUF file's own 4-bit blocks, PyTorch step — same tokens",
     "fuse+cols": "fused Q/K/V and gate/up, weights stored (in, out) — same tokens",
     "c+int8": "C step on int8 weights — a quarter of the bytes; tokens may differ",
     "int8": "int8 weights (per-channel) — a quarter of the bytes; tokens may differ",
@@ -438,7 +440,7 @@ class MiniLLMApp(App[int]):
             if name != "sdpa" and reason is None:
                 combos.append(("kv", name, ""))
         reasons = self._fast_reasons()
-        for spec in dict.fromkeys(("c", "fuse+cols", self.settings.fast)):
+        for spec in dict.fromkeys(("c", "c+gguf", "fuse+cols", self.settings.fast)):
             if spec and reasons.get(spec, "unknown") is None:
                 combos.append(("kv", "sdpa", spec))
         return combos

@@ -46,7 +46,7 @@ class RunRequest:
 
 # The fast-path options the app cycles through with `f` (FastPathConfig.from_spec words; "" is
 # the plain model). Exact ones first: they change the speed, never the tokens.
-FAST_CHOICES = ("", "c", "fuse+cols", "c+int8", "int8", "fp16")
+FAST_CHOICES = ("", "c", "c+gguf", "gguf", "fuse+cols", "c+int8", "int8", "fp16")
 
 
 @dataclass(frozen=True)
@@ -120,12 +120,15 @@ class EngineLoop:
     def fast_reasons(self) -> dict[str, str | None]:
         """For each of FAST_CHOICES: None if it can run on this model here, else why not."""
         from engine.config import FastPathConfig
-        from engine.fast import check_c_step
+        from engine.fast import check_c_step, check_gguf
         reasons = {}
         for spec in FAST_CHOICES:
             try:
-                if FastPathConfig.from_spec(spec).kernel == "c":
+                fast = FastPathConfig.from_spec(spec)
+                if fast.kernel == "c":
                     check_c_step(self.lm.model, "kv")
+                if fast.weights == "gguf":
+                    check_gguf(self.lm.model)
                 reasons[spec] = None
             except Exception as exc:      # noqa: BLE001
                 reasons[spec] = user_message(exc)

@@ -79,14 +79,21 @@ def gguf_variant(model: Transformer) -> Transformer:
     """The block-format model of the GGUF file `model` was loaded from (for `--weights gguf`
     beside a float32 model: the app's `f` cycle, races, the bench)."""
     from .gguf_weights import load_block_model
-    path = getattr(model, "gguf_path", None)
-    if path is None:
+    check_gguf(model)
+    return load_block_model(model.gguf_path)
+
+
+def check_gguf(model: Transformer) -> None:
+    """Raise a ConfigError saying why `--weights gguf` cannot decode this model, if it cannot."""
+    from .gguf_weights import is_block_model
+    if is_block_model(model):
+        return
+    if getattr(model, "gguf_path", None) is None:
         raise ConfigError("--weights gguf reads a GGUF file's own blocks; this model was not "
                           "loaded from a .gguf file")
     if model.device.type != "cpu" or model.dtype != torch.float32:
         raise ConfigError("--weights gguf computes in float32 on the CPU; this model is "
                           f"{str(model.dtype)[6:]} on {model.device.type}")
-    return load_block_model(path)
 
 
 def decode_bytes(model: Transformer) -> int:
@@ -134,5 +141,5 @@ def make_decoder(model: Transformer, cache, fast: FastPathConfig, next_pos: int,
     return decoder
 
 
-__all__ = ["prepare", "decode_bytes", "make_decoder", "check_c_step", "shallow_copy",
-           "StaticDecoder"]
+__all__ = ["prepare", "decode_bytes", "make_decoder", "check_c_step", "check_gguf",
+           "shallow_copy", "StaticDecoder"]

@@ -448,3 +448,28 @@ def test_embedded_loads_straight_from_the_map(tmp_path, monkeypatch):
     _, fin = run_to_end(lm.model, lm.tokenizer, PROMPT, GenerationConfig(
         max_new_tokens=12, attention_rows=False, fast=FastPathConfig.from_spec("c+gguf")))
     assert list(fin.tokens) == GOLDEN_TOKENS[:12]
+
+
+@needs_kernels
+def test_app_engine_offers_and_races_gguf_as_an_exact_option(files, tokenizer):
+    """The app's engine process: c+gguf and gguf are usable beside a float32 model read from a
+    GGUF (and refused, with the reason, for one that was not); a race puts them next to the
+    reference with identical tokens."""
+    import threading
+    from types import SimpleNamespace
+    from engine.decoding import generate
+    from tui.engine_process import EngineLoop, RaceRequest
+    path, ref = files("llama", T.Q4_1)
+    sent = []
+    loop = EngineLoop(sent.append, threading.Event(), generate, freeze_gc=False)
+    loop.lm = SimpleNamespace(model=ref, tokenizer=tokenizer, config=ref.cfg, name="tiny")
+    assert loop.fast_reasons()["c+gguf"] is None and loop.fast_reasons()["gguf"] is None
+    loop.race(RaceRequest(race_id=9, run_ids=(1, 2, 3), prompt="The cat",
+                          combos=(("kv", "sdpa", ""), ("kv", "sdpa", "c+gguf"),
+                                  ("kv", "sdpa", "gguf")), max_new_tokens=12))
+    rows = next(msg[1] for msg in sent if msg[0] == "race")["rows"]
+    assert [r["error"] for r in rows] == [None] * 3
+    assert rows[1]["same_tokens"] and rows[2]["same_tokens"]
+    assert rows[1]["max_logit_delta"] < 1e-4
+    loop.lm = SimpleNamespace(model=tiny_model("llama"), tokenizer=tokenizer, config=None)
+    assert "not loaded from a .gguf" in loop.fast_reasons()["c+gguf"]
