@@ -27,7 +27,6 @@ run float32 PyTorch (correct, without the bandwidth saving).
 
 from __future__ import annotations
 
-import threading
 import warnings
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, ModelConfig
 from ..model import Transformer
 from . import kernels
+from .quant import reused_float32
 
 # ggml type → name, for the types gguf_blocks.c reads (others are refused with their name).
 TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
@@ -48,18 +48,6 @@ PROJECTIONS = {"attn_q": "attn.wq", "attn_k": "attn.wk", "attn_v": "attn.wv",
                "attn_output": "attn.wo", "ffn_gate": "mlp.w_gate", "ffn_up": "mlp.w_up",
                "ffn_down": "mlp.w_down"}
 NORMS = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm"}
-
-_scratch = threading.local()      # one float32 buffer per thread for dequantised prompt tiles
-
-
-def _scratch_for(numel: int) -> torch.Tensor:
-    """A float32 buffer of at least `numel` elements, reused: a prompt dequantises matrix after
-    matrix into the same memory (it stays in cache, and no page is faulted in twice)."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel]
-
 
 def row_bytes(ggml_type: int, cols: int) -> int:
     """Bytes of one stored row of `cols` weights (the block layout of gguf's own table)."""
@@ -151,8 +139,8 @@ class GGUFLinear(nn.Module):
         """The float32 weight for a GEMM over several tokens: dequantised into the per-thread
         scratch (valid until the next call), or once and kept when there are no C kernels."""
         if kernels.library() is not None:
-            w = _scratch_for(self.out_features * self.in_features).view(self.out_features,
-                                                                          self.in_features)
+            w = reused_float32(self.out_features * self.in_features).view(self.out_features,
+                                                                            self.in_features)
             self.matrix._dequantize_into(w, self.rows)
             return w
         if self._dense is None:

@@ -19,7 +19,8 @@ weight-only int8, one byte per weight read. For it the weights are stored in til
 8 columns (`pack_tiles`), so the kernel reads memory in one sequential stream (measured ~2× the
 row-major layout's speed on the project's CPU). Otherwise (a prompt of several tokens, CUDA, no C
 compiler) the weights are widened in PyTorch just before the matmul: the same numbers, without
-the bandwidth saving. (fbgemm's "dynamic" int8 GEMM was measured and rejected: it also rounds
+the bandwidth saving — for a prompt on the CPU into one reused float32 buffer, so a prompt costs
+what float32's does (a matrix widened into cache, then the same GEMM). (fbgemm's "dynamic" int8 GEMM was measured and rejected: it also rounds
 each activation row to 8 bits, and this model's activations have outlier channels — it changed
 the very first greedy token. See docs/fast_path.md.)
 
@@ -28,12 +29,26 @@ Nothing here is exact: tests bound the divergence instead of demanding identical
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import Transformer
 from . import kernels
+
+
+_reused = threading.local()
+
+
+def reused_float32(numel: int) -> torch.Tensor:
+    """A float32 buffer of `numel` elements, one per thread, grown when needed and otherwise
+    reused: prompts widen (int8) or dequantise (GGUF) weights matrix after matrix into it."""
+    buf = getattr(_reused, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _reused.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,13 +97,27 @@ class Int8Linear(nn.Module):
             y = kernels.int8_gemv(x.reshape(-1).contiguous(), self.qweight, self.scale, self.bias,
                                   self.out_features, self.in_features, self.tiled)
             return y.view(*x.shape[:-1], self.out_features)
-        w = self.int8_rows().to(x.dtype)                                      # (out, in)
-        y = F.linear(x, w) * self.scale.to(x.dtype)
+        on_cpu = x.dtype == torch.float32 and x.device.type == "cpu"
+        w = self.float_rows() if on_cpu else self.int8_rows().to(x.dtype)
+        y = F.linear(x, w) * self.scale.to(x.dtype)                           # w: (out, in)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def int8_rows(self) -> torch.Tensor:
         """The int8 weights as (out, in) row-major, whatever the stored layout."""
         return unpack_tiles(self.qweight) if self.tiled else self.qweight
+
+    def float_rows(self) -> torch.Tensor:
+        """The int8 weights as float32 (out, in), widened into a reused per-thread buffer (valid
+        until the next call): a prompt's GEMM then reads a matrix that is still in cache, and no
+        allocation faults in fresh pages for every projection of every prompt."""
+        rows, cols = self.out_features, self.in_features
+        out = reused_float32(rows * cols).view(rows, cols)
+        if self.tiled:       # tiles (rows/4, cols/8, 4, 8) → rows, widened in the same copy
+            out.view(rows // 4, 4, cols // 8, 8).copy_(
+                self.qweight.view(rows // 4, cols // 8, 4, 8).permute(0, 2, 1, 3))
+        else:
+            out.copy_(self.qweight)
+        return out
 
     def stored_bytes(self) -> int:
         return self.qweight.nbytes + self.scale.nbytes + (0 if self.bias is None else
