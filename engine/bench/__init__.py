@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import STRATEGIES
+from ..config import STRATEGIES, ConfigError
 from .experiment import run_bench
 from .settings import SEED_NEW_TOKENS, SEED_PROMPT, BenchSettings
 
@@ -36,6 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "the same run; optional length sweep; bandwidth view.")
     add_model_args(p)
     p.add_argument("--prompt", default=SEED_PROMPT)
+    p.add_argument("--prompt-file", metavar="FILE", default=None,
+                   help="read the prompt from FILE (e.g. engine/bench/long_prompt.txt, ~500 "
+                        "tokens, for the long-context experiment with --max-new-tokens 200)")
     p.add_argument("--max-new-tokens", type=int, default=SEED_NEW_TOKENS)
     p.add_argument("--strategies", type=_names, default=STRATEGIES,
                    help=f"comma-separated (default: {','.join(STRATEGIES)})")
@@ -67,7 +70,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def settings_from_args(a: argparse.Namespace) -> BenchSettings:
-    return BenchSettings(model=a.model, device=a.device, dtype=a.dtype, prompt=a.prompt,
+    prompt = a.prompt
+    if getattr(a, "prompt_file", None):
+        try:
+            prompt = open(a.prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the prompt file {a.prompt_file}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+    return BenchSettings(model=a.model, device=a.device, dtype=a.dtype, prompt=prompt,
                          max_new_tokens=a.max_new_tokens, strategies=a.strategies,
                          backends=a.backends, repeat=a.repeat, warmup=a.warmup,
                          baseline=not a.no_baseline, sweep=a.sweep, sweep_max=a.sweep_max,

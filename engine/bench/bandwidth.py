@@ -155,6 +155,33 @@ def bytes_per_step(lm, prompt_tokens: int, new_tokens: int, cached: bool,
     return {"weight_bytes": weights, "kv_bytes": kv, "total_bytes": weights + kv}
 
 
+def format_ceilings(lm, machine: dict) -> list[dict]:
+    """Bytes of weights one decode step reads, and the tokens/s the copy bandwidth allows, for
+    the model in float32, in per-channel int8, and in its GGUF file's own blocks (when it was
+    loaded from one): fewer bytes per token is the only way past the float32 ceiling."""
+    from .. import fast as fastpath
+    model = lm.model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    f32 = fastpath.decode_bytes(model)
+    # int8 (quant.Int8Linear): one byte per weight + a float32 scale (and bias) per row.
+    int8 = f32 - sum(l.weight.nbytes + (0 if l.bias is None else l.bias.nbytes) for l in linears) \
+        + sum(l.weight.numel() + 4 * l.out_features + (0 if l.bias is None else l.bias.nbytes)
+              for l in linears)
+    out = [{"format": "float32", "weight_bytes": f32}, {"format": "int8", "weight_bytes": int8}]
+    try:
+        fastpath.check_gguf(model)
+        blocks = fastpath.prepare(model, FastPathConfig(weights="gguf"))
+        kinds = sorted({m.matrix.type_name for m in blocks.modules() if hasattr(m, "matrix")})
+        out.append({"format": f"gguf ({'/'.join(kinds)})",
+                    "weight_bytes": fastpath.decode_bytes(blocks)})
+    except Exception:                     # noqa: BLE001 — not from a GGUF: no such row
+        pass
+    for r in out:
+        r["ceiling_tokens_per_s"] = machine["copy_gb_s"] * 1e9 / r["weight_bytes"]
+        r["read_ceiling_tokens_per_s"] = machine["read_gb_s"] * 1e9 / r["weight_bytes"]
+    return out
+
+
 def bandwidth_view(lm, rows, prompt_tokens: int, new_tokens: int, machine: dict) -> list[dict]:
     """For every row: bytes per decode step, achieved GB/s at its median TPOT, % of the copy
     bandwidth, and the tokens/s the bandwidth would allow."""

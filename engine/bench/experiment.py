@@ -132,6 +132,7 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
             stage("measuring copy bandwidth")
             doc["bandwidth"] = {"machine": bw.copy_bandwidth(
                 device, (64 if s.quick else 256) << 20)}
+            doc["bandwidth"]["formats"] = bw.format_ceilings(lm, doc["bandwidth"]["machine"])
         standard_experiment(lm, s, result, hf, stage)
         if s.bandwidth:
             stage("timing the matmuls alone")

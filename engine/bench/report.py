@@ -186,6 +186,16 @@ def bandwidth_tables(doc: dict):
     out = [f"\n[bold]bandwidth[/]: this machine copies {m['copy_gb_s']:.1f} GB/s (read + "
            f"write, {_bytes(m['buffer_bytes'])} buffer) and reads {m['read_gb_s']:.1f} GB/s "
            f"(sum), {m['threads']} threads"]
+    if b.get("formats"):
+        t = Table(title="bytes per token → tokens per second: the ceiling of each weight format",
+                  title_justify="left")
+        for name in ("weights", "bytes per token", "ceiling tok/s (copy)",
+                     "ceiling tok/s (read)"):
+            t.add_column(name, justify="left" if name == "weights" else "right")
+        for f in b["formats"]:
+            t.add_row(f["format"], _bytes(f["weight_bytes"]),
+                      _num(f["ceiling_tokens_per_s"]), _num(f["read_ceiling_tokens_per_s"]))
+        out.append(t)
     if b.get("rows"):
         t = Table(title="bytes read per decode step vs the copy bandwidth", title_justify="left")
         for name in ("row", "weights", "KV read", "TPOT", "achieved GB/s", "% of copy",
@@ -323,6 +333,12 @@ def markdown(doc: dict) -> str:
                          f" | {_s(r['tpot_s'])} | {_num(r['achieved_gb_s'])} | "
                          f"{_num(r['pct_of_copy'], '{:.0f}%')} | "
                          f"{_num(r['ceiling_tokens_per_s'])} |")
+        if b.get("formats"):
+            lines += ["", "| weights | bytes per token | ceiling tok/s (copy) | "
+                          "ceiling tok/s (read) |", "|---|---:|---:|---:|"]
+            lines += [f"| {f['format']} | {_bytes(f['weight_bytes'])} | "
+                      f"{_num(f['ceiling_tokens_per_s'])} | "
+                      f"{_num(f['read_ceiling_tokens_per_s'])} |" for f in b["formats"]]
         mf, p = b.get("matmul_floor"), b.get("profile")
         if mf:
             lines += ["", f"Matmuls alone: {mf['matrices']} matrices, {_bytes(mf['bytes'])}, "

@@ -192,7 +192,9 @@ def build_rows(lm, settings: BenchSettings, ids: list[int], hf=None) -> list[Row
                  runner=engine_runner(lm, ids, settings, "kv", fb, spec))
              for spec in settings.fast]
     if hf is not None:
-        for use_cache in (True, False):
+        # generate() without its cache is the counterpart of the naive strategy: timed only
+        # beside it (on a long prompt it recomputes hundreds of tokens per step).
+        for use_cache in (True, False) if "naive" in settings.strategies else (True,):
             label = "transformers (cache)" if use_cache else "transformers (no cache)"
             rows.append(Row(label=label, kind="hf", strategy=None, backend=None,
                             runner=hf.runner(ids, settings.max_new_tokens, use_cache)))

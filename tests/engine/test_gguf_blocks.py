@@ -29,6 +29,7 @@ from engine.decoding import CachedAttention, forward_step, make_cache, run_to_en
 from engine.fast import decode_bytes, kernels, prepare
 from engine.fast.gguf_file import GGUFFile, GGUFFormatError
 from engine.fast.gguf_weights import GGUFLinear, is_block_model, load_block_model
+from engine.bench import report
 from engine.model import Transformer
 from tests.conftest import tiny_model
 
@@ -473,3 +474,43 @@ def test_app_engine_offers_and_races_gguf_as_an_exact_option(files, tokenizer):
     assert rows[1]["max_logit_delta"] < 1e-4
     loop.lm = SimpleNamespace(model=tiny_model("llama"), tokenizer=tokenizer, config=None)
     assert "not loaded from a .gguf" in loop.fast_reasons()["c+gguf"]
+
+
+@needs_kernels
+def test_bench_rows_for_gguf(files, tmp_path, monkeypatch):
+    """`bench --fast c+gguf --fast gguf` on a GGUF: both rows identical to the reference, fewer
+    bytes per token than float32 and int8, and the format ceilings side by side."""
+    import json
+    from engine.cli import main as cli_main
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    path, _ = files("llama", T.Q4_1)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The cat sat on the mat because")
+    out = tmp_path / "bench.json"
+    before = torch.get_num_threads()
+    try:
+        assert cli_main(["bench", "--model", str(path), "--device", "cpu", "--quick",
+                         "--strategies", "kv", "--backends", "sdpa", "--threads", "1",
+                         "--no-progress", "--prompt-file", str(prompt), "--fast", "c+gguf",
+                         "--fast", "gguf", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    doc = json.loads(out.read_text())
+    assert doc["prompt_tokens"] == len("The cat sat on the mat because")     # one byte a token
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert "transformers (no cache)" not in rows          # only timed beside naive
+    for label in ("kv/sdpa +c+gguf", "kv/sdpa +gguf"):
+        assert rows[label]["identical"] is True, rows[label]
+    fmt = {f["format"].split(" ")[0]: f for f in doc["bandwidth"]["formats"]}
+    assert fmt["gguf"]["weight_bytes"] < fmt["int8"]["weight_bytes"] < fmt["float32"]["weight_bytes"]
+    assert "Q4_1" in next(f["format"] for f in doc["bandwidth"]["formats"]
+                          if f["format"].startswith("gguf"))
+    per_row = {r["label"]: r for r in doc["bandwidth"]["rows"]}
+    assert per_row["kv/sdpa +c+gguf"]["weight_bytes"] == fmt["gguf"]["weight_bytes"]
+    assert "bytes per token" in report.markdown(doc)
+
+
+def test_bench_prompt_file_errors_are_one_line(tmp_path):
+    from engine.cli import main as cli_main
+    code = cli_main(["bench", "--prompt-file", str(tmp_path / "missing.txt"), "--quick"])
+    assert code == 2
