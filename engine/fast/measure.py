@@ -41,6 +41,8 @@ VARIANTS: dict[str, FastPathConfig] = {
     "C step + int8": FastPathConfig(kernel="c", weights="int8"),
     "C step + int8 + float32 head": FastPathConfig(kernel="c", weights="int8",
                                                    quantize_head=False),
+    "gguf blocks": FastPathConfig(weights="gguf"),
+    "C step + gguf blocks": FastPathConfig(kernel="c", weights="gguf"),
 }
 
 
