@@ -514,3 +514,71 @@ def test_bench_prompt_file_errors_are_one_line(tmp_path):
     from engine.cli import main as cli_main
     code = cli_main(["bench", "--prompt-file", str(tmp_path / "missing.txt"), "--quick"])
     assert code == 2
+
+
+ARM_HARNESS = r"""
+#include "decode_step.c"
+#include <stdio.h>
+/* argv: files of (type, rows, cols, row bytes) + blocks + x + dequantised + y + |W|·|x| */
+int main(int argc, char **argv) {
+    int fails = 0;
+    for (int a = 1; a < argc; a++) {
+        FILE *f = fopen(argv[a], "rb");
+        int64_t h[4];
+        if (!f || fread(h, 8, 4, f) != 4) return 2;
+        int64_t rows = h[1], cols = h[2], rb = h[3];
+        uint8_t *w = malloc(rows * rb);
+        float *x = malloc(4 * cols), *deq = malloc(4 * rows * cols), *y = malloc(4 * rows),
+              *scale = malloc(4 * rows), *out = malloc(4 * rows * cols), *got = malloc(4 * rows);
+        if (fread(w, 1, rows * rb, f) + fread(x, 4, cols, f) + fread(deq, 4, rows * cols, f) +
+            fread(y, 4, rows, f) + fread(scale, 4, rows, f) == 0) return 2;
+        fclose(f);
+        int bad = gguf_row_bytes((int)h[0], cols) != rb;
+        bad |= gguf_dequant((int)h[0], w, NULL, out, rows, cols, 2) != 0;
+        bad |= memcmp(out, deq, 4 * rows * cols) != 0;
+        bad |= gguf_gemv((int)h[0], w, NULL, x, NULL, got, rows, cols, 2) != 0;
+        for (int64_t r = 0; r < rows; r++)
+            bad |= fabsf(got[r] - y[r]) > 1e-5f * scale[r] + 1e-6f;
+        printf("%s %s\n", argv[a], bad ? "FAIL" : "ok");
+        fails += bad;
+    }
+    return fails != 0;
+}
+"""
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("aarch64-linux-gnu-gcc") and
+                         __import__("shutil").which("qemu-aarch64")),
+                    reason="needs an aarch64 cross-compiler and qemu-user")
+def test_kernels_on_arm_give_the_same_numbers(tmp_path):
+    """What an ARM laptop builds (no AVX2: the lanes loops, which the compiler turns into NEON;
+    with and without OpenMP), run under qemu: dequantisation bit-exact, products within
+    float32 rounding, for every block type."""
+    import struct
+    rng = np.random.default_rng(7)
+    files = []
+    for qtype in SMALL + K_QUANTS + [T.F16, T.F32]:
+        rows, cols = 19, 512
+        if qtype in FLOATS:
+            blocks = np.ascontiguousarray(encode(rng.normal(size=(rows, cols)), qtype, rng))
+            blocks = blocks.view(np.uint8).reshape(rows, -1)
+        else:
+            blocks = random_blocks(qtype, rows, cols, rng)
+        deq = gguf.quants.dequantize(blocks, qtype).astype(np.float32)
+        x = rng.normal(size=cols).astype(np.float32)
+        y = (deq.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
+        scale = (np.abs(deq).astype(np.float64) @ np.abs(x).astype(np.float64)).astype(np.float32)
+        path = tmp_path / f"{qtype.name}.bin"
+        path.write_bytes(struct.pack("<4q", int(qtype), rows, cols, blocks.shape[1]) +
+                         b"".join(a.tobytes() for a in (blocks, x, deq, y, scale)))
+        files.append(str(path))
+    (tmp_path / "harness.c").write_text(ARM_HARNESS)
+    for flags in ([], ["-fopenmp"]):
+        exe = tmp_path / f"harness{'-omp' if flags else ''}"
+        subprocess.run(["aarch64-linux-gnu-gcc", "-O3", "-ffp-contract=off", *flags, "-static",
+                        "-I", str(ROOT / "engine" / "fast"), str(tmp_path / "harness.c"),
+                        "-o", str(exe), "-lm"], check=True, capture_output=True)
+        run = subprocess.run(["qemu-aarch64", str(exe), *files], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert run.stdout.count(" ok") == len(files)
