@@ -101,8 +101,87 @@ static inline float *slot(float *base, const int32_t *table, int64_t block, int6
     return base + (((int64_t)table[t / block] * n_kv + h) * block + t % block) * hd;
 }
 
-/* Σ_i a_i b_i in eight independent lanes (a loop shape compilers vectorise without reordering
- * any sum), then the lanes. */
+/* The three loops of attention over T cached positions, for one query head:
+ *   dot      s_t = q · k_t                        (hd multiply-adds per position)
+ *   exp      s_t = e^(s_t − max), Σ_t s_t         (softmax numerators)
+ *   axpy     out += p_t · v_t                     (hd multiply-adds per position)
+ * At a few hundred positions they cost as much as the weights (the KV cache is read once per
+ * layer; e^x once per head and position), so each runs eight lanes at a time: with AVX2 as
+ * intrinsics, otherwise as loops over eight independent lanes that a compiler vectorises. e^x
+ * is a polynomial (Cephes' expf: range reduction by ln 2, degree-6 polynomial, within ~1 ulp)
+ * instead of a libm call per score. */
+static const float EXP_LO = -87.3f, LOG2E = 1.44269504f, LN2_HI = 0.693359375f,
+                   LN2_LO = -2.12194440e-4f;
+static const float EXP_P[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+static inline float exp_poly(float x)              /* e^x for x ≤ 0, as exp8 lane by lane */
+{
+    x = x < EXP_LO ? EXP_LO : x;
+    float n = floorf(x * LOG2E + 0.5f);
+    float r = (x - n * LN2_HI) - n * LN2_LO, p = EXP_P[0];
+    for (int i = 1; i < 6; i++)
+        p = p * r + EXP_P[i];
+    float y = (p * r) * r + r + 1.0f;
+    uint32_t scale = (uint32_t)((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &scale, 4);
+    return y * two_n;
+}
+
+#ifdef VECTOR
+static inline float dot_lanes(const float *a, const float *b, int64_t n)
+{
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float *out, float p, const float *v, int64_t n)
+{
+    __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i),
+                                                  _mm256_loadu_ps(out + i)));
+    for (; i < n; i++)
+        out[i] += p * v[i];
+}
+
+static inline __m256 exp8(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO),
+                                _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x));
+    __m256 p = _mm256_set1_ps(EXP_P[0]);
+    for (int i = 1; i < 6; i++)
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P[i]));
+    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static float exp_shifted(float *s, int64_t T, float max)      /* s_t = e^(s_t − max); Σ */
+{
+    __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(max);
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+        _mm256_storeu_ps(s + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum(sum);
+    for (; t < T; t++)
+        total += (s[t] = exp_poly(s[t] - max));
+    return total;
+}
+#else
 static inline float dot_lanes(const float *a, const float *b, int64_t n)
 {
     float lane[8] = {0};
@@ -116,6 +195,26 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n)
     return s;
 }
 
+static inline void axpy(float *out, float p, const float *v, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        out[i] += p * v[i];
+}
+
+static float exp_shifted(float *s, int64_t T, float max)
+{
+    float lane[8] = {0}, total;
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8)
+        for (int k = 0; k < 8; k++)
+            lane[k] += (s[t + k] = exp_poly(s[t + k] - max));
+    total = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    for (; t < T; t++)
+        total += (s[t] = exp_poly(s[t] - max));
+    return total;
+}
+#endif
+
 /* One query head over the T cached positions of its K/V head g: scores, softmax, the weighted
  * sum of values into out, the probabilities left in s. The cache is walked block by block (a
  * block's tokens are consecutive rows of hd floats), so no position costs a division. */
@@ -123,7 +222,7 @@ static void attend_head(float *out, float *s, const float *qv, const Model *m, i
                         const int32_t *table, int64_t g, int64_t T, float inv_sqrt)
 {
     const int64_t hd = m->head_dim, B = m->block, KV = m->n_kv;
-    float max = -INFINITY, sum = 0.0f;
+    float max = -INFINITY;
     for (int64_t t0 = 0; t0 < T; t0 += B) {
         const float *kt = slot(m->k_cache[l], table, B, KV, hd, g, t0);
         for (int64_t t = t0; t < T && t < t0 + B; t++, kt += hd) {
@@ -131,18 +230,13 @@ static void attend_head(float *out, float *s, const float *qv, const Model *m, i
             max = s[t] > max ? s[t] : max;
         }
     }
-    for (int64_t t = 0; t < T; t++) {                     /* softmax, shifted by the max */
-        s[t] = expf(s[t] - max);
-        sum += s[t];
-    }
+    const float inv_sum = 1.0f / exp_shifted(s, T, max);    /* softmax, shifted by the max */
     memset(out, 0, sizeof(float) * hd);
     for (int64_t t0 = 0; t0 < T; t0 += B) {
         const float *vt = slot(m->v_cache[l], table, B, KV, hd, g, t0);
         for (int64_t t = t0; t < T && t < t0 + B; t++, vt += hd) {
-            float p = s[t] / sum;
-            s[t] = p;
-            for (int64_t i = 0; i < hd; i++)
-                out[i] += p * vt[i];
+            s[t] *= inv_sum;
+            axpy(out, s[t], vt, hd);
         }
     }
 }
