@@ -109,8 +109,8 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
                    help="force 24-bit colour (COLORTERM is often lost over SSH)")
     p.add_argument("--fast", default="", metavar="OPTS",
                    help="fast-path options for the runs, words joined by + as in the bench: "
-                        "c, fuse+cols, c+int8, int8, fp16 (default: the plain model; "
-                        "`f` cycles them in the app)")
+                        "c, c+gguf, gguf, fuse+cols, c+int8, int8, fp16 (default: the plain "
+                        "model; `f` cycles them in the app)")
     p.add_argument("--flash-tile", type=int, default=16, metavar="KEYS",
                    help="keys per tile of the flash backend in the app (default 16, so that a "
                         "short run shows several tiles; the bench and `run` use 64)")
