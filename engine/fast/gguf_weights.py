@@ -28,6 +28,7 @@ run float32 PyTorch (correct, without the bandwidth saving).
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,20 @@ def qk_rows(cfg: ModelConfig, n_heads: int) -> torch.Tensor | None:
     return _unpermute(torch.arange(out).view(out, 1), n_heads).reshape(out).to(torch.int32)
 
 
+@contextmanager
+def _meta_without_init():
+    """Modules built on the "meta" device (shapes only), with no weight initialisation: the
+    float modules are replaced at once, and `normal_` on a meta tensor (nn.Embedding's init)
+    imports PyTorch's Python reference ops — seconds of a cold start."""
+    normal = torch.nn.init.normal_
+    torch.nn.init.normal_ = lambda tensor, *args, **kw: tensor
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.nn.init.normal_ = normal
+
+
 def load_block_model(path: str | Path, reader=None) -> Transformer:
     """The Transformer of a GGUF file with every matrix kept in the file's blocks (see above).
 
@@ -258,7 +273,7 @@ def load_block_model(path: str | Path, reader=None) -> Transformer:
             raise ConfigError(f"{path.name} has no tensor {name}")
         return tensors[name]
 
-    with torch.device("meta"):
+    with _meta_without_init():
         model = Transformer(cfg)
     known = {"token_embd.weight", "output_norm.weight", "output.weight"}
     emb = _matrix(need("token_embd.weight"), cfg.vocab_size, D, "token_embd.weight")

@@ -1,6 +1,7 @@
 """The numbers behind docs/fast_path.md, measured in one process so they can be compared.
 
     python -m engine.fast.measure [--new-tokens 50] [--rounds 3] [--threads N] [--json FILE]
+    python -m engine.fast.measure --startup     (process start → first token, peak memory)
 
 For each variant (the plain engine, each fast-path option, Hugging Face `generate()` on the
 same weights) it decodes the seed's experiment ("Deep learning is", greedy) and reports decode
@@ -134,6 +135,43 @@ def lockstep(model, tok, variants: dict[str, FastPathConfig], n: int) -> dict[st
     return {name: 1 / statistics.median(st["times"]) for name, st in state.items()}
 
 
+BASELINE_IMPORTS = ("import resource, torch, numpy, tokenizers, engine.cli, engine.decoding; "
+                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+
+
+def startup(rounds: int = 3, cache: str | None = None) -> list[dict]:
+    """Process start → first token of `python main.py run`, and its peak resident memory, for
+    the float32 C step and for `--weights gguf` (each in a fresh process; the first token is the
+    first JSON line on stdout). `cache` (MINILLM_CACHE) lets a caller time a first run."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, **({"MINILLM_CACHE": cache} if cache else {}))
+    base = int(subprocess.run([sys.executable, "-c", BASELINE_IMPORTS], capture_output=True,
+                              text=True, env=env, check=True).stdout.split()[-1])
+    rows = []
+    for label, flags in (("float32, --kernel c", ["--kernel", "c"]),
+                         ("--weights gguf --kernel c", ["--weights", "gguf", "--kernel", "c"])):
+        firsts, peaks = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "main.py", "run", PROMPT, "--json",
+                                     "--max-new-tokens", "2", *flags], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True, env=env)
+            first = None
+            for line in proc.stdout:
+                if first is None:
+                    first = time.perf_counter() - t0
+                summary = json.loads(line)
+            proc.wait()
+            firsts.append(first)
+            peaks.append(summary["peak_memory_bytes"])
+        rows.append(dict(run=label, first_token_s=statistics.median(firsts),
+                         first_token_s_all=firsts, peak_rss_bytes=max(peaks),
+                         above_runtime_bytes=max(peaks) - base, runtime_rss_bytes=base))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new-tokens", type=int, default=50)
@@ -145,7 +183,21 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--lockstep", action="store_true",
                    help="also time the variants step by step, interleaved (fair under load)")
+    p.add_argument("--startup", action="store_true",
+                   help="only time process start → first token and peak memory of `run`, "
+                        "float32 and --weights gguf, each in fresh processes")
     a = p.parse_args(argv)
+    if a.startup:
+        rows = startup(a.rounds)
+        print("| run | first token (median) | all | peak RSS | above the runtime's own |")
+        print("|---|---:|---|---:|---:|")
+        for r in rows:
+            print(f"| {r['run']} | {r['first_token_s']:.2f} s | "
+                  f"{', '.join(f'{x:.2f}' for x in r['first_token_s_all'])} | "
+                  f"{r['peak_rss_bytes'] / 1e6:.0f} MB | {r['above_runtime_bytes'] / 1e6:.0f} MB |")
+        print(f"(the runtime alone — Python, torch, tokenizers, the engine's modules: "
+              f"{rows[0]['runtime_rss_bytes'] / 1e6:.0f} MB)")
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     from ..loader import load_model
