@@ -18,6 +18,7 @@ C kernels will later read these bytes without checking anything:
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,39 @@ class Field:
     value: Any
 
     def contents(self) -> Any:
-        return self.value
+        return list(self.value) if isinstance(self.value, Strings) else self.value
 
     @property
     def data(self) -> Any:
         return self.value
+
+
+class Strings:
+    """A metadata array of strings, decoded only when asked for: the vocabulary and merges are
+    ~100k strings (~15 MB as Python objects) that a load which finds its tokenizer elsewhere
+    never needs — counting them is enough for the model's shape."""
+
+    def __init__(self, buf: memoryview, offsets: array, path: Path):
+        self._buf, self._offsets, self._path = buf, offsets, path     # (start of each length)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __iter__(self):
+        buf = self._buf
+        for at in self._offsets:
+            n = struct.unpack_from("<Q", buf, at)[0]
+            try:
+                yield bytes(buf[at + 8:at + 8 + n]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise GGUFFormatError(f"{self._path.name}: a metadata string is not UTF-8") \
+                    from None
+
+    def __getitem__(self, i):
+        return list(self)[i]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
 
 
 @dataclass(frozen=True)
@@ -160,8 +189,15 @@ class GGUFFile:
                 values = list(struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos))
                 self.pos = end
                 return values
-            if item == STRING:
-                return [self._string() for _ in range(count)]
+            if item == STRING:                        # checked now, decoded when asked
+                offsets = array("q")                  # 8 bytes each, not a Python int
+                for _ in range(count):
+                    offsets.append(self.pos)
+                    n = self._scalar(10)
+                    if n > self.size - self.pos:
+                        raise GGUFFormatError(f"{self.path.name} ends inside {key} (truncated?)")
+                    self.pos += n
+                return Strings(self.buf, offsets, self.path)
             raise GGUFFormatError(f"{self.path.name}: {key} is an array of type {item}, "
                                   f"which this reader does not read")
         raise GGUFFormatError(f"{self.path.name}: {key} has unknown value type {vtype}")
