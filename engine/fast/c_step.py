@@ -213,6 +213,9 @@ class CDecoder:
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Write position `pos` into the cache and return the next token's logits (vocab,)."""
+        if not 0 <= token < self.model.cfg.vocab_size:     # C would read past the embedding
+            raise IndexError(f"token id {token} is outside the vocabulary "
+                             f"({self.model.cfg.vocab_size})")
         self.cache.reserve(pos + 1)
         table = self._table()
         logits = torch.empty(self.model.cfg.vocab_size, dtype=torch.float32)
