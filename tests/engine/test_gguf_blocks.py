@@ -357,6 +357,17 @@ def test_gguf_weights_refuse_a_model_not_from_a_gguf(tokenizer):
     assert FastPathConfig.from_spec("c+gguf").spec() == "c+gguf"
 
 
+@needs_kernels
+def test_token_ids_outside_the_vocabulary_are_refused_not_read(files):
+    from engine.fast.c_step import CDecoder
+    blocks = load_block_model(files("llama", T.Q8_0)[0])
+    cache = make_cache("kv", blocks, 8)
+    with pytest.raises(IndexError):
+        CDecoder(blocks, cache).step(blocks.cfg.vocab_size, 0)
+    with pytest.raises(IndexError):
+        blocks.tok_emb(torch.tensor([[0, -1]]))
+
+
 def test_block_model_refuses_other_weight_options(files):
     blocks = load_block_model(files("llama", T.Q8_0)[0])
     with pytest.raises(ConfigError, match="loaded with --weights gguf"):
