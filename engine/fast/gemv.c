@@ -140,3 +140,26 @@ void int8_gemv(const float *x, const int8_t *q, const float *scale, const float 
     for (int64_t r = 0; r < rows; r++)
         y[r] = y[r] * scale[r] + (bias ? bias[r] : 0.0f);
 }
+
+/* out = q as float32 (rows, cols) row-major, no scale applied: an int8 matrix widened for a
+ * prompt's GEMM (quant.py). q is row-major, or in the 4×8 tiles above when `tiled`. Every int8
+ * is exactly a float, so this is a copy; the loop shape (eight columns of one tile row at a
+ * time) is one the compiler vectorises. */
+void int8_widen(const int8_t *q, int tiled, int64_t rows, int64_t cols, float *out, int threads)
+{
+    if (!tiled) {
+        #pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < cols; c++)
+                out[r * cols + c] = (float)q[r * cols + c];
+        return;
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads) if (rows * cols >= 65536)
+    for (int64_t b = 0; b < rows / 4; b++) {
+        const int8_t *t = q + 4 * b * cols;                  /* this block's first tile */
+        for (int64_t c = 0; c < cols; c += 8, t += 32)
+            for (int64_t r = 0; r < 4; r++)
+                for (int64_t j = 0; j < 8; j++)
+                    out[(4 * b + r) * cols + c + j] = (float)t[8 * r + j];
+    }
+}

@@ -94,12 +94,13 @@ def _load(variant: str = "native") -> ctypes.CDLL | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.int8_gemv.restype = lib.f32_gemv.restype = None
+    lib.int8_gemv.restype = lib.f32_gemv.restype = lib.int8_widen.restype = None
     lib.decode_step.restype = lib.gemv_vectorised.restype = I
     lib.gguf_gemv.restype = lib.gguf_dequant.restype = I
     lib.gguf_row_bytes.restype = I64
     lib.int8_gemv.argtypes = [P] * 5 + [I64, I64, I, I]
     lib.f32_gemv.argtypes = [P] * 4 + [I64, I64, I]
+    lib.int8_widen.argtypes = [P, I, I64, I64, P, I]
     lib.decode_step.argtypes = [P, I64, I64, P, P, P, I]
     lib.gguf_gemv.argtypes = [I] + [P] * 5 + [I64, I64, I]
     lib.gguf_dequant.argtypes = [I] + [P] * 3 + [I64, I64, I]

@@ -112,7 +112,11 @@ class Int8Linear(nn.Module):
         allocation faults in fresh pages for every projection of every prompt."""
         rows, cols = self.out_features, self.in_features
         out = reused_float32(rows * cols).view(rows, cols)
-        if self.tiled:       # tiles (rows/4, cols/8, 4, 8) → rows, widened in the same copy
+        lib = kernels.library()
+        if lib is not None and self.qweight.device.type == "cpu":
+            lib.int8_widen(self.qweight.data_ptr(), int(self.tiled), rows, cols, out.data_ptr(),
+                           torch.get_num_threads())
+        elif self.tiled:     # tiles (rows/4, cols/8, 4, 8) → rows, widened in the same copy
             out.view(rows // 4, 4, cols // 8, 8).copy_(
                 self.qweight.view(rows // 4, cols // 8, 4, 8).permute(0, 2, 1, 3))
         else:
