@@ -29,9 +29,9 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError, ModelConfig
-from .model import Transformer
-from .tokenizer import Tokenizer
+from ..config import ConfigError, ModelConfig
+from ..model import Transformer
+from ..tokenizer import Tokenizer
 
 CACHE_FORMAT = 1
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, embedded)"
