@@ -2,6 +2,8 @@
 
 User mistakes (a bad flag value, a missing file, an unknown backend) end with one line on stderr
 and exit status 2; Ctrl+C ends with status 130 and whatever was produced so far kept on screen.
+Every other failure, expected or not, is one line too (`main` catches everything; --debug or
+MINILLM_DEBUG=1 adds the traceback) and exit status 1.
 """
 
 from __future__ import annotations
@@ -9,12 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import traceback
 
 from .config import (DTYPES, FAST_WEIGHTS, KERNELS, LAYOUTS, STRATEGIES, ConfigError,
                      FastPathConfig, GenerationConfig, SamplingConfig)
 
 EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_CODES = """exit status:
+  0    done
+  1    the run failed: a damaged or inconsistent model file, out of memory, an unexpected
+       error (one line; --debug or MINILLM_DEBUG=1 prints the traceback too)
+  2    a usage error: a bad flag value, a model path that does not exist, an unsupported model
+  130  interrupted (Ctrl+C); what was produced so far is kept"""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +85,11 @@ def generation_config(a: argparse.Namespace, **overrides) -> GenerationConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="minillm", description="A small, readable LLM inference engine with a terminal UI.")
+        prog="minillm", description="A small, readable LLM inference engine with a terminal UI.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an error (anywhere on the command "
+                             "line; or set MINILLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="generate a completion and stream it to stdout")
@@ -115,31 +129,67 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Parse, dispatch, and turn every way of failing into one line and an exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --debug may come anywhere (before a "--" that ends the options), for every sub-command.
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut] or os.environ.get("MINILLM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
+    _reopen_closed_std_streams()
     try:
-        parser = build_parser()
-        if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-            argv = ["ui", *argv]           # no sub-command: the app
-        args = parser.parse_args(argv)
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "bench":
-            from . import bench
-            return bench.cmd_bench(args)
-        if args.command == "ui":
-            return cmd_ui(args)
-        parser.print_help()
-        return EXIT_USAGE
+        return dispatch(argv)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        _say("\ninterrupted")
         return EXIT_INTERRUPTED
-    except MemoryError:
-        print("error: out of memory: try a shorter prompt, fewer new tokens, a smaller dtype "
-              "(--dtype bfloat16) or another device", file=sys.stderr)
+    except BrokenPipeError:             # `run … | head`: the reader left; nothing to say to it
+        _discard_stdout()
         return EXIT_RUNTIME
-    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, (ConfigError, FileNotFoundError)) else EXIT_RUNTIME
+    except MemoryError:
+        _debug_trace(debug)
+        _say("error: out of memory: try a shorter prompt, fewer new tokens, a smaller dtype "
+             "(--dtype bfloat16) or another device")
+        return EXIT_RUNTIME
+    except Exception as exc:            # noqa: BLE001 — the one catch-all, by design
+        _debug_trace(debug)
+        _say(f"error: {describe(exc, debug)}")
+        return exit_code(exc)
+
+
+def dispatch(argv: list[str]) -> int:
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["ui", *argv]           # no sub-command: the app
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "bench":
+        from . import bench
+        return bench.cmd_bench(args)
+    if args.command == "ui":
+        return cmd_ui(args)
+    parser.print_help()
+    return EXIT_USAGE
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 when the user must change the command (ConfigError, a missing file, ModelNotFound's
+    `user_error`), 1 for everything that went wrong while running."""
+    if isinstance(exc, (ConfigError, FileNotFoundError)) or getattr(exc, "user_error", False):
+        return EXIT_USAGE
+    return EXIT_RUNTIME
+
+
+def describe(exc: BaseException, debug: bool = False) -> str:
+    """One line. Errors raised for the user (ConfigError, ModelLoadError, a file that cannot be
+    opened) say everything already; anything else also gets its type and where it happened."""
+    message = user_message(exc)
+    if isinstance(exc, (ConfigError, OSError)) or type(exc).__name__ in (
+            "ModelLoadError", "ModelNotFound", "OutOfMemoryError"):
+        return message
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({os.path.relpath(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    hint = "" if debug else "; --debug shows the traceback"
+    return f"unexpected {type(exc).__name__}: {message}{where}{hint}"
 
 
 def user_message(exc: BaseException) -> str:
@@ -149,6 +199,45 @@ def user_message(exc: BaseException) -> str:
                 "or --device cpu")
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):   # stderr closed too: nothing more to do
+        pass
+
+
+def _debug_trace(debug: bool) -> None:
+    if debug:
+        try:
+            traceback.print_exc()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _discard_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush of what
+    is still buffered does not print an "Exception ignored" message."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _reopen_closed_std_streams() -> None:
+    """Started with stdout (or stdin, stderr) closed (`cmd >&-`)? Put /dev/null there: else the
+    next file opened would take descriptor 1 and anything printed would land in it."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if os.open(os.devnull, os.O_RDWR) != fd:     # takes the lowest free descriptor
+                continue
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def cmd_ui(args) -> int:
@@ -200,6 +289,8 @@ def cmd_run(args) -> int:
             out.flush()
         elif isinstance(ev, Finished):
             m, fast = ev.metrics, cfg.fast.spec()
+            if args.json and ev.tail:      # an unfinished character at the end: text as is
+                out.write(json.dumps({"type": "text", "text": ev.tail}) + "\n")
             if args.json:
                 out.write(json.dumps({
                     "type": "summary", "reason": ev.reason, "tokens": list(ev.tokens),

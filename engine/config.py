@@ -47,6 +47,12 @@ def check_size(value: Any, field: str, source: str | None = None) -> int:
     return value
 
 
+def _positive(value: Any) -> bool:
+    """A finite number > 0 (not a bool, not NaN)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and value > 0)
+
+
 @dataclass(slots=True)
 class ModelConfig:
     """The architecture of one checkpoint. Field names follow the papers, not one library."""
@@ -79,10 +85,20 @@ class ModelConfig:
         if self.family != "gpt2" and self.head_dim % 2:
             raise ConfigError(f"model config: head_dim must be even for rotary positions, "
                               f"got {self.head_dim}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"model config: rope_scaling must be an object, "
+                              f"got {self.rope_scaling!r}"[:200])
+        scaling = self.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in (None, "default", "linear", "llama3"):
+            raise UnsupportedModel(f"RoPE scaling {kind!r} is not supported; supported: "
+                                   f"linear, llama3"[:200])
+        if kind in ("linear", "llama3") and not _positive(scaling.get("factor")):
+            raise ConfigError(f"model config: rope_scaling factor must be a positive number, "
+                              f"got {scaling.get('factor')!r}"[:200])
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value <= 0:
+            if not _positive(value):
                 raise ConfigError(f"model config: {name} must be a positive number, "
                                   f"got {value!r}"[:200])
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
@@ -227,6 +243,12 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # NaN compares false with everything, so "< 0" alone would let it through.
+        for name, value in (("temperature", self.temperature), ("top-p", self.top_p),
+                            ("min-p", self.min_p),
+                            ("repetition penalty", self.repetition_penalty)):
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k <= 0:
@@ -376,3 +398,6 @@ class GenerationConfig:
         if self.flash_tile <= 0:
             raise ConfigError(f"flash tile size must be positive, got {self.flash_tile}")
         self.stop = tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError("a stop string must not be empty (it would stop before the first "
+                              "token)")

@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     hf = None
     if not a.no_hf and lm.hf_folder:
         from transformers import AutoModelForCausalLM
-        hf = AutoModelForCausalLM.from_pretrained(lm.hf_folder, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(lm.hf_folder, dtype=torch.float32,
+                                                  trust_remote_code=False).eval()
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = 0
         hf_decode(hf, ids, 3)
