@@ -33,9 +33,9 @@ class Tokenizer:
         each a regular file of bounded size (a FIFO under one of these names cannot hang us)."""
         from .files import read_regular
         folder = Path(folder)
-        if (folder / "tokenizer.json").is_file():
+        if (folder / "tokenizer.json").exists():     # of any kind: read_regular checks
             backend = HFTokenizer.from_str(read_regular(folder / "tokenizer.json", LIMIT).decode())
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
             from tokenizers import decoders, models, pre_tokenizers
             vocab = json.loads(read_regular(folder / "vocab.json", LIMIT))
             lines = read_regular(folder / "merges.txt", LIMIT).decode().splitlines()
@@ -49,7 +49,7 @@ class Tokenizer:
         cfg_path = folder / "tokenizer_config.json"
         if add_bos is None:
             add_bos = False
-            if cfg_path.is_file():
+            if cfg_path.exists():
                 settings = json.loads(read_regular(cfg_path, LIMIT))
                 add_bos = isinstance(settings, dict) and settings.get("add_bos_token") is True
         return cls(backend, bos_token_id, eos_token_ids, add_bos)

@@ -141,8 +141,7 @@ def load_gguf(path: Path, device, dtype, progress: Progress | None = None):
 
 def convert_gguf(path: Path, fd: int | None = None, progress: Progress | None = None) -> Converted:
     """Read, check and dequantise a GGUF and build its tokenizer, all in memory."""
-    from ..files import fd_path
-    reader = open_gguf(fd_path(fd, path) if fd is not None else path)
+    reader = open_gguf(path, fd)
     cfg = gguf_config(reader)
     sd = gguf_state_dict(reader, cfg, progress, source=path.name)
     check_finite(sd, path.name)

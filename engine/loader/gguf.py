@@ -62,27 +62,30 @@ GPT2_CONV1D = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def open_gguf(path: str | os.PathLike):
+def open_gguf(path: str | os.PathLike, fd: int | None = None):
     """A `gguf.GGUFReader` for `path`, opened safely.
 
     The path must be a regular file (a FIFO named model.gguf would block `open()` forever); the
-    reader maps the very file that was checked (/proc/self/fd/N on Linux). A truncated file or
-    one whose header lies about its sizes fails here, as a ModelLoadError naming the file —
-    the reader raises many kinds of exception on a bad file, all caught."""
+    reader maps the very file that was checked (/proc/self/fd/N on Linux) — or the file already
+    open at `fd`. A truncated file or one whose header lies about its sizes fails here, as a
+    ModelLoadError naming the file: the reader raises many kinds of exception on a bad file."""
     try:
         import gguf
     except ImportError:
         raise ModelLoadError("reading GGUF files needs the `gguf` package: pip install gguf") \
             from None
     path = Path(path)
-    fd = open_regular(path)              # UntrustedPath (an OSError) if not a regular file
+    own = fd is None
+    if own:
+        fd = open_regular(path)          # UntrustedPath (an OSError) if not a regular file
     try:
         return gguf.GGUFReader(fd_path(fd, path))
     except Exception as exc:
         raise ModelLoadError(f"{path.name} is not a valid GGUF file ({type(exc).__name__}: "
                              f"{str(exc)[:120]})") from None
     finally:
-        os.close(fd)                     # the memory map keeps its own reference
+        if own:
+            os.close(fd)                 # the memory map keeps its own reference
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -78,7 +78,7 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 def load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype,
                    progress=None) -> tuple[Transformer, Tokenizer, ModelConfig]:
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not os.path.lexists(folder / "config.json"):   # exists, of any kind: read_config checks
         refuse_pickles(folder) if folder.is_dir() else None
         raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face model folder")
     refuse_pickles(folder)
