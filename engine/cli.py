@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="start the Textual app (the default)")
     add_ui_args(ui)
+    for command in sub.choices.values():
+        command.epilog = "exit status: 0 done, 1 failed, 2 usage error, 130 interrupted " \
+                         "(minillm --help says more)"
     return parser
 
 

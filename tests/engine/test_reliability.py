@@ -44,6 +44,12 @@ CASES = [
     (["hi", "--block-size", "0"], 2, "block size must be a positive integer"),
     (["hi", "--seed", "-1"], 2, "seed must be in"),
     (["hi", "--seed", str(2**64)], 2, "seed must be in"),
+    (["hi", "--temperature", "nan"], 2, "temperature must be a finite number"),
+    (["hi", "--temperature", "inf"], 2, "temperature must be a finite number"),
+    (["hi", "--top-p", "nan"], 2, "top-p must be a finite number"),
+    (["hi", "--min-p", "nan"], 2, "min-p must be a finite number"),
+    (["hi", "--repetition-penalty", "nan"], 2, "repetition penalty must be a finite number"),
+    (["hi", "--stop", ""], 2, "a stop string must not be empty"),
     # names
     (["hi", "--strategy", "fastest"], 2, "unknown strategy 'fastest'"),
     (["hi", "--backend", "cudnn9"], 2, "unknown attention backend 'cudnn9'"),
