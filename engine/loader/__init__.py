@@ -43,7 +43,7 @@ from . import cache
 from .cache import CACHE_FORMAT, Converted, CorruptEntry, gguf_cache_key
 from .errors import ModelLoadError, ModelNotFound
 from .gguf import gguf_config, gguf_state_dict, open_gguf, tensor_plan, unpermute_qk
-from .gguf_tokenizer import gguf_tokenizer, gguf_tokenizer_json
+from .gguf_tokenizer import gguf_tokenizer_json, tokenizer_from_gguf
 from .hf import (PICKLE_SUFFIXES, hub_download, load_hf_folder, looks_like_hub_id,
                  read_safetensors)
 from .weights import (HF_LLAMA_NAMES, assemble, build_model, check_finite, check_tokenizer,
@@ -121,7 +121,8 @@ def load_gguf(path: Path, device, dtype, progress: Progress | None = None):
             try:
                 hit = cache.read_entry(entry, digest)
             except CorruptEntry as exc:
-                notice(f"conversion cache {entry} is damaged ({exc}); removed, converting again")
+                notice(f"conversion cache {entry} failed its check ({exc}); removed, "
+                       f"converting again")
                 cache.remove(entry)
             else:
                 # The checksums prove these are the tensors written after their NaN/Inf check.
@@ -147,7 +148,7 @@ def convert_gguf(path: Path, fd: int | None = None, progress: Progress | None = 
     check_finite(sd, path.name)
     if progress:
         progress("building the tokenizer", 0.65)
-    tok, add_bos = gguf_tokenizer(reader)
+    tok, add_bos = tokenizer_from_gguf(reader)
     check_tokenizer(cfg, tok.get_vocab_size(), path.name)
     return Converted(cfg, sd, tok.to_str(), {"add_bos_token": add_bos})
 
@@ -231,6 +232,6 @@ __all__ = [
     "resolve_dtype", "DTYPES", "EMBEDDED_NAME", "Progress", "cache_root", "embedded_gguf",
     "load_gguf", "convert_gguf", "load_hf_folder", "read_safetensors", "hub_download",
     "looks_like_hub_id", "open_gguf", "gguf_config", "gguf_state_dict", "tensor_plan",
-    "unpermute_qk", "gguf_tokenizer", "gguf_tokenizer_json", "gguf_cache_key", "CACHE_FORMAT",
+    "unpermute_qk", "tokenizer_from_gguf", "gguf_tokenizer_json", "gguf_cache_key", "CACHE_FORMAT",
     "Converted", "HF_LLAMA_NAMES", "hf_to_engine", "engine_to_hf", "build_model", "assemble",
 ]

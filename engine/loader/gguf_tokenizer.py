@@ -168,7 +168,7 @@ def sentencepiece_bpe(tokens: list[str], scores: list | None, merges: list[str] 
     return tok
 
 
-def gguf_tokenizer(reader) -> tuple[Tokenizer, bool]:
+def tokenizer_from_gguf(reader) -> tuple[Tokenizer, bool]:
     """(the tokenizer, whether to add BOS) from the GGUF's metadata alone."""
     kind = _scalar(reader, "tokenizer.ggml.model")
     tokens = _strings(reader, "tokenizer.ggml.tokens")
@@ -199,8 +199,8 @@ def gguf_tokenizer(reader) -> tuple[Tokenizer, bool]:
 
 def gguf_tokenizer_json(reader) -> tuple[str, dict]:
     """(tokenizer.json text, tokenizer_config dict) for the conversion cache."""
-    tok, add_bos = gguf_tokenizer(reader)
+    tok, add_bos = tokenizer_from_gguf(reader)
     return tok.to_str(), {"add_bos_token": add_bos}
 
 
-__all__ = ["gguf_tokenizer", "gguf_tokenizer_json", "byte_spelling", "merges_from_scores"]
+__all__ = ["tokenizer_from_gguf", "gguf_tokenizer_json", "byte_spelling", "merges_from_scores"]

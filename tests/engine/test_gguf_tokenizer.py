@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.loader import gguf_tokenizer, open_gguf
+from engine.loader import open_gguf, tokenizer_from_gguf
 from tests.engine.gguf_writer import gguf_parts, write_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -107,7 +107,7 @@ def transformers_reference(path: Path):
 
 
 def assert_same_ids(path: Path, strings=STRINGS) -> None:
-    ours, add_bos = gguf_tokenizer(open_gguf(path))
+    ours, add_bos = tokenizer_from_gguf(open_gguf(path))
     ref = transformers_reference(path)
     for s in strings:
         expected = ref.encode(s, add_special_tokens=False)
@@ -125,15 +125,15 @@ def test_byte_level_bpe_matches_transformers(tmp_path, pre):
 def test_sentencepiece_bpe_matches_transformers(tmp_path):
     path = sentencepiece_gguf(tmp_path / "spm.gguf")
     assert_same_ids(path)
-    _, add_bos = gguf_tokenizer(open_gguf(path))
+    _, add_bos = tokenizer_from_gguf(open_gguf(path))
     assert add_bos                                        # llama.cpp's default for SentencePiece
 
 
 def test_sentencepiece_without_a_space_prefix(tmp_path):
     """tokenizer.ggml.add_space_prefix = false: llama.cpp then adds no "▁" before the text.
     (transformers' converter ignores the flag, so it is no reference here.)"""
-    ours, _ = gguf_tokenizer(open_gguf(sentencepiece_gguf(tmp_path / "spm.gguf", False)))
-    with_prefix, _ = gguf_tokenizer(open_gguf(sentencepiece_gguf(tmp_path / "p.gguf", True)))
+    ours, _ = tokenizer_from_gguf(open_gguf(sentencepiece_gguf(tmp_path / "spm.gguf", False)))
+    with_prefix, _ = tokenizer_from_gguf(open_gguf(sentencepiece_gguf(tmp_path / "p.gguf", True)))
     assert not ours.encode("Deep learning", add_special_tokens=False).tokens[0].startswith("▁")
     assert with_prefix.encode("Deep learning", add_special_tokens=False).tokens[0] \
         .startswith("▁")
@@ -143,7 +143,7 @@ def test_sentencepiece_without_a_space_prefix(tmp_path):
 
 
 def test_special_tokens_stay_whole_and_decode_away(tmp_path):
-    ours, _ = gguf_tokenizer(open_gguf(byte_level_gguf(tmp_path / "bpe.gguf", "gpt2")))
+    ours, _ = tokenizer_from_gguf(open_gguf(byte_level_gguf(tmp_path / "bpe.gguf", "gpt2")))
     ids = ours.encode("<|im_start|>hi<|im_end|>", add_special_tokens=False).ids
     assert ids[0] == 1 and ids[-1] == 2
     assert ours.decode(ids, skip_special_tokens=True) == "hi"
@@ -156,7 +156,7 @@ def test_the_embedded_model_tokenizer_matches_transformers(embedded, tmp_path):
     (tmp_path / gguf.name).symlink_to(gguf)               # a folder holding only the GGUF
     assert_same_ids(tmp_path / gguf.name)
     # and the loaded model's tokenizer (from the conversion cache) is that one
-    built, _ = gguf_tokenizer(open_gguf(gguf))
+    built, _ = tokenizer_from_gguf(open_gguf(gguf))
     for s in STRINGS:
         assert embedded.tokenizer.encode(s) == built.encode(s, add_special_tokens=False).ids
 

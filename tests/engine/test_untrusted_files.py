@@ -350,7 +350,7 @@ def test_a_damaged_cache_entry_is_named_removed_and_redone(tmp_path, capfd, dama
     again = load_model(str(path), device="cpu")
     err = capfd.readouterr().err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"note: conversion cache {entry} is damaged")
+    assert len(lines) == 1 and lines[0].startswith(f"note: conversion cache {entry} failed its check")
     assert again.converted                                   # converted afresh …
     ids = torch.tensor([[3, 30, 60, 90]])
     assert torch.equal(logits(again.model, ids), logits(first.model, ids))   # … right again
