@@ -62,8 +62,9 @@ def why_not_private(st: os.stat_result, what: str) -> str | None:
 
 def private_dir(folder: Path, root: Path) -> Path:
     """Create `folder` (inside `root`, or `root` itself) as 0700 and check every folder from it
-    up to `root`. A folder we own that others may write to (an old umask 000) is made private;
-    one owned by someone else raises UntrustedPath — nothing in it can be trusted."""
+    up to `root`. A folder we own that others may write to (made under an old umask 000) loses
+    their write permission, with a notice; one owned by someone else raises UntrustedPath —
+    nothing in it can be trusted."""
     folder, root = Path(folder), Path(root)
     chain = [folder, *[p for p in folder.parents if p == root or root in p.parents]]
     for path in reversed(chain):           # root first, then down to `folder`
@@ -77,7 +78,10 @@ def private_dir(folder: Path, root: Path) -> Path:
             raise UntrustedPath(f"{path} is not a folder")
         reason = why_not_private(st, f"folder {path}")
         if reason and hasattr(os, "getuid") and st.st_uid == os.getuid():
-            os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o077)   # ours: close it to others
+            mode = stat.S_IMODE(st.st_mode)
+            os.chmod(path, mode & ~0o022)                 # ours: only we may write in it
+            notice(f"{path} was writable by others (mode {mode:o}); it is now "
+                   f"{mode & ~0o022:o}")
         elif reason:
             raise UntrustedPath(reason)
     return folder

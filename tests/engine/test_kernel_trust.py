@@ -142,7 +142,8 @@ def test_a_kernel_folder_someone_else_owns_is_not_used(env, planted_so):
 
 
 def test_a_world_writable_kernel_folder_of_ours_is_closed_and_built_private(env):
-    """Left by an old umask 000: the folder becomes 0700 and the build 0600."""
+    """Left by an old umask 000: no one else may write in the folders any more, and the
+    library and its hash are 0600."""
     folder = kernels.library_path().parent
     folder.mkdir(parents=True)
     os.chmod(folder.parent, 0o777)
@@ -153,8 +154,9 @@ def test_a_world_writable_kernel_folder_of_ours_is_closed_and_built_private(env)
     finally:
         os.umask(old)
     assert proc.stdout.split()[0] == "True", proc.stderr
+    assert proc.stderr.count("was writable by others (mode 777); it is now 755") == 2
     for p in (folder.parent, folder):
-        assert stat.S_IMODE(p.stat().st_mode) == 0o700, p
+        assert stat.S_IMODE(p.stat().st_mode) == 0o755, p    # only our write bit is left
     lib = kernels.library_path()
     for p in (lib, Path(f"{lib}.sha256")):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
