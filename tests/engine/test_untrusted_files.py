@@ -449,7 +449,7 @@ def test_a_really_full_tmpfs(tmp_path, cache_dir, capfd):
     """The same on a real 256 KB tmpfs (the tiny model's weights are ~360 KB), if this machine
     lets us mount one."""
     cache_dir.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(cache_dir)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(cache_dir)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
