@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-from pathlib import Path
 from typing import Callable, Protocol
 
 from textual.message import Message
@@ -105,11 +104,15 @@ class QueueClient:
 
 
 def log_path() -> str:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minillm"
+    """The engine process's log, in the private cache folder (engine.files): no one else can
+    plant a FIFO or a symlink under that name there. /dev/null when there is no such folder."""
+    from engine.files import cache_root, private_dir
+    root = cache_root()
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        return str(base / "engine.log")
-    except OSError:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(root, root)
+        return str(root / "engine.log")
+    except OSError:                     # UntrustedPath included
         return os.devnull
 
 

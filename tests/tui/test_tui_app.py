@@ -368,3 +368,17 @@ def test_bad_fast_option_on_the_command_line_is_an_error():
     assert "warp" in settings_error(settings)
     assert settings_error(Settings.from_args(build_parser().parse_args(["ui", "--fast", "c"]))) \
         is None
+
+
+def test_the_engine_log_lives_in_the_private_cache(tmp_path, monkeypatch):
+    """The engine process appends its output to engine.log: in a folder others could write to,
+    a FIFO planted under that name would block the open() forever, a symlink would redirect
+    it. The log goes under $MINILLM_CACHE, in a folder only this user may write to."""
+    import os
+    import stat
+    from tui.bridge import log_path
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir(mode=0o777)
+    os.chmod(tmp_path / "cache", 0o777)
+    assert log_path() == str(tmp_path / "cache" / "engine.log")
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) & 0o022 == 0
