@@ -183,13 +183,14 @@ def _progress_printer(enabled: bool):
 def cmd_run(args) -> int:
     from .decoding import generate
     from .events import Finished, Token
+    from .fast import STEPS
     from .loader import load_model
 
     cfg = generation_config(args, attention_rows=False)   # validate flags before loading
     lm = load_model(args.model, args.device, args.dtype,
                     progress=_progress_printer(sys.stderr.isatty()))
     out = sys.stdout
-    for ev in generate(lm.model, lm.tokenizer, args.prompt, cfg):
+    for ev in generate(lm.model, lm.tokenizer, args.prompt, cfg, steps=STEPS):
         if isinstance(ev, Token):
             if args.json:
                 out.write(json.dumps({"type": "token", "id": ev.id, "text": ev.text,

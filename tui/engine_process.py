@@ -81,6 +81,7 @@ class EngineLoop:
         self.freeze_gc = freeze_gc
         self.flush_interval = flush_interval
         self.lm = None
+        self.steps = None
 
     # ------------------------------------------------------------------ loading
     def load(self, load: Callable[..., Any]) -> bool:
@@ -180,7 +181,7 @@ class EngineLoop:
                                keep_logits, fast, flash_tile)
             extra = self.backend_options(cfg)
             for ev in self.generate(self.lm.model, self.lm.tokenizer, prompt, cfg,
-                                    cancel=self.cancel, **extra):
+                                    cancel=self.cancel, steps=self.steps, **extra):
                 if isinstance(ev, Token) and ev.logits is not None:
                     logits.append(ev.logits)
                     ev = dataclasses.replace(ev, logits=None)
@@ -277,7 +278,9 @@ def child_main(spec, device, dtype, commands, results, cancel, log_path: str | N
     # One core stays with the app: the engine's OpenMP barriers must not wait for a thread the
     # app's repaint has displaced (docs/ui.md measured what that costs).
     apply_threads(threads_beside(1))
+    from engine.fast import STEPS
     loop = EngineLoop(send, cancel, generate)
+    loop.steps = STEPS
     loop.load(lambda progress: load_model(spec, device, dtype, progress=progress))
     try:
         loop.serve(commands.get)

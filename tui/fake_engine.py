@@ -46,7 +46,7 @@ def flash_tiles(scores: np.ndarray, tile: int) -> tuple[tuple[float, ...], tuple
     return tuple(ms), tuple(ls)
 
 
-def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0,
+def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay: float = 0.0,
                   diverge: dict[str, int] | None = None, flash_tile: int | None = None):
     """diverge: {"strategy/backend": index}, that contestant's tokens differ from `index` on
     (to show a race that disagrees); flash_tile: a tile size for the flash events other than
@@ -130,7 +130,7 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0
                               for layer in range(N_LAYERS)])
             probs = probs + 0.01 * rng.random(probs.shape)
             probs /= probs.sum(-1, keepdims=True)
-            yield AttentionRow(position=seq, probs=probs.astype(np.float16))
+            yield AttentionRow.of(seq, probs)
         if cfg.backend == "flash":
             m, l = flash_tiles(scores[:seq + 1], tile)
             yield FlashTiles(layer=0, head=0, tile_size=tile, running_max=m, running_sum=l)
@@ -175,7 +175,7 @@ class FakeEngineClient(QueueClient):
         self.cancel_event = threading.Event()
         self.requests: list = []          # what the app asked for, for tests to inspect
 
-        def gen(model, tokenizer, prompt, cfg, cancel=None):
+        def gen(model, tokenizer, prompt, cfg, cancel=None, steps=None):
             return fake_generate(model, tokenizer, prompt, cfg, cancel, delay=self.delay,
                                  diverge=diverge, flash_tile=flash_tile)
         self.loop = FakeLoop(self.results.put, self.cancel_event, gen, flush_interval,

@@ -212,16 +212,16 @@ def test_repeated_runs_do_not_grow_memory(request):
     cfg = [GenerationConfig(strategy=s, max_new_tokens=n_new, stop_at_eos=False)
            for s in ("naive", "kv", "paged")]
     from engine.config import FastPathConfig
-    from engine.fast import kernels
+    from engine.fast import STEPS, kernels
     if kernels.available():                  # the C step: ctypes, malloc/free every step
         cfg += [GenerationConfig(strategy=s, max_new_tokens=n_new, stop_at_eos=False,
                                  fast=FastPathConfig(kernel="c", weights=w))
                 for s, w in (("kv", "same"), ("paged", "int8"))]
     for i in range(15):                      # warm up allocators and caches
-        run_to_end(model, tok, "soak test prompt", cfg[i % len(cfg)])
+        run_to_end(model, tok, "soak test prompt", cfg[i % len(cfg)], steps=STEPS)
     before = rss_bytes()
     for i in range(runs):
-        run_to_end(model, tok, "soak test prompt", cfg[i % len(cfg)])
+        run_to_end(model, tok, "soak test prompt", cfg[i % len(cfg)], steps=STEPS)
     growth = rss_bytes() - before
     print(f"RSS growth over {runs} runs: {growth / 2**20:.1f} MiB")
     assert growth < 16 * 2**20
