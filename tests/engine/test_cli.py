@@ -15,18 +15,25 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_run_json_lines(tiny_folder, capsys):
+    """--json prints the recording format: a header, then one envelope per line, each readable
+    by engine.events (the one reader); the pieces of text add up to the finished text."""
+    from engine.events import Envelope, Finished, Started, Token
     rc = main(["run", "hello", "--model", str(tiny_folder), "--max-new-tokens", "7", "--json",
                "--strategy", "paged"])
     assert rc == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    tokens = [x for x in lines if x["type"] == "token"]
-    summary = lines[-1]
-    assert summary["type"] == "summary" and len(tokens) <= 7
-    assert summary["tokens"] == [t["id"] for t in tokens]
-    assert summary["text"] == "".join(t["text"] for t in tokens)
-    for key in ("ttft_ms", "tpot_ms", "tokens_per_s"):
-        assert key in summary
-    assert all(t["latency_ms"] > 0 for t in tokens)
+    assert lines[0]["type"] == "header" and lines[0]["settings"]["prompt"] == "hello"
+    events = [Envelope.from_json(d).event for d in lines[1:]]
+    assert lines[1]["type"] == "ready" and isinstance(events[1], Started)
+    assert events[1].strategy == "paged"
+    tokens = [e for e in events if isinstance(e, Token)]
+    fin = events[-1]
+    assert isinstance(fin, Finished) and 0 < len(tokens) <= 7
+    assert list(fin.tokens) == [t.id for t in tokens]
+    assert "".join(t.text for t in tokens) + fin.tail == fin.text
+    assert fin.metrics.ttft_s > 0 and fin.metrics.tpot_s > 0
+    assert all(t.latency_s > 0 for t in tokens)
+    assert {d["run"] for d in lines[2:]} == {1} and all("t" in d for d in lines[1:])
 
 
 def test_run_streams_plain_text(tiny_folder, capsys):

@@ -94,6 +94,10 @@ class RaceLanes(Widget, can_focus=True):
         self.prompt, self.finished, self.cancelled = prompt, False, False
         self.refresh()
 
+    def clear(self) -> None:
+        """No race (a replay starting over)."""
+        self.start([], 0, "")
+
     def lane(self, run_id: int) -> Lane | None:
         return next((lane for lane in self.lanes if lane.run_id == run_id), None)
 
