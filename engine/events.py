@@ -325,7 +325,9 @@ class Envelope:
     event: Event
 
     def to_json(self) -> dict:
-        return {**to_json(self.event), "run": self.run, "t": round(self.t, 6)}
+        d = to_json(self.event)
+        return {"type": d.pop("type"), "v": d.pop("v"), "run": self.run, "t": round(self.t, 6),
+                **d}
 
     @classmethod
     def from_json(cls, d: dict) -> "Envelope":

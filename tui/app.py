@@ -234,8 +234,10 @@ class MiniLLMApp(App[int]):
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
         with Horizontal(id="prompt-row"):
-            yield Input(self.settings.prompt, placeholder="Type a prompt, enter runs it",
-                        id="prompt", disabled=self.replaying)
+            prompt = Input(self.settings.prompt, placeholder="Type a prompt, enter runs it",
+                           id="prompt")
+            prompt.can_focus = not self.replaying     # a replay shows the prompt it plays
+            yield prompt
         with Horizontal(id="loading"):
             yield Label("starting the engine…", id="loading-text")
             yield ProgressBar(total=1.0, show_eta=False, id="load-progress")
@@ -633,7 +635,7 @@ class MiniLLMApp(App[int]):
         self.source.submit(RunRequest(prompt, config, run_id))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id == "prompt":
+        if event.input.id == "prompt" and not self.replaying:
             self.query_one(TokenStream).focus()
             self.action_run()
 
