@@ -1,7 +1,9 @@
 """Where a consumer's events come from — one interface for every kind of source.
 
-    source.start(deliver)     begin; the source calls deliver(envelopes, restart) from any thread,
-                              with batches of engine.events.Envelope, oldest first
+    source.start(deliver)     begin; the source calls deliver(envelopes, restart) with batches of
+                              engine.events.Envelope, oldest first — from its own thread or from
+                              the caller's (a replay stepping): the calls come in order, and a
+                              consumer must keep that order
     source.stop()             end, and release what it holds (a process, a file, a socket)
 
 `restart=True` means: forget what was delivered so far, the batch is the whole state from the

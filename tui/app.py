@@ -12,6 +12,7 @@ writes what arrives to a recording.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import time
@@ -270,11 +271,18 @@ class MiniLLMApp(App[int]):
             notice = getattr(getattr(self.source, "recording", None), "notice", None)
             if notice:
                 self.notify(notice, title="Recording damaged", severity="warning", timeout=12)
+        self._loop_for_events = asyncio.get_running_loop()
         self.source.start(self._deliver)
 
     def _deliver(self, envelopes, restart: bool = False) -> None:
-        """The source's callback, from any thread: one message per batch."""
-        self.post_message(EngineEvents(tuple(envelopes), restart))
+        """The source's callback: one message per batch, in the order of the calls.
+
+        Calls may come from the source's thread or from this one (a replay stepping when a key
+        is pressed). post_message queues at once from this thread but only later from another,
+        which could swap two batches; scheduling every post on the event loop keeps them in
+        call order."""
+        self._loop_for_events.call_soon_threadsafe(
+            self.post_message, EngineEvents(tuple(envelopes), restart))
 
     def on_unmount(self) -> None:
         self.source.stop()

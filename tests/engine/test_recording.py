@@ -211,6 +211,22 @@ def test_player_plays_to_the_end_in_order_and_stops():
         player.stop()
 
 
+def test_play_at_the_end_starts_over_and_pause_holds():
+    rec = read_recording(str(FIXTURE))
+    got = Collect()
+    player = Player(rec, playing=False, tick=3600)     # no ticks: only the controls move it
+    player.start(got)
+    try:
+        player.to_end()
+        player.toggle()                                 # at the end: from the start again
+        assert player.state.playing and got.restarts == 1
+        assert [type(e.event) for e in got.shown] == [Ready]
+        player.toggle()
+        assert not player.state.playing
+    finally:
+        player.stop()
+
+
 def test_speed_steps_and_idle_gaps():
     rec = read_recording(str(FIXTURE))
     player = Player(rec, playing=False)

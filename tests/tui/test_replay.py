@@ -62,10 +62,12 @@ async def settle(pilot) -> None:
 
 
 def test_replay_needs_neither_torch_nor_the_model():
-    """A laptop with only the UI's packages: torch cannot be imported at all."""
+    """A laptop with only the UI's packages: torch (and every model-loading package) cannot be
+    imported at all."""
     script = textwrap.dedent(f"""
         import asyncio, sys
-        sys.modules["torch"] = None          # any `import torch` now fails
+        for name in ("torch", "tokenizers", "safetensors", "gguf", "transformers", "triton"):
+            sys.modules[name] = None         # any `import torch` (…) now fails
         from engine.recording import Player, read_recording
         from tui.app import MiniLLMApp, Settings
         from tui.widgets.token_stream import TokenStream
@@ -151,6 +153,23 @@ async def test_stepping_back_restores_the_panes():
         assert stream.text == "" and app.query_one(KVCachePane).stats is None
 
 
+async def test_jumping_while_playing_keeps_the_events_in_order():
+    """A jump from the keyboard and the player's own deliveries interleave; the panes must end
+    as if the recording had been delivered in order (regression: a batch overtook another)."""
+    screens = []
+    for playing in (True, False):
+        app = replay_app(playing=playing)
+        async with app.run_test(size=SIZE) as pilot:
+            if playing:
+                await wait_for(pilot, lambda: app.source.state.cursor > app.source._first + 3,
+                               what="some tokens")
+            await pilot.press("end")
+            await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="the end")
+            await settle(pilot)
+            screens.append(screen_lines(app))
+    assert screens[0][:-2] == screens[1][:-2]
+
+
 async def test_replay_keys_and_no_engine_keys():
     app = replay_app(playing=False)
     async with app.run_test(size=SIZE) as pilot:
@@ -161,18 +180,23 @@ async def test_replay_keys_and_no_engine_keys():
         await pilot.press("minus", "minus", "minus", "minus")
         assert player.speed == 0.5
         await pilot.press("s", "b", "enter", "R", "slash")    # engine keys do nothing here
-        assert app.settings.strategy == "kv" and not app.racing
-        assert not isinstance(app.focused, Input) and not app.source.state.token
-        await pilot.press("end")
-        await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="the end")
-        await pilot.press("space")                 # at the end, play starts over …
-        assert player.state.playing
-        await wait_for(pilot, lambda: not isinstance(app.screen, RaceScreen),
-                       what="the table to go with the state it belonged to")
-        await pilot.press("space")                 # … and pauses
-        assert not player.state.playing
+        assert app.settings.strategy == "kv" and not app.racing      # (the header's settings)
+        assert not isinstance(app.focused, Input) and not player.state.token
         bindings = {b.binding.action for b in app.active_bindings.values()}
         assert "replay('toggle')" in bindings and "run" not in bindings
+        # (Pilot waits for the app to be idle after a key, and a playing replay keeps it busy
+        # until the end; so while it plays, the key's action is called directly.)
+        await pilot.press("space")                 # play …
+        assert player.state.cursor > player._first
+        await pilot.press("home", "space")
+        app.action_replay("toggle")                # … and pause: nothing moves any more
+        held = player.state.cursor
+        assert not player.state.playing
+        await pilot.pause(0.3)
+        assert player.state.cursor == held
+        await pilot.press("end")
+        await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="the end")
+        assert player.state.at_end and "■" in app.query_one(StatusBar).replay
 
 
 async def test_a_damaged_recording_plays_up_to_the_damage(tmp_path):
