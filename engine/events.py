@@ -30,7 +30,7 @@ import struct
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from .config import SamplingConfig
 from .metrics import RunMetrics
@@ -370,7 +370,7 @@ def from_json(d: dict):
     cls = TYPES.get(d.get("type"))
     if cls is None:
         raise ValueError(f"unknown event type {d.get('type')!r}")
-    return _decode(d, cls, cls.__name__)
+    return _converter(cls)(d, cls.__name__)
 
 
 def _encode_fields(obj) -> dict:
@@ -392,79 +392,111 @@ def _encode(value):
     return value
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _decode(value, hint, where: str):
-    """`value` (parsed JSON) as the type `hint` describes; ValueError naming `where` if not."""
+# from_json reads a field with a converter built once per type from its annotation (the app's
+# reader thread decodes every event the engine sends, so this is kept cheap).
+_CONVERTERS: dict[Any, Callable[[Any, str], Any]] = {}
+
+
+def _converter(hint) -> Callable[[Any, str], Any]:
+    conv = _CONVERTERS.get(hint)
+    if conv is None:
+        conv = _CONVERTERS[hint] = _build_converter(hint)
+    return conv
+
+
+def _build_converter(hint) -> Callable[[Any, str], Any]:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        inner = [o for o in options if o is not type(None)]
-        return _decode(value, inner[0], where)
+        inner = _converter(next(o for o in typing.get_args(hint) if o is not type(None)))
+        return lambda v, where: None if v is None else inner(v, where)
     if hint is Any:
-        return value
+        return lambda v, where: v
     if hint is float:
-        if value is None:
-            return math.nan
-        if not _is_number(value):
-            raise ValueError(f"{where}: expected a number, got {value!r:.40}")
-        return float(value)
+        def to_float(v, where):
+            if v is None:
+                return math.nan
+            if not _is_number(v):
+                raise ValueError(f"{where}: expected a number, got {v!r:.40}")
+            return float(v)
+        return to_float
     if hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{where}: expected an integer, got {value!r:.40}")
-        return value
+        def to_int(v, where):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{where}: expected an integer, got {v!r:.40}")
+            return v
+        return to_int
     if hint in (str, bool):
-        if not isinstance(value, hint):
-            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r:.40}")
-        return value
+        def to_plain(v, where):
+            if not isinstance(v, hint):
+                raise ValueError(f"{where}: expected {hint.__name__}, got {v!r:.40}")
+            return v
+        return to_plain
     if hint is bytes:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected base64 text")
-        try:
-            return base64.b64decode(value, validate=True)
-        except ValueError as exc:
-            raise ValueError(f"{where}: bad base64 ({exc})") from None
+        def to_bytes(v, where):
+            if not isinstance(v, str):
+                raise ValueError(f"{where}: expected base64 text")
+            try:
+                return base64.b64decode(v, validate=True)
+            except ValueError as exc:
+                raise ValueError(f"{where}: bad base64 ({exc})") from None
+        return to_bytes
     if origin is tuple:
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list, got {value!r:.40}")
         args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_decode(v, args[0], where) for v in value)
-        if len(value) != len(args):
-            raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_decode(v, a, where) for v, a in zip(value, args))
+            item = _converter(args[0])
+
+            def to_tuple(v, where):
+                if not isinstance(v, list):
+                    raise ValueError(f"{where}: expected a list, got {v!r:.40}")
+                return tuple(item(x, where) for x in v)
+            return to_tuple
+        items = [_converter(a) for a in args]
+
+        def to_fixed(v, where):
+            if not isinstance(v, list) or len(v) != len(items):
+                raise ValueError(f"{where}: expected a list of {len(items)}, got {v!r:.40}")
+            return tuple(c(x, where) for c, x in zip(items, v))
+        return to_fixed
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object, got {value!r:.40}")
-        _, vh = typing.get_args(hint)
-        return {str(k): _decode(v, vh, where) for k, v in value.items()}
+        item = _converter(typing.get_args(hint)[1])
+
+        def to_dict(v, where):
+            if not isinstance(v, dict):
+                raise ValueError(f"{where}: expected an object, got {v!r:.40}")
+            return {str(k): item(x, where) for k, x in v.items()}
+        return to_dict
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object, got {value!r:.40}")
-        hints = _hints(hint)
+        return _dataclass_converter(hint)
+    raise TypeError(f"no JSON form for {hint!r}")
+
+
+def _dataclass_converter(cls) -> Callable[[Any, str], Any]:
+    hints = typing.get_type_hints(cls)
+    fields = []                              # (name, converter, required)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("local"):
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        fields.append((f.name, hints[f.name], required))
+    converters: list = []
+
+    def to_dataclass(v, where):
+        if not isinstance(v, dict):
+            raise ValueError(f"{where}: expected an object, got {v!r:.40}")
+        if not converters:                   # built on first use: a field may be this class
+            converters.extend((n, _converter(h), r) for n, h, r in fields)
         kwargs = {}
-        for f in dataclasses.fields(hint):
-            if f.metadata.get("local"):
-                continue
-            if f.name in value:
-                kwargs[f.name] = _decode(value[f.name], hints[f.name], f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ValueError(f"{where}: missing field {f.name!r}")
+        for name, conv, required in converters:
+            if name in v:
+                kwargs[name] = conv(v[name], f"{where}.{name}")
+            elif required:
+                raise ValueError(f"{where}: missing field {name!r}")
         try:
-            return hint(**kwargs)
+            return cls(**kwargs)
         except (TypeError, ValueError) as exc:       # the dataclass's own checks
             raise ValueError(f"{where}: {exc}") from None
-    raise TypeError(f"{where}: no JSON form for {hint!r}")
+    return to_dataclass

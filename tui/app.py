@@ -532,7 +532,8 @@ class MiniLLMApp(App[int]):
     def _show_replay_state(self) -> None:
         st = self.source.state
         mark = "■" if st.at_end else ("▶" if st.playing else "⏸")
-        self.query_one(StatusBar).replay = (
+        short = f"{mark} {st.speed:g}× · {st.token}/{st.tokens}"
+        self.query_one(StatusBar).replay = short if self.size.width < NARROW_WIDTH else (
             f"{mark} replay {st.speed:g}× · token {st.token}/{st.tokens} · "
             f"{st.seconds:.1f}/{st.duration:.1f} s")
 
