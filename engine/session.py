@@ -33,6 +33,7 @@ from .config import FAST_CHOICES, FastPathConfig, GenerationConfig
 from .decoding import StepBuilder, generate
 from .events import (Contestant, Envelope, Event, Finished, RaceFinished, RaceRow, RaceStarted,
                      Ready, Token, run_label)
+from .loader import load_model
 from .requests import RaceRequest, RunRequest
 
 
@@ -64,7 +65,6 @@ class Session:
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "float32",
              progress: Callable[[str, float], None] | None = None, **kw) -> "Session":
-        from .loader import load_model
         return cls(load_model(model, device, dtype, progress=progress), **kw)
 
     # ------------------------------------------------------------------ what is loaded

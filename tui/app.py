@@ -31,8 +31,8 @@ from textual.widgets import Footer, Input, Label, ProgressBar, Static
 import themes
 from engine.config import FAST_CHOICES, ConfigError, FastPathConfig, GenerationConfig, SamplingConfig
 from engine.events import (TYPE_NAMES, AttentionRow, CacheSnapshot, Contestant, Envelope, Failed,
-                           Finished, FlashTiles, Loading, Prefill, RaceFinished, RaceStarted,
-                           Ready, Started, Token, run_label)
+                           Finished, FlashTiles, Prefill, RaceFinished, RaceStarted, Ready,
+                           Started, Token, run_label)
 from engine.requests import RaceRequest, RunRequest
 from engine.source import Source
 from themes import ramps

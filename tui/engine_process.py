@@ -5,7 +5,8 @@ and the GIL makes a model thread and the UI slow each other down (see ../shared/
 665 tok/s producer fell to ~110 tok/s when it fed the UI token by token). So the model lives in a
 child process started with "spawn" (a fresh interpreter: no inherited threads or CUDA state),
 and this module is all that child runs. It imports no Textual, and nothing heavy until the
-child starts (the app imports it for `child_main` only).
+child starts: the app imports it for `child_main`, so the session (and torch with it) is
+imported inside the child only.
 
 Protocol (plain picklable values):
     app → engine   ("run", engine.requests.RunRequest) | ("race", RaceRequest) | None (stop)
@@ -28,6 +29,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
+from engine.events import Envelope, Failed, Finished, Loading
+
 FLUSH_INTERVAL_S = 1 / 12
 # Events that are sent at once: a run or race starting or ending should not wait for a batch.
 PROMPT_TYPES = ("started", "finished", "race_started", "race_finished", "ready", "failed")
@@ -44,13 +47,11 @@ class EngineLoop:
 
     def say(self, run: int, event) -> None:
         """One envelope, sent on its own (loading progress, ready, a failure)."""
-        from engine.events import Envelope
         self.send(("events", [Envelope(run, self.clock(), event).to_json()]))
 
     # ------------------------------------------------------------------ loading
     def load(self, open_session: Callable[..., Any]) -> bool:
-        from engine.events import Failed, Loading
-        from engine.session import error_message
+        from engine.session import error_message     # the child's side only: it imports torch
         try:
             self.session = open_session(lambda text, f: self.say(0, Loading(text, float(f))))
             ready = self.session.ready()
@@ -68,7 +69,6 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ serving
     def serve(self, get: Callable[[], Any]) -> None:
-        from engine.events import Finished
         while True:
             cmd = get()
             if cmd is None:
@@ -120,7 +120,6 @@ def child_main(spec, device, dtype, commands, results, cancel, log_path: str | N
         from engine.fast.threads import apply_threads, threads_beside
         from engine.session import Session
     except BaseException as exc:         # noqa: BLE001
-        from engine.events import Failed
         loop.say(0, Failed(f"model did not load: {type(exc).__name__}: {exc}", fatal=True))
         return
     # One core stays with the app: the engine's OpenMP barriers must not wait for a thread the

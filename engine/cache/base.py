@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from ..events import CacheStats, SequenceBlocks  # the snapshot is part of the event schema
 
+__all__ = ["CacheFullError", "CacheStats", "SequenceBlocks", "no_cache_stats"]
+
 
 class CacheFullError(RuntimeError):
     """Raised before anything is written when a cache cannot hold what is asked of it."""

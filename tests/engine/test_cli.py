@@ -70,3 +70,38 @@ def test_missing_model_file_from_a_real_process(tmp_path):
     assert proc.returncode != 0
     assert "model path not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_run_record_writes_a_replayable_recording(tiny_folder, tmp_path, capsys):
+    from engine.events import AttentionRow, Finished
+    from engine.recording import read_recording
+    path = tmp_path / "run.jsonl.gz"
+    assert main(["run", "hello", "--model", str(tiny_folder), "--max-new-tokens", "5",
+                 "--record", str(path)]) == 0
+    rec = read_recording(str(path))
+    assert rec.notice is None and rec.header["command"] == "run"
+    assert rec.header["settings"]["prompt"] == "hello" and rec.header["packages"]["torch"]
+    rows = [e.event for e in rec.envelopes if isinstance(e.event, AttentionRow)]
+    assert len(rows) == 5 and rows[0].shape[:2] == (2, 4)        # every layer, every head
+    assert isinstance(rec.envelopes[-1].event, Finished)
+    assert f"python main.py replay {path}" in capsys.readouterr().err
+
+
+def test_a_run_that_never_starts_leaves_no_recording(tiny_folder, tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    assert main(["run", "   ", "--model", str(tiny_folder), "--record", str(path)]) == 2
+    assert "whitespace" in capsys.readouterr().err and not path.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "recording not found"),
+    ("not a recording\n", "is not a minillm recording"),
+    ('{"type": "header", "v": 7, "format": "minillm-recording"}\n', "schema version 7"),
+])
+def test_replay_of_a_bad_file_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    assert main(["replay", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.strip().count("\n") == 0

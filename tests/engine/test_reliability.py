@@ -74,8 +74,9 @@ def test_control_characters_and_rtl_text_run(tiny_folder, capsys):
     prompt = "tab\there\x07bell\x00nul مرحبا 👋 中文"
     assert main(["run", prompt, "--model", str(tiny_folder), "--max-new-tokens", "4",
                  "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["prompt_tokens"] == len(prompt.encode("utf-8"))
+    finished = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert finished["type"] == "finished"
+    assert finished["metrics"]["prompt_tokens"] == len(prompt.encode("utf-8"))
 
 
 def write_file(path: Path, data: bytes) -> Path:
