@@ -13,7 +13,8 @@ import sys
 
 from .config import (DTYPES, FAST_WEIGHTS, KERNELS, LAYOUTS, STRATEGIES, ConfigError,
                      FastPathConfig, GenerationConfig, SamplingConfig)
-from .recording import SPEEDS
+from .player import SPEEDS
+from .recording import Recorder, RecordingError, header, read_recording
 
 EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -210,7 +211,6 @@ def cmd_run(args) -> int:
     """Stream the completion (or, with --json, the events) to stdout; --record writes the
     events to a file too. Both writers are engine.recording.Recorder: one format."""
     from .events import Finished, Token
-    from .recording import Recorder, header
     from .requests import RunRequest
     from .session import Session
 
@@ -262,7 +262,6 @@ def cmd_run(args) -> int:
 
 def cmd_replay(args) -> int:
     """The app on a recording. Imports neither torch nor the model."""
-    from .recording import RecordingError, read_recording
     try:
         recording = read_recording(args.file)
     except RecordingError as exc:

@@ -15,7 +15,7 @@ A *live* source has a model behind it and also takes requests:
     source.cancel()           stop the current request at its next token
 
 Kinds: tui.bridge.ProcessSource (a session in a child process), tui.fake_engine.FakeSource
-(synthetic events through the same transport, for tests), engine.recording.Player (a recording,
+(synthetic events through the same transport, for tests), engine.player.Player (a recording,
 with pause, step and speed), and later a session on another machine. Consumers never look
 behind the interface: they render the envelopes they are given.
 """

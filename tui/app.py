@@ -2,7 +2,7 @@
 
 Data flows one way. The app reads a *source* (engine/source.py): live, the engine process
 (tui/bridge.py), which takes the app's run and race requests; or a recording (`replay`,
-engine/recording.py's Player), which the app steers instead — play, pause, step a token forward
+engine/player.py's Player), which the app steers instead — play, pause, step a token forward
 or back, speed. Either way the source delivers batches of engine envelopes (about 12 a second,
 whatever the token rate), and the app routes each event to the panes inside `batch_update()`,
 so a batch is one repaint. The model never runs in this process (tui/engine_process.py says why)
@@ -29,10 +29,13 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ProgressBar, Static
 
 import themes
-from engine.config import FAST_CHOICES, ConfigError, FastPathConfig, GenerationConfig, SamplingConfig
+from engine.config import (FAST_CHOICES, ConfigError, FastPathConfig, GenerationConfig,
+                           SamplingConfig)
 from engine.events import (TYPE_NAMES, AttentionRow, CacheSnapshot, Contestant, Envelope, Failed,
                            Finished, FlashTiles, Prefill, RaceFinished, RaceStarted, Ready,
                            Started, Token, run_label)
+from engine.player import Player
+from engine.recording import Recorder, header
 from engine.requests import RaceRequest, RunRequest
 from engine.source import Source
 from themes import ramps
@@ -560,7 +563,6 @@ class MiniLLMApp(App[int]):
         self._start_recording(path)
 
     def _start_recording(self, path: str) -> None:
-        from engine.recording import Recorder, header
         self.record_armed = None
         try:
             self.recorder = Recorder(path, header(self.settings.to_json(), self.info, "app"))
@@ -877,7 +879,6 @@ def run_app(args) -> int:
 def run_replay(recording, args) -> int:
     """Entry point for `python main.py replay FILE` (engine/cli.py `cmd_replay`): the app on a
     recording — no engine process, no torch, no model."""
-    from engine.recording import Player
     settings = Settings(theme=args.theme, truecolor=args.truecolor)
     settings.take(recording.header)
     force_truecolor(settings)

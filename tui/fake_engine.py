@@ -1,12 +1,12 @@
-"""A stand-in engine for tests and demos: synthetic events, no model, the real session and transport.
+"""A stand-in engine for tests and demos: synthetic events, no model, the real session and loop.
 
 `FakeSource` runs `EngineLoop` (the same transport as the engine process) in a thread, over a
 real `engine.session.Session` (so races are compared by the engine's own code) whose
-`generate` is `fake_generate`, which makes believable events: a prompt split into words, tokens from a fixed
-text, a cache that fills like `kv`/`paged`/`naive` would, attention rows that look at the start
-and the recent past, per-token latencies that grow with position for `naive`, and for `flash`
-the online-softmax running max and sum of made-up scores, computed tile by tile as the real
-backend does.
+`generate` is `fake_generate`, which makes believable events: a prompt split into words, tokens
+from a fixed text, a cache that fills like `kv`/`paged`/`naive` would, attention rows that look
+at the start and the recent past, per-token latencies that grow with position for `naive`, and
+for `flash` the online-softmax running max and sum of made-up scores, computed tile by tile as
+the real backend does.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from engine.events import Envelope, Ready, Started, Token
-from engine.recording import (Player, Recorder, RecordingError, header, playback_times,
-                              read_recording, token_stops)
+from engine.player import Player, playback_times, token_stops
+from engine.recording import Recorder, RecordingError, header, read_recording
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "fake_session.jsonl"
 

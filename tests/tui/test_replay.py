@@ -17,7 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from textual.widgets import DataTable, Input
 
-from engine.recording import Player, read_recording
+from engine.player import Player
+from engine.recording import read_recording
 from tui.app import MiniLLMApp, Settings
 from tui.screens.race import RaceScreen
 from tui.widgets.attention import AttentionPane
@@ -68,7 +69,8 @@ def test_replay_needs_neither_torch_nor_the_model():
         import asyncio, sys
         for name in ("torch", "tokenizers", "safetensors", "gguf", "transformers", "triton"):
             sys.modules[name] = None         # any `import torch` (…) now fails
-        from engine.recording import Player, read_recording
+        from engine.player import Player
+        from engine.recording import read_recording
         from tui.app import MiniLLMApp, Settings
         from tui.widgets.token_stream import TokenStream
         from tui.widgets.kv_cache import KVCachePane
