@@ -1,4 +1,4 @@
-"""The command line: argparse → config dataclasses → run / bench / the app.
+"""The command line: argparse → config dataclasses → run / bench / replay / the app.
 
 User mistakes (a bad flag value, a missing file, an unknown backend) end with one line on stderr
 and exit status 2; Ctrl+C ends with status 130 and whatever was produced so far kept on screen.
@@ -9,7 +9,6 @@ MINILLM_DEBUG=1 adds the traceback) and exit status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -17,6 +16,8 @@ import traceback
 
 from .config import (DTYPES, FAST_WEIGHTS, KERNELS, LAYOUTS, STRATEGIES, ConfigError,
                      FastPathConfig, GenerationConfig, SamplingConfig)
+from .player import SPEEDS
+from .recording import Recorder, RecordingError, header, read_recording
 
 EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
 EXIT_CODES = """exit status:
@@ -83,7 +84,9 @@ def generation_config(a: argparse.Namespace, **overrides) -> GenerationConfig:
     return GenerationConfig(**kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """with_bench=False leaves out `bench`, whose flags come from a package that imports torch
+    (a replay must start without it)."""
     parser = argparse.ArgumentParser(
         prog="minillm", description="A small, readable LLM inference engine with a terminal UI.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,13 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(run)
     add_generation_args(run)
     run.add_argument("--json", action="store_true",
-                     help="print one JSON object per line: each token, then a summary")
+                     help="print the run's events as JSON lines (docs/events.md): a header, "
+                          "then every event — the same lines --record writes")
+    run.add_argument("--record", default=None, metavar="FILE",
+                     help="also write the events, with every layer's attention rows, to FILE "
+                          "(.gz compresses); `replay FILE` plays it without the model")
 
-    try:
-        from . import bench
-        bench.add_parser(sub)
-    except ImportError:
-        pass
+    if with_bench:
+        try:
+            from . import bench
+            bench.add_parser(sub)
+        except ImportError:
+            pass
+
+    replay = sub.add_parser("replay", help="play a recording in the app, without the model",
+                            description="Open the app on a recording (run --record, or `r` in "
+                                        "the app): space pauses, ← → step one token, − + "
+                                        "change the speed, home/end jump. Needs neither torch "
+                                        "nor the model.")
+    replay.add_argument("file", help="a recording (.jsonl or .jsonl.gz)")
+    replay.add_argument("--speed", type=float, default=1.0, choices=SPEEDS,
+                        help="playback speed (default 1: the recorded pace)")
+    replay.add_argument("--paused", action="store_true", help="start paused at the beginning")
+    replay.add_argument("--theme", default="dark", help="dark, light or projector")
+    replay.add_argument("--truecolor", action="store_true",
+                        help="force 24-bit colour (COLORTERM is often lost over SSH)")
 
     ui = sub.add_parser("ui", help="start the Textual app (the default)")
     add_ui_args(ui)
@@ -129,6 +150,9 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flash-tile", type=int, default=16, metavar="KEYS",
                    help="keys per tile of the flash backend in the app (default 16, so that a "
                         "short run shows several tiles; the bench and `run` use 64)")
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="record every run and race to FILE (.gz compresses) from the moment "
+                        "the model is ready; `r` starts and stops recording in the app")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(argv: list[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(with_bench=argv[:1] != ["replay"])
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["ui", *argv]           # no sub-command: the app
     args = parser.parse_args(argv)
@@ -170,6 +194,8 @@ def dispatch(argv: list[str]) -> int:
         return bench.cmd_bench(args)
     if args.command == "ui":
         return cmd_ui(args)
+    if args.command == "replay":
+        return cmd_replay(args)
     parser.print_help()
     return EXIT_USAGE
 
@@ -273,54 +299,71 @@ def _progress_printer(enabled: bool):
 
 
 def cmd_run(args) -> int:
-    from .decoding import generate
+    """Stream the completion (or, with --json, the events) to stdout; --record writes the
+    events to a file too. Both writers are engine.recording.Recorder: one format."""
     from .events import Finished, Token
-    from .loader import load_model
+    from .requests import RunRequest
+    from .session import Session
 
-    cfg = generation_config(args, attention_rows=False)   # validate flags before loading
-    lm = load_model(args.model, args.device, args.dtype,
-                    progress=_progress_printer(sys.stderr.isatty()))
-    out = sys.stdout
-    for ev in generate(lm.model, lm.tokenizer, args.prompt, cfg):
-        if isinstance(ev, Token):
+    # Validate flags before loading; a recording keeps every layer's attention rows.
+    cfg = generation_config(args, attention_rows=bool(args.record))
+    session = Session.load(args.model, args.device, args.dtype,
+                           progress=_progress_printer(sys.stderr.isatty()))
+    ready = session.ready(probe=False)
+    settings = {"prompt": args.prompt, "config": cfg.to_dict()}
+    writers = []
+    try:
+        if args.record:
+            writers.append(Recorder(args.record, header(settings, ready, "run")))
+        if args.json:
+            writers.append(Recorder(sys.stdout, header(settings, ready, "run")))
+        first = session.envelope(0, ready)
+        for w in writers:
+            w.write([first])
+        out = sys.stdout
+        for env in session.run(RunRequest(args.prompt, cfg), raise_errors=True):
+            for w in writers:
+                w.write([env])
+            ev = env.event
             if args.json:
-                out.write(json.dumps({"type": "token", "id": ev.id, "text": ev.text,
-                                      "position": ev.position,
-                                      "latency_ms": round(ev.latency_s * 1e3, 3)}) + "\n")
-            else:
+                continue
+            if isinstance(ev, Token):
                 out.write(ev.text)
-            out.flush()
-        elif isinstance(ev, Finished):
-            m, fast = ev.metrics, cfg.fast.spec()
-            if args.json and ev.tail:      # an unfinished character at the end: text as is
-                out.write(json.dumps({"type": "text", "text": ev.tail}) + "\n")
-            if args.json:
-                out.write(json.dumps({
-                    "type": "summary", "reason": ev.reason, "tokens": list(ev.tokens),
-                    "text": ev.text, "prompt_tokens": m.prompt_tokens,
-                    "ttft_ms": _ms(m.ttft_s), "tpot_ms": _ms(m.tpot_s),
-                    "tokens_per_s": _num(m.decode_tokens_per_s),
-                    "prefill_tokens_per_s": _num(m.prefill_tokens_per_s),
-                    "itl_p50_ms": _ms(m.itl_p50_s), "itl_p99_ms": _ms(m.itl_p99_s),
-                    "peak_memory_bytes": m.peak_memory_bytes, "kv_bytes": m.kv_bytes,
-                    "strategy": cfg.strategy, "backend": cfg.backend,
-                    "fast": fast, "model": lm.name, "device": str(lm.model.device),
-                    "dtype": args.dtype}) + "\n")
-            else:
+                out.flush()
+            elif isinstance(ev, Finished):
                 out.write(ev.tail + "\n")
+                m, fast = ev.metrics, cfg.fast.spec()
                 print(f"[{m.new_tokens} tokens · TTFT {m.ttft_s * 1e3:.0f} ms · "
                       f"TPOT {_fmt(m.tpot_s * 1e3)} ms · {_fmt(m.decode_tokens_per_s)} tok/s · "
                       f"{cfg.strategy}/{cfg.backend}{' +' + fast if fast else ''} · "
                       f"{ev.reason}]", file=sys.stderr)
+    except BaseException:
+        for w in writers:                 # a run that never started leaves no recording
+            w.close()
+            if w.path is not None and w.events <= 1:
+                os.remove(w.path)
+        raise
+    for w in writers:
+        w.close()
+    if args.record:
+        print(f"recorded {writers[0].events} events to {args.record}; "
+              f"`python main.py replay {args.record}` plays them", file=sys.stderr)
     return 0
 
 
-def _num(x: float):
-    return None if x is None or math.isnan(x) else round(x, 3)
-
-
-def _ms(x: float):
-    return None if x is None or math.isnan(x) else round(x * 1e3, 3)
+def cmd_replay(args) -> int:
+    """The app on a recording. Imports neither torch nor the model."""
+    try:
+        recording = read_recording(args.file)
+    except RecordingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        from tui.app import run_replay
+    except ImportError as exc:
+        print(f"error: replay needs textual and plotext ({exc})", file=sys.stderr)
+        return EXIT_RUNTIME
+    return run_replay(recording, args)
 
 
 def _fmt(x: float) -> str:

@@ -10,7 +10,7 @@ matrix multiply.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "gpt2")
@@ -401,3 +401,33 @@ class GenerationConfig:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("a stop string must not be empty (it would stop before the first "
                               "token)")
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (nested dicts for sampling and fast): what a recording's header
+        and a request sent over a pipe or HTTP carry. `from_dict` reads it back equal."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GenerationConfig":
+        """The inverse of to_dict. An unknown key or a value of the wrong kind is a ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError("generation settings must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown generation setting(s): {', '.join(unknown)}")
+        kw = dict(d)
+        try:
+            if "sampling" in kw:
+                kw["sampling"] = SamplingConfig(**kw["sampling"])
+            if "fast" in kw:
+                kw["fast"] = FastPathConfig(**kw["fast"])
+            return cls(**kw)
+        except TypeError as exc:
+            raise ConfigError(f"generation settings: {exc}") from None
+
+
+# The fast-path choices the app cycles through with `f` and a session reports on (from_spec
+# words; "" is the plain model). Exact ones first: they change the speed, never the tokens.
+FAST_CHOICES = ("", "c", "fuse+cols", "c+int8", "int8", "fp16")

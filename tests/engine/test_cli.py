@@ -19,18 +19,25 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_run_json_lines(tiny_folder, capsys):
+    """--json prints the recording format: a header, then one envelope per line, each readable
+    by engine.events (the one reader); the pieces of text add up to the finished text."""
+    from engine.events import Envelope, Finished, Started, Token
     rc = main(["run", "hello", "--model", str(tiny_folder), "--max-new-tokens", "7", "--json",
                "--strategy", "paged"])
     assert rc == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    tokens = [x for x in lines if x["type"] == "token"]
-    summary = lines[-1]
-    assert summary["type"] == "summary" and len(tokens) <= 7
-    assert summary["tokens"] == [t["id"] for t in tokens]
-    assert summary["text"] == "".join(t["text"] for t in tokens)
-    for key in ("ttft_ms", "tpot_ms", "tokens_per_s"):
-        assert key in summary
-    assert all(t["latency_ms"] > 0 for t in tokens)
+    assert lines[0]["type"] == "header" and lines[0]["settings"]["prompt"] == "hello"
+    events = [Envelope.from_json(d).event for d in lines[1:]]
+    assert lines[1]["type"] == "ready" and isinstance(events[1], Started)
+    assert events[1].strategy == "paged"
+    tokens = [e for e in events if isinstance(e, Token)]
+    fin = events[-1]
+    assert isinstance(fin, Finished) and 0 < len(tokens) <= 7
+    assert list(fin.tokens) == [t.id for t in tokens]
+    assert "".join(t.text for t in tokens) + fin.tail == fin.text
+    assert fin.metrics.ttft_s > 0 and fin.metrics.tpot_s > 0
+    assert all(t.latency_s > 0 for t in tokens)
+    assert {d["run"] for d in lines[2:]} == {1} and all("t" in d for d in lines[1:])
 
 
 def test_run_streams_plain_text(tiny_folder, capsys):
@@ -107,7 +114,7 @@ def _raise(exc):
 
 
 COMMANDS = {
-    "run": (["run", "hi"], "engine.decoding", "generate", KeyError("boom")),
+    "run": (["run", "hi"], "engine.session:Session", "run", KeyError("boom")),
     "bench": (["bench", "--quick"], "engine.bench", "cmd_bench", ZeroDivisionError("boom")),
     "ui": (["ui"], "engine.cli", "cmd_ui", TypeError("boom")),
 }
@@ -118,8 +125,10 @@ COMMANDS = {
 def test_an_unexpected_error_in_any_command_is_one_line(tiny_folder, monkeypatch, capsys,
                                                         command, debug):
     import importlib
-    argv, module, name, exc = COMMANDS[command]
-    monkeypatch.setattr(importlib.import_module(module), name, _raise(exc))
+    argv, where, name, exc = COMMANDS[command]
+    module, _, attr = where.partition(":")            # "package.module[:Class]"
+    target = importlib.import_module(module)
+    monkeypatch.setattr(getattr(target, attr) if attr else target, name, _raise(exc))
     monkeypatch.delenv("MINILLM_DEBUG", raising=False)
     if debug == "MINILLM_DEBUG=1":
         monkeypatch.setenv("MINILLM_DEBUG", "1")
@@ -198,16 +207,19 @@ def constant_byte_model(folder: Path, byte: int) -> Path:
     return folder
 
 
-def test_json_lines_add_up_to_the_summary_text_with_an_unfinished_character(tmp_path, capsys):
+def test_json_lines_add_up_to_the_finished_text_with_an_unfinished_character(tmp_path, capsys):
     """0xE4 starts a three-byte character (e.g. 中) that never finishes: no token line can show
-    it, yet the summary's text holds it. The lines before the summary must add up to it."""
+    it, yet the finished line's text holds it. The token lines and the finished line's `tail`
+    (the text no token line showed) must add up to it."""
     folder = constant_byte_model(tmp_path / "e4", 0xE4)
     assert main(["run", "hi", "--model", str(folder), "--json", "--max-new-tokens", "4",
                  "--device", "cpu"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    summary = lines[-1]
-    assert "\ufffd" in summary["text"]                      # the case this test is about
-    assert "".join(line.get("text", "") for line in lines[:-1]) == summary["text"]
+    finished = lines[-1]
+    assert finished["type"] == "finished"
+    assert "\ufffd" in finished["text"]                     # the case this test is about
+    pieces = "".join(line["text"] for line in lines if line["type"] == "token")
+    assert pieces + finished["tail"] == finished["text"]
 
 
 def test_bench_exits_non_zero_when_every_row_failed(tiny_folder, capsys):
@@ -223,3 +235,38 @@ def test_bench_block_size_zero_is_refused_before_loading(tiny_folder, monkeypatc
     monkeypatch.setattr(experiment, "load_model", _raise(AssertionError("loaded anyway")))
     assert main(["bench", "--model", str(tiny_folder), "--block-size", "0"]) == 2
     assert "--block-size must be ≥ 1, got 0" in one_error_line(capsys.readouterr().err)
+
+
+def test_run_record_writes_a_replayable_recording(tiny_folder, tmp_path, capsys):
+    from engine.events import AttentionRow, Finished
+    from engine.recording import read_recording
+    path = tmp_path / "run.jsonl.gz"
+    assert main(["run", "hello", "--model", str(tiny_folder), "--max-new-tokens", "5",
+                 "--record", str(path)]) == 0
+    rec = read_recording(str(path))
+    assert rec.notice is None and rec.header["command"] == "run"
+    assert rec.header["settings"]["prompt"] == "hello" and rec.header["packages"]["torch"]
+    rows = [e.event for e in rec.envelopes if isinstance(e.event, AttentionRow)]
+    assert len(rows) == 5 and rows[0].shape[:2] == (2, 4)        # every layer, every head
+    assert isinstance(rec.envelopes[-1].event, Finished)
+    assert f"python main.py replay {path}" in capsys.readouterr().err
+
+
+def test_a_run_that_never_starts_leaves_no_recording(tiny_folder, tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    assert main(["run", "   ", "--model", str(tiny_folder), "--record", str(path)]) == 2
+    assert "whitespace" in capsys.readouterr().err and not path.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "recording not found"),
+    ("not a recording\n", "is not a minillm recording"),
+    ('{"type": "header", "v": 7, "format": "minillm-recording"}\n', "schema version 7"),
+])
+def test_replay_of_a_bad_file_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    assert main(["replay", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.strip().count("\n") == 0
