@@ -17,6 +17,7 @@ C kernels will later read these bytes without checking anything:
 
 from __future__ import annotations
 
+import os
 import struct
 from array import array
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError
+from ..files import UntrustedPath, fd_path, open_regular
+from ..loader.errors import ModelLoadError
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4
@@ -35,7 +37,7 @@ SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4),
 STRING, ARRAY = 8, 9
 
 
-class GGUFFormatError(ConfigError):
+class GGUFFormatError(ModelLoadError):
     """The file is not a GGUF this reader can trust; the message says where it went wrong."""
 
 
@@ -84,7 +86,7 @@ class Strings:
 class Tensor:
     name: str
     tensor_type: Any              # gguf.GGMLQuantizationType
-    shape: tuple[int, ...]        # GGUF order: fastest dimension first (columns, rows)
+    shape: np.ndarray             # GGUF order: fastest dimension first (columns, rows)
     data: np.ndarray              # uint8 view of the tensor's bytes in the memory map
 
 
@@ -95,9 +97,15 @@ class GGUFFile:
         import gguf
         self.path = Path(path)
         try:
-            self.map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            fd = open_regular(self.path)       # a regular file (not a FIFO), mapped through
+        except UntrustedPath as exc:           # the very descriptor that was checked
+            raise GGUFFormatError(str(exc)) from None
+        try:
+            self.map = np.memmap(fd_path(fd, self.path), dtype=np.uint8, mode="r")
         except (OSError, ValueError) as exc:
             raise GGUFFormatError(f"cannot map {self.path.name}: {exc}") from None
+        finally:
+            os.close(fd)                       # the map keeps its own reference
         self.size = len(self.map)
         self.buf = memoryview(self.map)
         self.pos = 0
@@ -145,7 +153,8 @@ class GGUFFile:
             if offset % alignment or begin + nbytes > self.size:
                 raise GGUFFormatError(f"{self.path.name}: tensor {name!r} lies outside the file "
                                       f"(truncated?)")
-            self.tensors.append(Tensor(name, qtype, dims, self.map[begin:begin + nbytes]))
+            self.tensors.append(Tensor(name, qtype, np.array(dims, dtype=np.uint64),
+                                       self.map[begin:begin + nbytes]))
 
     # ------------------------------------------------------------------ bounded reads
     def _bytes(self, n: int) -> bytes:

@@ -28,7 +28,6 @@ run float32 PyTorch (correct, without the bandwidth saving).
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -227,23 +226,9 @@ def qk_rows(cfg: ModelConfig, n_heads: int) -> torch.Tensor | None:
     loader's un-permutation applied to row numbers. Qwen2 files keep Hugging Face's order."""
     if cfg.family != "llama":
         return None
-    from ..loader import _unpermute
+    from ..loader import unpermute_qk
     out = n_heads * cfg.head_dim
-    return _unpermute(torch.arange(out).view(out, 1), n_heads).reshape(out).to(torch.int32)
-
-
-@contextmanager
-def _meta_without_init():
-    """Modules built on the "meta" device (shapes only), with no weight initialisation: the
-    float modules are replaced at once, and `normal_` on a meta tensor (nn.Embedding's init)
-    imports PyTorch's Python reference ops — seconds of a cold start."""
-    normal = torch.nn.init.normal_
-    torch.nn.init.normal_ = lambda tensor, *args, **kw: tensor
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        torch.nn.init.normal_ = normal
+    return unpermute_qk(torch.arange(out).view(out, 1), n_heads).reshape(out).to(torch.int32)
 
 
 def load_block_model(path: str | Path, reader=None) -> Transformer:
@@ -252,6 +237,7 @@ def load_block_model(path: str | Path, reader=None) -> Transformer:
     Raises ConfigError when the file cannot be decoded this way (another architecture, a type
     the kernels do not read, shapes or sizes that do not add up)."""
     from ..loader import gguf_config
+    from ..loader.weights import meta_model
     from .gguf_file import GGUFFile
     path = Path(path)
     reader = reader or GGUFFile(path)
@@ -273,7 +259,7 @@ def load_block_model(path: str | Path, reader=None) -> Transformer:
             raise ConfigError(f"{path.name} has no tensor {name}")
         return tensors[name]
 
-    with _meta_without_init():
+    with meta_model():                   # shapes only: every float module is replaced below
         model = Transformer(cfg)
     known = {"token_embd.weight", "output_norm.weight", "output.weight"}
     emb = _matrix(need("token_embd.weight"), cfg.vocab_size, D, "token_embd.weight")

@@ -6,23 +6,39 @@
     gguf_blocks.c   products and dequantisation straight from GGUF blocks (`--weights gguf`)
     decode_step.c   a whole Llama-family decode step in one call (`--kernel c`, c_step.py)
 
-decode_step.c includes the other two, so one shared library holds every function. It is compiled
-once into a per-user cache (named by a hash of the sources, the flags and the machine's CPU
-flags, so a home directory shared between machines never loads a build for another CPU) and
-called through ctypes. Two builds of the same sources:
+decode_step.c includes the other two, so one shared library holds every function. It is
+compiled once into the per-user cache (engine.files.cache_root(), so $MINILLM_CACHE is
+respected), named by a hash of the sources, the flags and the machine's CPU flags (a home
+directory shared between machines never loads a build for another CPU), and called through
+ctypes. Two builds of the same sources:
 
-    native     cc -O3 -march=native -fopenmp   AVX2 kernels where the CPU has them, threads;
-               a compiler without OpenMP (Apple clang) gets the same build single-threaded
-    portable   cc -O3 -DMINILLM_PORTABLE       no intrinsics, no OpenMP: the plain C loops that
-               any CPU runs (tests use it to hold the fallback to the same tokens)
+    native     cc -O3 -march=native -fopenmp   AVX2 kernels where the CPU has them, threads; a
+               compiler without OpenMP (Apple clang) gets the same build single-threaded
+    portable   cc -O3 -DMINILLM_PORTABLE       no intrinsics, no OpenMP: the plain C loops any
+               CPU runs (the tests hold this fallback to the same tokens)
 
-`library()` is the native build unless MINILLM_KERNELS=portable. Both use -ffp-contract=off:
-the compiler may not fuse a multiply and an add on its own, so a dequantised weight is rounded
-exactly as numpy rounds it (the kernels ask for fused multiply-adds explicitly where they want
-them). No compiler, or a failed build, simply means `available()` is False (`why_unavailable()`
-says why, in one line): the int8 option then widens the weights in PyTorch (same numbers,
-slower), gguf weights are dequantised once to float32, and `--kernel c` reports that it cannot
-run.
+`library()` is the native build unless MINILLM_KERNELS=portable. Both use -ffp-contract=off: the
+compiler may not fuse a multiply and an add on its own, so a dequantised weight is rounded
+exactly as numpy rounds it (the kernels ask for fused multiply-adds where they want them).
+No compiler, or a failed build, simply means `available()` is False (`why_unavailable()` says
+why, in one line): the int8 option then widens the weights in PyTorch (same numbers, slower),
+GGUF blocks are dequantised once to float32, and `--kernel c` reports that it cannot run.
+
+Loading a shared library runs its code, so a library on disk is loaded only when it is beyond
+doubt ours (engine.files has the rules):
+
+  * the kernel folder and every folder up to the cache root are 0700, owned by this user; a
+    folder someone else owns is not used at all (the kernels are then built in a private
+    temporary folder, loaded, and the folder removed);
+  * the library is owned by this user, writable by no one else, and its SHA-256 equals the one
+    recorded beside it (`<name>.sha256`, itself checked the same way) when it was built;
+  * the hash is computed on an open descriptor and `dlopen` is given /proc/self/fd/N: the bytes
+    checked are the bytes loaded, with no window to swap the file in between.
+
+Anything else is not loaded: a fresh build replaces it. The compiler runs in its own process
+group, writing into a private `.partial-<pid>-…` folder (its temporary files too, via TMPDIR);
+an exception, Ctrl+C or SIGTERM during the build kills the whole group and removes the folder,
+and after a SIGKILL the next start sweeps it.
 """
 
 from __future__ import annotations
@@ -31,63 +47,59 @@ import ctypes
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
 
+from ..files import (UntrustedPath, cache_root, fd_path, notice, open_regular, partial_dir,
+                     private_dir, read_regular, remove, signals_raise, sweep_partials,
+                     why_not_private)
+
 _SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "gguf_blocks.c", "decode_step.c")]
-VARIANTS = {   # build name → compiler flag sets, tried in order until one compiles
+# Build name → its compiler flag sets, tried in order until one compiles.
+VARIANTS = {
     "native": (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"]),
     "portable": (["-O3", "-DMINILLM_PORTABLE"],),
 }
+COMMON = ["-ffp-contract=off", "-shared", "-fPIC"]
+CFLAGS = VARIANTS["native"][0] + COMMON     # the usual build's flags
 _libs: dict[str, ctypes.CDLL | None] = {}
-_errors: dict[str, str] = {}
+_reasons: dict[str, str] = {}               # why a build is not available, once known
 
 
-def _build_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "minillm" / "kernels"
+def build_id(flags: list[str] = CFLAGS) -> str:
+    """Names a build: the sources, the compiler flags and the CPU they were built for."""
+    digest = hashlib.sha256(_cpu_flags())
+    digest.update(" ".join(flags).encode())
+    for source in _SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def _build(variant: str) -> Path:
-    """Compile `variant` into the cache (once) and return the library's path."""
-    errors = []
-    for flags in VARIANTS[variant]:
-        flags = [*flags, "-ffp-contract=off"]
-        digest = hashlib.sha256(_cpu_flags() + " ".join(flags).encode())
-        for source in _SOURCES:
-            digest.update(source.read_bytes())
-        out = _build_dir() / f"minillm-kernels-{variant}-{digest.hexdigest()[:16]}.so"
-        if out.exists():
-            return out
-        named = os.environ.get("CC")
-        cc = shutil.which(named) if named else (shutil.which("cc") or shutil.which("gcc"))
-        if cc is None:
-            raise RuntimeError(f"no C compiler found ({'CC=' + named if named else 'cc, gcc'}); "
-                               f"install gcc or clang, or set CC")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([cc, *flags, "-shared", "-fPIC", str(_SOURCES[-1]), "-o", str(tmp),
-                               "-lm"], capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(tmp, out)          # atomic: a concurrent build never sees half a file
-            return out
-        errors.append((done.stderr.strip().splitlines() or ["failed"])[0][:160])
-    raise RuntimeError(f"the C compiler failed: {errors[-1]}")
+def kernel_dir() -> Path:
+    return cache_root() / "kernels"
 
 
-def _load(variant: str = "native") -> ctypes.CDLL | None:
+def library_path(flags: list[str] = CFLAGS) -> Path:
+    """Where this build's library is kept (a predictable name: its content is what is checked)."""
+    return kernel_dir() / f"minillm-kernels-{build_id(flags)}.so"
+
+
+def _load(variant: str) -> ctypes.CDLL | None:
     if variant in _libs:
         return _libs[variant]
     lib = None
-    try:
-        lib = ctypes.CDLL(str(_build(variant)))
-        _declare(lib)
-    except Exception as exc:               # no compiler, a read-only home: fall back
-        lib = None
-        _errors[variant] = str(exc).strip().splitlines()[0] if str(exc).strip() else \
-            type(exc).__name__
+    for flags in VARIANTS[variant]:          # e.g. without -fopenmp when the compiler has none
+        try:
+            lib = _open_library(flags + COMMON)
+            _declare(lib)
+            break
+        except Exception as exc:            # no compiler, no OpenMP, a read-only home: fall back
+            lib, _reasons[variant] = None, (str(exc).splitlines()[0] if str(exc)
+                                            else type(exc).__name__)
     _libs[variant] = lib
     return lib
 
@@ -107,6 +119,134 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.gguf_row_bytes.argtypes = [I, I64]
 
 
+def _open_library(flags: list[str]) -> ctypes.CDLL:
+    """This build's library: the verified one in the kernel folder, or a fresh build."""
+    path = library_path(flags)
+    folder, root = path.parent, cache_root()
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(folder, root)
+    except UntrustedPath as exc:
+        notice(f"not using the kernel cache: {exc}; building the C kernels in a private "
+               f"temporary folder")
+        with tempfile.TemporaryDirectory(prefix="minillm-kernels-") as tmp:
+            return _build_and_open(Path(tmp) / path.name, flags)   # the mapping outlives it
+    sweep_partials(folder)
+    lib = _open_verified(path)
+    return lib if lib is not None else _build_and_open(path, flags)
+
+
+def _sha256_fd(fd: int) -> str:
+    h, offset = hashlib.sha256(), 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
+
+
+def _open_verified(path: Path) -> ctypes.CDLL | None:
+    """The library at `path` if every check passes; None if there is none, or (with a notice)
+    if there is one that must not be loaded."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        fd = open_regular(path)
+    except OSError as exc:
+        notice(f"ignoring the kernel library {path}: {exc}; building a fresh one")
+        return None
+    try:
+        reason = why_not_private(os.fstat(fd), str(path))
+        if reason is None:
+            try:
+                recorded = read_regular(f"{path}.sha256", 128, private=True).decode().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                recorded, reason = None, f"no trustworthy recorded hash ({exc})"
+            if recorded is not None and _sha256_fd(fd) != recorded:
+                reason = "its content is not what was built"
+        if reason:
+            notice(f"ignoring the kernel library {path}: {reason}; building a fresh one")
+            return None
+        return _dlopen(fd, path)
+    finally:
+        if fd not in _held:
+            os.close(fd)
+
+
+_held: list[int] = []                    # descriptors of loaded libraries, kept open
+
+
+def _dlopen(fd: int, path: Path) -> ctypes.CDLL:
+    """Load the library open at `fd` through /proc/self/fd/N, and keep `fd` open for good:
+    dlopen knows a library by the name it was given, so a second build (the portable one)
+    opened later through a reused N would be taken for the first."""
+    lib = ctypes.CDLL(fd_path(fd, path))
+    _held.append(fd)
+    return lib
+
+
+def _build_and_open(path: Path, flags: list[str]) -> ctypes.CDLL:
+    """Compile into a private partial folder, record the hash, move both into place, and load
+    the library through the descriptor that was hashed."""
+    named = os.environ.get("CC")
+    cc = shutil.which(named) if named else (shutil.which("cc") or shutil.which("gcc"))
+    if cc is None:
+        raise RuntimeError(f"no C compiler found ({'CC=' + named if named else 'cc, gcc'}); "
+                           f"install gcc or clang, or set CC")
+    work = None
+    with signals_raise():
+        try:
+            work = partial_dir(path.parent)
+            built = work / path.name
+            _compile(cc, built, work, flags)
+            os.chmod(built, 0o600)
+            fd = open_regular(built)
+            try:
+                digest = _sha256_fd(fd)
+                (work / "sha256").write_text(digest + "\n")
+                os.chmod(work / "sha256", 0o600)
+                os.replace(built, path)
+                os.replace(work / "sha256", f"{path}.sha256")
+                return _dlopen(fd, path)
+            finally:
+                if fd not in _held:
+                    os.close(fd)
+        finally:
+            if work is not None:
+                remove(work)
+
+
+def _compile(cc: str, out: Path, tmpdir: Path, flags: list[str]) -> None:
+    """Run the compiler in its own process group (so a Ctrl+C meant for us reaches it only
+    through us), with its temporary files in `tmpdir`; on any exit Python sees, kill the group."""
+    cmd = [cc, *flags, str(_SOURCES[-1]), "-o", str(out), "-lm"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmpdir)})
+    try:
+        _, err = proc.communicate()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"the C compiler failed: "
+                           f"{err.decode(errors='replace').strip().splitlines()[-1:]}")
+
+
+def default_variant() -> str:
+    """The build `library()` returns: MINILLM_KERNELS=portable selects the portable one."""
+    return "portable" if os.environ.get("MINILLM_KERNELS", "").lower() == "portable" else "native"
+
+
+def why_unavailable(variant: str | None = None) -> str | None:
+    """None when the kernels load, else one line that says why not."""
+    variant = variant or default_variant()
+    return None if _load(variant) is not None else _reasons.get(variant, "unknown reason")
+
+
 def _cpu_flags() -> bytes:
     """The CPU's feature flags (Linux), part of the build's name: -march=native depends on them."""
     try:
@@ -116,11 +256,6 @@ def _cpu_flags() -> bytes:
         return b""
 
 
-def default_variant() -> str:
-    """The build `library()` returns: MINILLM_KERNELS=portable selects the portable one."""
-    return "portable" if os.environ.get("MINILLM_KERNELS", "").lower() == "portable" else "native"
-
-
 def library(variant: str | None = None) -> ctypes.CDLL | None:
     """The loaded kernels (`variant`, else the default build), or None if they cannot be built."""
     return _load(variant or default_variant())
@@ -128,12 +263,6 @@ def library(variant: str | None = None) -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
-
-
-def why_unavailable(variant: str | None = None) -> str | None:
-    """None when the kernels load, else one line that says why not."""
-    variant = variant or default_variant()
-    return None if _load(variant) is not None else _errors.get(variant, "unknown reason")
 
 
 def vectorised() -> bool:

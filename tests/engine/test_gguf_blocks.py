@@ -26,9 +26,10 @@ import torch
 from engine.attention import get_backend
 from engine.config import ConfigError, FastPathConfig, GenerationConfig
 from engine.decoding import CachedAttention, forward_step, make_cache, run_to_end
-from engine.fast import decode_bytes, kernels, prepare
+from engine.fast import STEPS, decode_bytes, kernels, prepare
 from engine.fast.gguf_file import GGUFFile, GGUFFormatError
 from engine.fast.gguf_weights import GGUFLinear, is_block_model, load_block_model
+from engine.loader import ModelLoadError
 from engine.bench import report
 from engine.model import Transformer
 from tests.conftest import tiny_model
@@ -134,9 +135,8 @@ def write_gguf(path: Path, model: Transformer, qtype, emb_type=T.Q8_0, seed=0) -
 def float_model(path: Path) -> Transformer:
     """The float32 reference: the file through the loader's own conversion (dequantise every
     tensor, un-permute Q/K, build the model), noting its source as load_model does."""
-    from engine.loader import (_gguf_reader, build_model, gguf_config, gguf_state_dict,
-                               hf_to_engine)
-    reader = _gguf_reader(path)
+    from engine.loader import build_model, gguf_config, gguf_state_dict, hf_to_engine, open_gguf
+    reader = open_gguf(path)
     cfg = gguf_config(reader)
     model = build_model(cfg, hf_to_engine(gguf_state_dict(reader, cfg), cfg),
                         torch.device("cpu"), torch.float32)
@@ -286,7 +286,7 @@ def test_generate_with_gguf_weights_gives_the_float32_tokens(files, tokenizer, s
     for name, fast in (("ref", FastPathConfig()), (spec, FastPathConfig.from_spec(spec))):
         cfg = GenerationConfig(strategy=strategy, max_new_tokens=30, stop_at_eos=False,
                                keep_logits=True, fast=fast)
-        events, fin = run_to_end(ref, tokenizer, "The cat sat", cfg)
+        events, fin = run_to_end(ref, tokenizer, "The cat sat", cfg, steps=STEPS)
         runs[name] = (list(fin.tokens), torch.stack([e.logits for e in events
                                                      if getattr(e, "logits", None) is not None]))
         assert events[0].fast == fast.spec()
@@ -350,7 +350,7 @@ def test_no_compiler_is_one_clear_line_and_gguf_still_runs(files, tmp_path):
 def test_gguf_weights_refuse_a_model_not_from_a_gguf(tokenizer):
     cfg = GenerationConfig(max_new_tokens=2, fast=FastPathConfig(weights="gguf"))
     with pytest.raises(ConfigError, match="not loaded from a .gguf"):
-        run_to_end(tiny_model("llama"), tokenizer, "hi", cfg)
+        run_to_end(tiny_model("llama"), tokenizer, "hi", cfg, steps=STEPS)
     for clash in ("fuse+gguf", "cols+gguf", "gguf+head-full"):
         with pytest.raises(ConfigError, match="--weights gguf"):
             FastPathConfig.from_spec(clash)
@@ -390,7 +390,7 @@ def test_hostile_files_are_refused_before_any_kernel_reads_them(files, tmp_path)
     for cut in (3, 40, len(data) // 3, len(data) - 1):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
-        with pytest.raises(ConfigError):
+        with pytest.raises((ConfigError, ModelLoadError)):
             load_block_model(bad)
     # A metadata count that claims more than the file holds.
     lying = _rewrite(path, tmp_path / "count.gguf", lambda d: d.__setitem__(
@@ -400,7 +400,7 @@ def test_hostile_files_are_refused_before_any_kernel_reads_them(files, tmp_path)
     # Right size, wrong shape: a projection that does not fit the model's config.
     good = GGUFFile(path)
     q = next(t for t in good.tensors if t.name == "blk.0.attn_q.weight")
-    assert q.shape == (64, 64)
+    assert tuple(q.shape.tolist()) == (64, 64)
     with pytest.raises(ConfigError, match="the model needs"):
         from engine.fast.gguf_weights import _matrix
         _matrix(q, 32, 128, q.name)
@@ -438,7 +438,7 @@ def test_embedded_c_gguf_golden(embedded):
     for strategy, spec in (("kv", "c+gguf"), ("paged", "c+gguf"), ("kv", "gguf")):
         _, fin = run_to_end(embedded.model, embedded.tokenizer, PROMPT, GenerationConfig(
             strategy=strategy, max_new_tokens=50, attention_rows=False,
-            fast=FastPathConfig.from_spec(spec)))
+            fast=FastPathConfig.from_spec(spec)), steps=STEPS)
         assert list(fin.tokens) == GOLDEN_TOKENS, (strategy, spec)
     blocks = prepare(embedded.model, FastPathConfig(weights="gguf"))
     assert isinstance(blocks.layers[0].mlp.w_up, GGUFLinear)
@@ -458,33 +458,36 @@ def test_embedded_loads_straight_from_the_map(tmp_path, monkeypatch):
     assert not (tmp_path / "no-cache").exists() or not any((tmp_path / "no-cache").iterdir())
     from tests.engine.test_golden import GOLDEN_TOKENS, PROMPT
     _, fin = run_to_end(lm.model, lm.tokenizer, PROMPT, GenerationConfig(
-        max_new_tokens=12, attention_rows=False, fast=FastPathConfig.from_spec("c+gguf")))
+        max_new_tokens=12, attention_rows=False, fast=FastPathConfig.from_spec("c+gguf")),
+        steps=STEPS)
     assert list(fin.tokens) == GOLDEN_TOKENS[:12]
 
 
 @needs_kernels
-def test_app_engine_offers_and_races_gguf_as_an_exact_option(files, tokenizer):
-    """The app's engine process: c+gguf and gguf are usable beside a float32 model read from a
-    GGUF (and refused, with the reason, for one that was not); a race puts them next to the
-    reference with identical tokens."""
-    import threading
+def test_session_offers_and_races_gguf_as_an_exact_option(files, tokenizer):
+    """What the app's engine process serves (engine.session): c+gguf and gguf are usable beside
+    a float32 model read from a GGUF (and refused, with the reason, for one that was not); a
+    race puts them next to the reference with identical tokens."""
     from types import SimpleNamespace
-    from engine.decoding import generate
-    from tui.engine_process import EngineLoop, RaceRequest
+    from engine.events import RaceFinished
+    from engine.requests import RaceRequest, RunRequest
+    from engine.session import Session
     path, ref = files("llama", T.Q4_1)
-    sent = []
-    loop = EngineLoop(sent.append, threading.Event(), generate, freeze_gc=False)
-    loop.lm = SimpleNamespace(model=ref, tokenizer=tokenizer, config=ref.cfg, name="tiny")
-    assert loop.fast_reasons()["c+gguf"] is None and loop.fast_reasons()["gguf"] is None
-    loop.race(RaceRequest(race_id=9, run_ids=(1, 2, 3), prompt="The cat",
-                          combos=(("kv", "sdpa", ""), ("kv", "sdpa", "c+gguf"),
-                                  ("kv", "sdpa", "gguf")), max_new_tokens=12))
-    rows = next(msg[1] for msg in sent if msg[0] == "race")["rows"]
-    assert [r["error"] for r in rows] == [None] * 3
-    assert rows[1]["same_tokens"] and rows[2]["same_tokens"]
-    assert rows[1]["max_logit_delta"] < 1e-4
-    loop.lm = SimpleNamespace(model=tiny_model("llama"), tokenizer=tokenizer, config=None)
-    assert "not loaded from a .gguf" in loop.fast_reasons()["c+gguf"]
+    session = Session(SimpleNamespace(model=ref, tokenizer=tokenizer, config=ref.cfg,
+                                      name="tiny"))
+    ready = session.ready()
+    assert ready.fast["c+gguf"] is None and ready.fast["gguf"] is None
+    runs = tuple(RunRequest("The cat", GenerationConfig(max_new_tokens=12, stop_at_eos=False,
+                                                        fast=FastPathConfig.from_spec(spec)), i)
+                 for i, spec in enumerate(("", "c+gguf", "gguf"), start=1))
+    done = [e.event for e in session.race(RaceRequest(race_id=9, runs=runs))
+            if isinstance(e.event, RaceFinished)][0]
+    assert [r.error for r in done.rows] == [None] * 3
+    assert done.rows[1].same_tokens and done.rows[2].same_tokens
+    assert done.rows[1].max_logit_delta < 1e-4
+    plain = Session(SimpleNamespace(model=tiny_model("llama"), tokenizer=tokenizer,
+                                    config=ref.cfg, name="tiny"))
+    assert "not loaded from a .gguf" in plain.ready().fast["c+gguf"]
 
 
 @needs_kernels
