@@ -47,7 +47,7 @@ class Field:
     value: Any
 
     def contents(self) -> Any:
-        return list(self.value) if isinstance(self.value, Strings) else self.value
+        return self.value.decoded() if isinstance(self.value, Strings) else self.value
 
     @property
     def data(self) -> Any:
@@ -61,6 +61,13 @@ class Strings:
 
     def __init__(self, buf: memoryview, offsets: array, path: Path):
         self._buf, self._offsets, self._path = buf, offsets, path     # (start of each length)
+        self._list: list[str] | None = None
+
+    def decoded(self) -> list[str]:
+        """All the strings, decoded once (the config and the tokenizer both ask)."""
+        if self._list is None:
+            self._list = list(self)
+        return self._list
 
     def __len__(self) -> int:
         return len(self._offsets)

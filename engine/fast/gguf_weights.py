@@ -291,6 +291,5 @@ def load_block_model(path: str | Path, reader=None) -> Transformer:
     # Only the RoPE tables are left on the meta device: compute them (float32, CPU).
     model.rope_cos = torch.empty(0)
     model.init_rope()
-    model.gguf_path = str(path)
-    model._gguf_reader = reader            # keeps the memory map (and so every view) alive
+    model.gguf_path = str(path)            # (each block tensor keeps the memory map alive)
     return model.eval()

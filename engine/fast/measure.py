@@ -143,7 +143,7 @@ BASELINE_IMPORTS = ("import resource, torch, numpy, tokenizers, engine.cli, engi
 def startup(rounds: int = 3, cache: str | None = None) -> list[dict]:
     """Process start → first token of `python main.py run`, and its peak resident memory, for
     the float32 C step and for `--weights gguf` (each in a fresh process; the first token is the
-    first JSON line on stdout). `cache` (MINILLM_CACHE) lets a caller time a first run."""
+    first "token" line of `run --json`). `cache` (MINILLM_CACHE) lets a caller time a first run."""
     import os
     import subprocess
     import sys
@@ -159,14 +159,16 @@ def startup(rounds: int = 3, cache: str | None = None) -> list[dict]:
             proc = subprocess.Popen([sys.executable, "main.py", "run", PROMPT, "--json",
                                      "--max-new-tokens", "2", *flags], stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL, text=True, env=env)
-            first = None
+            first = peak = None
             for line in proc.stdout:
-                if first is None:
+                event = json.loads(line)
+                if first is None and event.get("type") == "token":
                     first = time.perf_counter() - t0
-                summary = json.loads(line)
+                if event.get("type") == "finished":
+                    peak = event["metrics"]["peak_memory_bytes"]
             proc.wait()
             firsts.append(first)
-            peaks.append(summary["peak_memory_bytes"])
+            peaks.append(peak)
         rows.append(dict(run=label, first_token_s=statistics.median(firsts),
                          first_token_s_all=firsts, peak_rss_bytes=max(peaks),
                          above_runtime_bytes=max(peaks) - base, runtime_rss_bytes=base))
