@@ -163,7 +163,8 @@ static inline __m256 exp8(__m256 x)
     for (int i = 1; i < 6; i++)
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P[i]));
     __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    e = _mm256_slli_epi32(e, 23);                                  /* 2^n as a float's bits */
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
@@ -189,7 +190,8 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n)
     for (; i + 8 <= n; i += 8)
         for (int k = 0; k < 8; k++)
             lane[k] += a[i + k] * b[i + k];
-    float s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    float s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) +
+              ((lane[2] + lane[6]) + (lane[3] + lane[7]));
     for (; i < n; i++)
         s += a[i] * b[i];
     return s;
@@ -208,7 +210,8 @@ static float exp_shifted(float *s, int64_t T, float max)
     for (; t + 8 <= T; t += 8)
         for (int k = 0; k < 8; k++)
             lane[k] += (s[t + k] = exp_poly(s[t + k] - max));
-    total = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    total = ((lane[0] + lane[4]) + (lane[1] + lane[5])) +
+            ((lane[2] + lane[6]) + (lane[3] + lane[7]));
     for (; t < T; t++)
         total += (s[t] = exp_poly(s[t] - max));
     return total;

@@ -39,9 +39,10 @@
  * the embedding picks the rows of a prompt's tokens.
  *
  * Two builds of the same arithmetic: with AVX2 + FMA (+F16C) the blocks are unpacked with
- * intrinsics, 32 weights at a time; the portable build (no intrinsics, no OpenMP: -DMINILLM_PORTABLE,
- * or any CPU without AVX2, such as an ARM Mac) writes each block as eight independent float
- * lanes, a loop shape a compiler vectorises by itself (NEON, SSE) without reordering any sum.
+ * intrinsics, 32 weights at a time; the portable build (no intrinsics, no OpenMP:
+ * -DMINILLM_PORTABLE, or any CPU without AVX2, such as an ARM Mac) writes each block as eight
+ * independent float lanes, a loop shape a compiler vectorises by itself (NEON, SSE) without
+ * reordering any sum.
  * Included by decode_step.c after gemv.c (which defines VECTOR and hsum).
  */
 #include <stdint.h>
@@ -177,7 +178,8 @@ static inline f8 dot_int8(const uint8_t *q, const float *x)
     __m256 p = _mm256_mul_ps(widen(_mm_loadl_epi64((const __m128i *)q)), _mm256_loadu_ps(x));
     __m256 r = _mm256_mul_ps(widen(_mm_loadl_epi64((const __m128i *)(q + 16))),
                              _mm256_loadu_ps(x + 16));
-    p = _mm256_fmadd_ps(widen(_mm_loadl_epi64((const __m128i *)(q + 8))), _mm256_loadu_ps(x + 8), p);
+    p = _mm256_fmadd_ps(widen(_mm_loadl_epi64((const __m128i *)(q + 8))),
+                        _mm256_loadu_ps(x + 8), p);
     r = _mm256_fmadd_ps(widen(_mm_loadl_epi64((const __m128i *)(q + 24))),
                         _mm256_loadu_ps(x + 24), r);
     return _mm256_add_ps(p, r);
@@ -188,8 +190,9 @@ static inline f8 dot_int8(const uint8_t *q, const float *x)
  * a shift eight high ones (weights 16–31), each ready to convert: no widening shuffles. */
 static inline f8 dot_nibbles(const uint8_t *qs, const float *x, int offset)
 {
-    const __m256i first = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
-                                           4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i first = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1,
+                                           3, -1, -1, -1, 4, -1, -1, -1, 5, -1, -1, -1,
+                                           6, -1, -1, -1, 7, -1, -1, -1);
     const __m256i second = _mm256_add_epi32(first, _mm256_set1_epi32(8));   /* bytes 8–15 */
     const __m256i low = _mm256_set1_epi32(15), off = _mm256_set1_epi32(offset);
     __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
@@ -410,7 +413,8 @@ static INLINE float dot_blocks32(const int type, const uint8_t *row, const float
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2, row += 2 * bb, x += 64) {
         float d0, m0, d1, m1;
-        f8 p0 = dot_block32(type, row, x, &d0, &m0), p1 = dot_block32(type, row + bb, x + 32, &d1, &m1);
+        f8 p0 = dot_block32(type, row, x, &d0, &m0);
+        f8 p1 = dot_block32(type, row + bb, x + 32, &d1, &m1);
         acc0 = madd(acc0, d0, p0);
         acc1 = madd(acc1, d1, p1);
         if (has_min(type)) {
@@ -472,7 +476,8 @@ static float dot_row(int type, const uint8_t *row, const float *x, const float *
         for (; c + 8 <= cols; c += 8)
             for (int k = 0; k < 8; k++)
                 lane[k] += float_at(type, row, c + k) * x[c + k];
-        s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+        s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) +
+            ((lane[2] + lane[6]) + (lane[3] + lane[7]));
         for (; c < cols; c++)
             s += float_at(type, row, c) * x[c];
         return s;

@@ -20,9 +20,10 @@ weight-only int8, one byte per weight read. For it the weights are stored in til
 row-major layout's speed on the project's CPU). Otherwise (a prompt of several tokens, CUDA, no C
 compiler) the weights are widened in PyTorch just before the matmul: the same numbers, without
 the bandwidth saving — for a prompt on the CPU into one reused float32 buffer, so a prompt costs
-what float32's does (a matrix widened into cache, then the same GEMM). (fbgemm's "dynamic" int8 GEMM was measured and rejected: it also rounds
-each activation row to 8 bits, and this model's activations have outlier channels — it changed
-the very first greedy token. See docs/fast_path.md.)
+what float32's does (a matrix widened into cache, then the same GEMM). (fbgemm's "dynamic" int8
+GEMM was measured and rejected: it also rounds each activation row to 8 bits, and this model's
+activations have outlier channels — it changed the very first greedy token. See
+docs/fast_path.md.)
 
 Nothing here is exact: tests bound the divergence instead of demanding identical tokens.
 """

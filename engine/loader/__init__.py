@@ -261,7 +261,8 @@ def _is_gguf(path: Path) -> bool:
 __all__ = [
     "load_model", "LoadedModel", "ModelLoadError", "ModelNotFound", "resolve_device",
     "resolve_dtype", "DTYPES", "EMBEDDED_NAME", "Progress", "cache_root", "embedded_gguf",
-    "load_gguf", "load_gguf_blocks", "convert_gguf", "load_hf_folder", "read_safetensors", "hub_download",
+    "load_gguf", "load_gguf_blocks", "convert_gguf", "load_hf_folder", "read_safetensors",
+    "hub_download",
     "looks_like_hub_id", "open_gguf", "gguf_config", "gguf_state_dict", "tensor_plan",
     "unpermute_qk", "tokenizer_from_gguf", "gguf_tokenizer_json", "gguf_cache_key", "CACHE_FORMAT",
     "Converted", "HF_LLAMA_NAMES", "hf_to_engine", "engine_to_hf", "build_model", "assemble",

@@ -113,7 +113,8 @@ def write_gguf(path: Path, model: Transformer, qtype, emb_type=T.Q8_0, seed=0) -
     if not cfg.tie_embeddings:
         add("output.weight", sd["lm_head.weight"], emb_type)
     w.add_tensor("output_norm.weight", sd["norm.weight"])
-    names = {"attn.wq": "attn_q", "attn.wk": "attn_k", "attn.wv": "attn_v", "attn.wo": "attn_output",
+    names = {"attn.wq": "attn_q", "attn.wk": "attn_k", "attn.wv": "attn_v",
+             "attn.wo": "attn_output",
              "mlp.w_gate": "ffn_gate", "mlp.w_up": "ffn_up", "mlp.w_down": "ffn_down"}
     for i in range(cfg.n_layers):
         for ours, theirs in names.items():
@@ -325,7 +326,8 @@ def test_without_kernels_the_modules_fall_back_to_float32(files, monkeypatch):
         want = ref.layers[0].attn.wq(x)
         monkeypatch.setattr(kernels, "library", lambda variant=None: None)
         got = blocks.layers[0].attn.wq(x)
-        assert torch.equal(blocks.tok_emb(torch.tensor([[1, 2]])), ref.tok_emb(torch.tensor([[1, 2]])))
+        ids = torch.tensor([[1, 2]])
+        assert torch.equal(blocks.tok_emb(ids), ref.tok_emb(ids))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -435,11 +437,12 @@ def test_embedded_c_gguf_golden(embedded):
     """The embedded Q4_1 file decoded in its own blocks gives the float32 golden tokens."""
     from tests.engine.test_golden import GOLDEN_TOKENS, PROMPT
     assert embedded.model.gguf_path.endswith(".gguf")
-    for strategy, spec in (("kv", "c+gguf"), ("paged", "c+gguf"), ("kv", "gguf")):
+    # The PyTorch path (one C product per projection) is the slow one: its first 16 tokens.
+    for strategy, spec, n in (("kv", "c+gguf", 50), ("paged", "c+gguf", 50), ("kv", "gguf", 16)):
         _, fin = run_to_end(embedded.model, embedded.tokenizer, PROMPT, GenerationConfig(
-            strategy=strategy, max_new_tokens=50, attention_rows=False,
+            strategy=strategy, max_new_tokens=n, attention_rows=False,
             fast=FastPathConfig.from_spec(spec)), steps=STEPS)
-        assert list(fin.tokens) == GOLDEN_TOKENS, (strategy, spec)
+        assert list(fin.tokens) == GOLDEN_TOKENS[:n], (strategy, spec)
     blocks = prepare(embedded.model, FastPathConfig(weights="gguf"))
     assert isinstance(blocks.layers[0].mlp.w_up, GGUFLinear)
     assert blocks.layers[0].mlp.w_up.matrix.type_name == "Q4_1"
@@ -516,7 +519,8 @@ def test_bench_rows_for_gguf(files, tmp_path, monkeypatch):
     for label in ("kv/sdpa +c+gguf", "kv/sdpa +gguf"):
         assert rows[label]["identical"] is True, rows[label]
     fmt = {f["format"].split(" ")[0]: f for f in doc["bandwidth"]["formats"]}
-    assert fmt["gguf"]["weight_bytes"] < fmt["int8"]["weight_bytes"] < fmt["float32"]["weight_bytes"]
+    sizes = [fmt[k]["weight_bytes"] for k in ("gguf", "int8", "float32")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
     assert "Q4_1" in next(f["format"] for f in doc["bandwidth"]["formats"]
                           if f["format"].startswith("gguf"))
     per_row = {r["label"]: r for r in doc["bandwidth"]["rows"]}
