@@ -5,6 +5,7 @@
     quant.py        16-bit or int8 (per-channel) weights: fewer bytes per token   lossy, reported
     gguf_weights.py a GGUF's own blocks, read in place (`--weights gguf`)       exact
     gguf_blocks.c   products and dequantisation straight from those blocks
+    gguf_file.py    a GGUF's header and tensor table, read fast and bounds-checked
     static_step.py  a decode step with fixed shapes (tensor position, masked cache)
     compile.py      torch.compile of that step                                  exact
     cuda_graph.py   one CUDA-graph replay per step                              exact
