@@ -34,9 +34,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .attention import AttentionBackend, get_backend
-from .batch_events import (BatchSummary, PoolSnapshot, PrefillChunk, RequestAdmitted,
-                           RequestArrived, RequestFinished, RequestPreempted, RequestResumed,
-                           RequestToken, SequenceView, StepDone)
+from .batch_events import (BatchStarted, BatchSummary, PoolSnapshot, PrefillChunk,
+                           RequestAdmitted, RequestArrived, RequestFinished, RequestPreempted,
+                           RequestResumed, RequestToken, SequenceView, StepDone)
 from .cache.block_manager import BlockManager
 from .config import ConfigError, GenerationConfig
 from .decoding import check_lengths
@@ -52,7 +52,8 @@ from .tokenizer import StreamDecoder, Tokenizer
 class BatchEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, cfg: SchedulerConfig,
                  backend: str | AttentionBackend = "sdpa",
-                 clock: Callable[[], float] = time.perf_counter, snapshots: bool = True):
+                 clock: Callable[[], float] = time.perf_counter, snapshots: bool = True,
+                 model_name: str = ""):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         if isinstance(backend, str):
             backend = get_backend(backend, model.device)
@@ -66,7 +67,12 @@ class BatchEngine:
         self.steps = 0
         self.peak_blocks = 0
         self.peak_contiguous_tokens = 0
-        self._outbox: list = []                # events waiting for the next step() / drain()
+        self._outbox: list = [BatchStarted(
+            model=model_name or type(model).__name__, device=str(model.device),
+            dtype=str(model.dtype).removeprefix("torch."), backend=backend.name,
+            max_batch=cfg.max_batch, max_step_tokens=cfg.max_step_tokens,
+            block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+            bytes_per_block=self.runner.bytes_per_block, prefix_caching=cfg.prefix_caching)]
 
     def now(self) -> float:
         """Seconds since the engine started: the time base of every event."""
@@ -95,9 +101,10 @@ class BatchEngine:
                        stream=StreamDecoder(self.tokenizer),
                        logits=[] if config.keep_logits else None)
         self.sequences[seq.id] = seq
-        self._outbox.append(RequestArrived(request=seq.id, prompt_tokens=len(ids),
-                                           max_new_tokens=config.max_new_tokens,
-                                           time_s=seq.arrival_s))
+        self._outbox.append(RequestArrived(
+            request=seq.id, prompt_tokens=len(ids), max_new_tokens=config.max_new_tokens,
+            time_s=seq.arrival_s,
+            prompt=prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)))
         try:
             if isinstance(prompt, str) and prompt and not prompt.strip():
                 raise ConfigError("the prompt is only whitespace")

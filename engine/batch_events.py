@@ -1,7 +1,7 @@
 """What the batching engine emits: small frozen dataclasses of plain values (no tensors, no
 torch import), each convertible to and from one JSON object.
 
-For one request r, in order:
+BatchStarted first; then for one request r, in order:
 
     RequestArrived → RequestAdmitted → PrefillChunk+ → RequestToken* → RequestFinished
                           (RequestPreempted → RequestResumed → PrefillChunk+ → RequestToken*)*
@@ -23,11 +23,27 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
+class BatchStarted:
+    """The engine's settings, once, before any request."""
+    model: str
+    device: str
+    dtype: str
+    backend: str
+    max_batch: int
+    max_step_tokens: int
+    block_size: int
+    num_blocks: int
+    bytes_per_block: int        # K and V of block_size tokens, every layer
+    prefix_caching: bool
+
+
+@dataclass(frozen=True, slots=True)
 class RequestArrived:
     request: int
     prompt_tokens: int
     max_new_tokens: int
     time_s: float
+    prompt: str = ""            # its text (decoded, if it came as token ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +185,12 @@ class BatchSummary:
     interrupted: bool = False
 
 
-BatchEvent = (RequestArrived | RequestAdmitted | PrefillChunk | RequestToken | RequestPreempted
-              | RequestResumed | RequestFinished | StepDone | PoolSnapshot | BatchSummary)
+BatchEvent = (BatchStarted | RequestArrived | RequestAdmitted | PrefillChunk | RequestToken
+              | RequestPreempted | RequestResumed | RequestFinished | StepDone | PoolSnapshot
+              | BatchSummary)
 
 _TYPES = {cls.__name__: cls for cls in (
-    RequestArrived, RequestAdmitted, PrefillChunk, RequestToken, RequestPreempted,
+    BatchStarted, RequestArrived, RequestAdmitted, PrefillChunk, RequestToken, RequestPreempted,
     RequestResumed, RequestFinished, StepDone, PoolSnapshot, BatchSummary)}
 
 

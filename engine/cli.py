@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         bench.add_parser(sub)
     except ImportError:
         pass
+    from . import batch_cli
+    batch_cli.add_parser(sub)
 
     ui = sub.add_parser("ui", help="start the Textual app (the default)")
     add_ui_args(ui)
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from . import bench
             return bench.cmd_bench(args)
+        if args.command == "batch":
+            from .batch_cli import cmd_batch
+            return cmd_batch(args)
         if args.command == "ui":
             return cmd_ui(args)
         parser.print_help()

@@ -57,6 +57,11 @@ class PackedBatch:
     slot_offsets: torch.Tensor  # (N,) … and slot in it
     segments: list[Segment]
     sample_rows: torch.Tensor   # (R,) rows whose logits are wanted
+    # The PyTorch path: all one-token segments in one masked call.
+    decode: list[Segment]       # segments of one row (decode steps)
+    decode_rows: torch.Tensor   # (D,) their rows
+    decode_tables: torch.Tensor  # (D, max blocks) long, padded with block 0
+    decode_mask: torch.Tensor   # (D, 1, 1, max blocks · block size) True where a key is theirs
     # The triton path: every row in one launch.
     tables: torch.Tensor        # (S, max blocks) int32, one block table per segment, padded
     row_seq: torch.Tensor       # (N,) int32 segment of each row
@@ -82,12 +87,20 @@ class PackedBatch:
                 samples.append(len(ids) - 1)
         width = max(len(t) for t in seq_tables)
         padded = [t + [0] * (width - len(t)) for t in seq_tables]
+        one = [i for i, s in enumerate(segments) if s.length == 1]
+        decode_width = max((len(seq_tables[i]) for i in one), default=0)
+        keys = torch.arange(decode_width * block_size, device=device)
+        lengths = torch.tensor([segments[i].start + 1 for i in one], device=device)
 
         def long(x):
             return torch.tensor(x, dtype=torch.long, device=device)
 
         return cls(tokens=long([ids]), positions=long(pos), slot_blocks=long(blocks),
                    slot_offsets=long(offsets), segments=segments, sample_rows=long(samples),
+                   decode=[segments[i] for i in one],
+                   decode_rows=long([segments[i].row for i in one]),
+                   decode_tables=long([padded[i][:decode_width] for i in one]),
+                   decode_mask=(keys < lengths[:, None])[:, None, None, :],
                    tables=torch.tensor(padded, dtype=torch.int32, device=device),
                    row_seq=torch.tensor(row_seq, dtype=torch.int32, device=device),
                    row_pos=torch.tensor(pos, dtype=torch.int32, device=device))
@@ -117,12 +130,10 @@ class PagedBatchAttention:
         # 2. Read: each sequence's queries against its own keys.
         out = torch.empty_like(q)                                         # (1, H, N, hd)
         rest = b.segments
-        if self.masked_decode:
-            decode = [s for s in b.segments if s.length == 1]
+        if self.masked_decode and b.decode:
             rest = [s for s in b.segments if s.length > 1]
-            if decode:
-                rows = torch.tensor([s.row for s in decode], device=q.device)
-                out[0, :, rows] = decode_attention(q[0, :, rows], k_pool, v_pool, decode)
+            out[0, :, b.decode_rows] = decode_attention(q[0, :, b.decode_rows], k_pool, v_pool,
+                                                        b.decode_tables, b.decode_mask)
         for s in rest:
             keys, values = gather(k_pool, v_pool, s.table, s.start + s.length)
             rows = slice(s.row, s.row + s.length)
@@ -140,25 +151,20 @@ def gather(k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
 
 
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                     segments: list[Segment]) -> torch.Tensor:
+                     tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One new query per sequence, all sequences in one SDPA call.
 
-    q: (H, D, hd), row i the query of segments[i]. Each sequence's keys are gathered through its
-    block table and padded to the longest; a mask hides the padding, so row i's softmax runs over
-    exactly its own keys 0 … position. Returns (H, D, hd)."""
-    D, (n_blocks, n_kv, bs, hd) = len(segments), k_pool.shape
-    width = max(len(s.table) for s in segments)
-    tables = torch.zeros(D, width, dtype=torch.long, device=q.device)
-    lengths = torch.tensor([s.start + 1 for s in segments], device=q.device)
-    for i, s in enumerate(segments):
-        tables[i, :len(s.table)] = s.table
-    keys = k_pool[tables].transpose(1, 2).reshape(D, n_kv, width * bs, hd)    # (D, n_kv, L, hd)
-    values = v_pool[tables].transpose(1, 2).reshape(D, n_kv, width * bs, hd)
-    mask = torch.arange(width * bs, device=q.device) < lengths[:, None]      # (D, L)
+    q: (H, D, hd), row i the query of sequence i; tables: (D, W) its block table, padded to the
+    longest; mask: (D, 1, 1, W · block size), True for the keys 0 … position of sequence i.
+    Each sequence's keys are gathered through its table; the mask hides the padding, so row i's
+    softmax runs over exactly its own keys. Returns (H, D, hd)."""
+    (D, W), (_, n_kv, bs, hd) = tables.shape, k_pool.shape
+    keys = k_pool[tables].transpose(1, 2).reshape(D, n_kv, W * bs, hd)    # (D, n_kv, L, hd)
+    values = v_pool[tables].transpose(1, 2).reshape(D, n_kv, W * bs, hd)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(2), keys, values,                       # q: (D, H, 1, hd)
-        attn_mask=mask[:, None, None, :], enable_gqa=n_kv != q.shape[0])    # → (D, H, 1, hd)
-    return out[:, :, 0].transpose(0, 1)                                     # (H, D, hd)
+        q.transpose(0, 1).unsqueeze(2), keys, values,                     # q: (D, H, 1, hd)
+        attn_mask=mask, enable_gqa=n_kv != q.shape[0])                    # → (D, H, 1, hd)
+    return out[:, :, 0].transpose(0, 1)                                   # (H, D, hd)
 
 
 class ModelRunner:
