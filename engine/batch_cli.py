@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shutil
 import sys
 import time
 
@@ -218,7 +219,8 @@ class Display:
             now = time.monotonic()
             if now - self._last_draw > 0.1:           # ≤ 10 redraws a second
                 self._last_draw = now
-                self.err.write("\r\033[K" + self.status[:200])
+                width = shutil.get_terminal_size().columns - 1    # one row, or \r cannot
+                self.err.write("\r\033[K" + self.status[:width])   # redraw it
                 self.err.flush()
 
     def _clear(self) -> None:
