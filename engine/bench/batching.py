@@ -7,7 +7,8 @@ in the same run:
     batch sizes    B requests (different prompts, greedy, the same number of new tokens, all
                    arriving at once) served together: aggregate decode tokens/s and per-request
                    TPOT against B, and whether every request got exactly the tokens it gets
-                   alone (engine.decoding.generate) — the "identical" column
+                   alone (engine.decoding.generate) — the "identical" column. One request
+                   through generate() itself is timed in every pass too ("× alone")
     shared prefix  8 requests sharing a 200-token system prompt, with and without prefix
                    caching: peak KV blocks in use, the hit rate, identical tokens; and what a
                    contiguous cache per request would have reserved
@@ -147,7 +148,12 @@ def batch_sizes(lm, s: BatchBenchSettings, result: dict,
     reference = alone_tokens(lm, prompts, cfg, tick)
     rows = {b: BatchRow(batch=b) for b in s.sizes}
     result["rows"] = rows
+    alone = result["alone"] = []       # generate() on the first prompt, once per timed pass
     for p in range(s.warmup + s.repeat):
+        if p >= s.warmup:
+            tick(f"batch: pass {p - s.warmup + 1}, one request alone (generate)")
+            alone.append(run_to_end(lm.model, lm.tokenizer, prompts[0], cfg)[1]
+                         .metrics.decode_tokens_per_s)
         for b in s.sizes:
             tick(f"batch: {'warm-up' if p < s.warmup else f'pass {p - s.warmup + 1}'}, "
                  f"batch {b}")
@@ -212,11 +218,16 @@ def finish(doc: dict) -> None:
     out = doc.get("batch")
     if not out:
         return
-    rows = [r.to_dict() for r in (out.pop("_sizes", {}).get("rows") or {}).values()]
+    sizes = out.pop("_sizes", {})
+    rows = [r.to_dict() for r in (sizes.get("rows") or {}).values()]
     base = next((r for r in rows if r["batch"] == 1 and r["decode_tokens_per_s"]), None)
+    alone = sizes.get("alone") or []
+    out["alone_decode_tokens_per_s"] = statistics.median(alone) if alone else None
     for r in rows:
         r["over_batch_1"] = (r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                              if base and r["decode_tokens_per_s"] else None)
+        r["over_alone"] = (r["decode_tokens_per_s"] / out["alone_decode_tokens_per_s"]
+                           if alone and r["decode_tokens_per_s"] else None)
     out["rows"] = rows
 
 
@@ -247,7 +258,8 @@ def bench_document(s: BatchBenchSettings, model: str | None, device: str, dtype:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     n_prompts = max(s.sizes) + (8 if s.prefix else 0)
-    set_total(1 + n_prompts + (s.warmup + s.repeat) * len(s.sizes) + (2 if s.prefix else 0))
+    set_total(1 + n_prompts + (s.warmup + s.repeat) * len(s.sizes) + s.repeat
+              + (2 if s.prefix else 0))
     try:
         tick("loading the model")
         lm = loaded or load_model(model, device, dtype)

@@ -367,15 +367,16 @@ def batch_lines(doc: dict) -> tuple[list[str], list[list[str]], list[str], list[
     """The batch bench's two tables as text cells: (header, rows) for batch sizes and for the
     shared prefix. One source for the terminal and for Markdown."""
     b = doc.get("batch") or {}
-    head = ["batch", "decode tok/s (all requests)", "× batch 1", "TPOT p50 (per request)",
-            "TTFT p50", "identical"]
+    head = ["batch", "decode tok/s (all requests)", "× batch 1", "× alone", "TPOT p50 "
+            "(per request)", "TTFT p50", "identical"]
     rows = []
     for r in b.get("rows", []):
         rows.append([str(r["batch"]),
                      _num(r["decode_tokens_per_s"]) + (
                          f" ±{r['decode_spread_pct']:.0f}%" if r.get("decode_spread_pct")
                          is not None else ""),
-                     _num(r["over_batch_1"], "{:.2f}×"), _s(r["tpot_p50_s"]),
+                     _num(r["over_batch_1"], "{:.2f}×"), _num(r.get("over_alone"), "{:.2f}×"),
+                     _s(r["tpot_p50_s"]),
                      _s(r["ttft_p50_s"]), f"{r['identical']}/{r['requests']}"])
     p = b.get("prefix") or {}
     phead = ["prefix caching", "peak KV blocks", "% of no caching", "contiguous reservation",
@@ -419,6 +420,10 @@ def render_batch(doc: dict, file=None) -> None:
     if doc.get("interrupted"):
         console.print("[bold yellow]interrupted: showing what was measured so far[/]")
     head, rows, phead, prow = batch_lines(doc)
+    alone = (doc.get("batch") or {}).get("alone_decode_tokens_per_s")
+    if alone:
+        console.print(f"one request alone through generate() (kv/sdpa), timed in every pass: "
+                      f"{alone:.1f} decode tok/s")
     for title, h, rs in zip(batch_titles(doc), (head, phead), (rows, prow)):
         if not rs:
             continue
@@ -432,7 +437,10 @@ def render_batch(doc: dict, file=None) -> None:
 
 def batch_markdown(doc: dict) -> str:
     head, rows, phead, prow = batch_lines(doc)
-    lines = [f"- {batch_caption(doc)}", f"- date: {doc.get('started_at')}", ""]
+    lines = [f"- {batch_caption(doc)}", f"- date: {doc.get('started_at')}",
+             f"- one request alone through generate() (kv/sdpa), timed in every pass: "
+             f"{_num((doc.get('batch') or {}).get('alone_decode_tokens_per_s'))} decode tok/s",
+             ""]
     for title, h, rs in zip(batch_titles(doc), (head, phead), (rows, prow)):
         if rs:
             lines += [f"{title[0].upper()}{title[1:]}:", ""]

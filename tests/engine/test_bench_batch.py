@@ -46,6 +46,8 @@ def test_batch_rows(batch_doc):
         assert r["decode_tokens_per_s"] > 0 and r["tpot_p50_s"] > 0
         assert len(r["samples"]) == 1                     # --quick: one timed pass
     assert rows[0]["over_batch_1"] == 1.0
+    alone = doc["batch"]["alone_decode_tokens_per_s"]        # generate() itself, every pass
+    assert alone > 0 and rows[1]["over_alone"] == rows[1]["decode_tokens_per_s"] / alone
     assert doc["batch"]["settings"]["max_new_tokens"] == 16
 
 
@@ -71,7 +73,8 @@ def test_tables_on_the_terminal_and_in_markdown(batch_doc):
     buf = io.StringIO()
     report.render_batch(doc, file=buf)
     text = buf.getvalue()
-    for part in ("ontinuous batching", "× batch 1", "TPOT p50", "identical",
+    for part in ("ontinuous batching", "× batch 1", "× alone", "alone through generate()",
+                 "TPOT p50", "identical",
                  "8 requests sharing a 200-token system prompt", "hit rate"):
         assert part in text and part in md, part
     assert "| 3 |" in md and "| on |" in md and "\x1b[" not in text
