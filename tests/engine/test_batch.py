@@ -352,3 +352,22 @@ def test_embedded_model_eight_requests_batched_equal_alone(embedded):
     for rid, prompt in enumerate(prompts):
         _, ref = run_to_end(embedded.model, embedded.tokenizer, prompt, cfg)
         assert done[rid].tokens == ref.tokens, prompt
+
+
+# --------------------------------------------------------------------------- the figures
+def test_batch_metrics_definitions():
+    """One request: the batch's decode tokens/s is 1 / TPOT, as for a single run. Several: all
+    tokens after each request's first, over the span from the first first token to the last
+    token; TTFT counts from arrival."""
+    from engine.metrics import compute_batch_metrics, compute_metrics
+    cpu = torch.device("cpu")
+    one = compute_metrics(3, 0.5, [0.5, 0.1, 0.1, 0.1], cpu, 0)     # arrival 0, tokens at .5 … .8
+    m = compute_batch_metrics([one], [(0.5, 0.8)], wall_s=0.8)
+    assert m.decode_tokens_per_s == pytest.approx(1 / one.tpot_s) == pytest.approx(10.0)
+    assert m.tokens_per_s == pytest.approx(4 / 0.8) and m.ttft_p50_s == pytest.approx(0.5)
+    two = compute_metrics(3, 1.0, [1.0, 0.2, 0.2], cpu, 0)           # arrival .2, tokens 1.2 … 1.6
+    m = compute_batch_metrics([one, two], [(0.5, 0.8), (1.2, 1.6)], wall_s=1.6, hit_tokens=3,
+                              lookup_tokens=6)
+    assert m.decode_tokens_per_s == pytest.approx((3 + 2) / (1.6 - 0.5))
+    assert m.ttft_p50_s == pytest.approx(0.75) and m.prefix_hit_rate == 0.5
+    assert m.tpot_p99_s == pytest.approx(0.1 + 0.99 * 0.1)
