@@ -68,7 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="instead of the standard experiment, measure continuous batching at "
                         "these batch sizes, e.g. 1,2,4,8,16: aggregate decode tok/s, TPOT, "
                         "identical tokens; and 8 requests sharing a 200-token system prompt "
-                        "with and without prefix caching (docs/batching.md)")
+                        "with and without prefix caching (docs/batching.md); with --fast, one "
+                        "request alone is also timed with those fast paths")
     return p
 
 
@@ -107,7 +108,7 @@ def cmd_batch_bench(args: argparse.Namespace, loaded=None) -> int:
         sizes=batching.parse_sizes(args.batch), block_size=args.block_size,
         max_new_tokens=min(args.max_new_tokens, 16) if args.quick else args.max_new_tokens,
         repeat=1 if args.quick else args.repeat, warmup=0 if args.quick else args.warmup,
-        backend=(args.backends or ("sdpa",))[0])
+        backend=(args.backends or ("sdpa",))[0], fast=tuple(args.fast))
     mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
     with report.progress(mode) as (tick, set_total):
         doc = batching.bench_document(s, args.model, args.device, args.dtype, args.threads,

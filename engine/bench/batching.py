@@ -19,6 +19,7 @@ on a shared machine falls on every row alike; the ratios between rows are the re
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,7 +28,7 @@ import torch
 
 from .. import batch_events as be
 from ..batch import BatchEngine, serve
-from ..config import ConfigError, GenerationConfig
+from ..config import ConfigError, FastPathConfig, GenerationConfig
 from ..decoding import run_to_end
 from ..scheduler import SchedulerConfig
 
@@ -61,6 +62,7 @@ class BatchBenchSettings:
     block_size: int = 16
     backend: str = "sdpa"
     prefix: bool = True                 # the shared-prefix experiment too
+    fast: tuple[str, ...] = ()          # also time one request alone with these fast paths
 
     def __post_init__(self) -> None:
         self.sizes = tuple(self.sizes)
@@ -71,6 +73,9 @@ class BatchBenchSettings:
             raise ConfigError("the batch bench needs --max-new-tokens ≥ 2 (TPOT needs two)")
         if self.repeat < 1 or self.warmup < 0:
             raise ConfigError("--repeat must be ≥ 1 and --warmup ≥ 0")
+        self.fast = tuple(self.fast)
+        for spec in self.fast:
+            FastPathConfig.from_spec(spec)          # a bad name fails before anything loads
 
 
 @dataclass(slots=True)
@@ -148,12 +153,15 @@ def batch_sizes(lm, s: BatchBenchSettings, result: dict,
     reference = alone_tokens(lm, prompts, cfg, tick)
     rows = {b: BatchRow(batch=b) for b in s.sizes}
     result["rows"] = rows
-    alone = result["alone"] = []       # generate() on the first prompt, once per timed pass
+    # generate() on the first prompt, once per timed pass: plain, then each fast path asked for
+    alone = result["alone"] = {spec: [] for spec in ("", *s.fast)}
     for p in range(s.warmup + s.repeat):
-        if p >= s.warmup:
-            tick(f"batch: pass {p - s.warmup + 1}, one request alone (generate)")
-            alone.append(run_to_end(lm.model, lm.tokenizer, prompts[0], cfg)[1]
-                         .metrics.decode_tokens_per_s)
+        for spec in alone if p >= s.warmup else ():
+            label = "generate" + (f" +{spec}" if spec else "")
+            tick(f"batch: pass {p - s.warmup + 1}, one request alone ({label})")
+            c = dataclasses.replace(cfg, fast=FastPathConfig.from_spec(spec))
+            alone[spec].append(run_to_end(lm.model, lm.tokenizer, prompts[0], c)[1]
+                               .metrics.decode_tokens_per_s)
         for b in s.sizes:
             tick(f"batch: {'warm-up' if p < s.warmup else f'pass {p - s.warmup + 1}'}, "
                  f"batch {b}")
@@ -203,7 +211,7 @@ def run_batch_bench(lm, s: BatchBenchSettings, doc: dict,
     out = doc.setdefault("batch", {"settings": {
         "sizes": list(s.sizes), "max_new_tokens": s.max_new_tokens, "repeat": s.repeat,
         "warmup": s.warmup, "block_size": s.block_size, "backend": s.backend,
-        "threads": torch.get_num_threads()}})
+        "fast": list(s.fast), "threads": torch.get_num_threads()}})
     sizes: dict = {}
     out["_sizes"] = sizes
     batch_sizes(lm, s, sizes, tick)
@@ -221,8 +229,11 @@ def finish(doc: dict) -> None:
     sizes = out.pop("_sizes", {})
     rows = [r.to_dict() for r in (sizes.get("rows") or {}).values()]
     base = next((r for r in rows if r["batch"] == 1 and r["decode_tokens_per_s"]), None)
-    alone = sizes.get("alone") or []
+    runs = sizes.get("alone") or {}
+    alone = runs.get("") or []
     out["alone_decode_tokens_per_s"] = statistics.median(alone) if alone else None
+    out["alone_fast_decode_tokens_per_s"] = {spec: statistics.median(v) if v else None
+                                             for spec, v in runs.items() if spec}
     for r in rows:
         r["over_batch_1"] = (r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                              if base and r["decode_tokens_per_s"] else None)
@@ -258,8 +269,8 @@ def bench_document(s: BatchBenchSettings, model: str | None, device: str, dtype:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     n_prompts = max(s.sizes) + (8 if s.prefix else 0)
-    set_total(1 + n_prompts + (s.warmup + s.repeat) * len(s.sizes) + s.repeat
-              + (2 if s.prefix else 0))
+    set_total(1 + n_prompts + (s.warmup + s.repeat) * len(s.sizes)
+              + s.repeat * (1 + len(s.fast)) + (2 if s.prefix else 0))
     try:
         tick("loading the model")
         lm = loaded or load_model(model, device, dtype)

@@ -405,6 +405,18 @@ def batch_caption(doc: dict) -> str:
             f"backend {st.get('backend')} · load average {la[0] if la else '?'} at the start")
 
 
+def batch_alone_lines(doc: dict) -> list[str]:
+    """One request alone through generate(), timed in every pass (plain, then fast paths)."""
+    b = doc.get("batch") or {}
+    out = []
+    if b.get("alone_decode_tokens_per_s"):
+        out.append(f"one request alone through generate() (kv/sdpa), timed in every pass: "
+                   f"{b['alone_decode_tokens_per_s']:.1f} decode tok/s")
+    for spec, v in (b.get("alone_fast_decode_tokens_per_s") or {}).items():
+        out.append(f"… the same with the fast path +{spec}: {_num(v)} decode tok/s")
+    return out
+
+
 def batch_titles(doc: dict) -> tuple[str, str]:
     system = ((doc.get("batch") or {}).get("prefix") or {}).get("system_tokens", 200)
     return ("continuous batching: B requests at once (median of the passes)",
@@ -420,10 +432,8 @@ def render_batch(doc: dict, file=None) -> None:
     if doc.get("interrupted"):
         console.print("[bold yellow]interrupted: showing what was measured so far[/]")
     head, rows, phead, prow = batch_lines(doc)
-    alone = (doc.get("batch") or {}).get("alone_decode_tokens_per_s")
-    if alone:
-        console.print(f"one request alone through generate() (kv/sdpa), timed in every pass: "
-                      f"{alone:.1f} decode tok/s")
+    for line in batch_alone_lines(doc):
+        console.print(line)
     for title, h, rs in zip(batch_titles(doc), (head, phead), (rows, prow)):
         if not rs:
             continue
@@ -438,9 +448,7 @@ def render_batch(doc: dict, file=None) -> None:
 def batch_markdown(doc: dict) -> str:
     head, rows, phead, prow = batch_lines(doc)
     lines = [f"- {batch_caption(doc)}", f"- date: {doc.get('started_at')}",
-             f"- one request alone through generate() (kv/sdpa), timed in every pass: "
-             f"{_num((doc.get('batch') or {}).get('alone_decode_tokens_per_s'))} decode tok/s",
-             ""]
+             *(f"- {line}" for line in batch_alone_lines(doc)), ""]
     for title, h, rs in zip(batch_titles(doc), (head, phead), (rows, prow)):
         if rs:
             lines += [f"{title[0].upper()}{title[1:]}:", ""]

@@ -31,6 +31,7 @@ def batch_doc(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-batch")
     code = main(["bench", "--batch", "1,2,3", "--model", str(tiny_folder), "--device", "cpu",
                  "--quick", "--threads", "1", "--no-progress", "--block-size", "8",
+                 "--fast", "fuse",
                  "--json", str(out / "b.json"), "--markdown", str(out / "b.md")])
     assert code == 0
     return json.loads((out / "b.json").read_text()), (out / "b.md").read_text()
@@ -48,6 +49,7 @@ def test_batch_rows(batch_doc):
     assert rows[0]["over_batch_1"] == 1.0
     alone = doc["batch"]["alone_decode_tokens_per_s"]        # generate() itself, every pass
     assert alone > 0 and rows[1]["over_alone"] == rows[1]["decode_tokens_per_s"] / alone
+    assert doc["batch"]["alone_fast_decode_tokens_per_s"]["fuse"] > 0     # --fast fuse
     assert doc["batch"]["settings"]["max_new_tokens"] == 16
 
 
@@ -74,6 +76,7 @@ def test_tables_on_the_terminal_and_in_markdown(batch_doc):
     report.render_batch(doc, file=buf)
     text = buf.getvalue()
     for part in ("ontinuous batching", "× batch 1", "× alone", "alone through generate()",
+                 "fast path +fuse",
                  "TPOT p50", "identical",
                  "8 requests sharing a 200-token system prompt", "hit rate"):
         assert part in text and part in md, part
