@@ -16,7 +16,7 @@ The roles, one file each:
     engine/cache/block_manager.py   blocks, reference counts, the prefix cache, copy-on-write
     engine/runner.py                the packed batch through the model; paged attention
     engine/sequence.py              one request's state
-    engine/batch_events.py          what comes out
+    engine/events.py                what comes out (its batch events)
 
 The promise: every request keeps its own sampling settings and its own random generator, and its
 next token is sampled from its own row of logits by the same code as engine.decoding.generate —
@@ -34,12 +34,12 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .attention import AttentionBackend, get_backend
-from .batch_events import (BatchStarted, BatchSummary, PoolSnapshot, PrefillChunk,
-                           RequestAdmitted, RequestArrived, RequestFinished, RequestPreempted,
-                           RequestResumed, RequestToken, SequenceView, StepDone)
 from .cache.block_manager import BlockManager
 from .config import ConfigError, GenerationConfig
 from .decoding import check_lengths
+from .events import (BatchStarted, BatchSummary, PoolSnapshot, PrefillChunk, RequestAdmitted,
+                     RequestArrived, RequestFinished, RequestPreempted, RequestResumed,
+                     RequestToken, SequenceView, StepDone)
 from .metrics import BatchMetrics, RunMetrics, compute_batch_metrics, compute_metrics
 from .model import Transformer
 from .runner import ModelRunner
@@ -198,8 +198,8 @@ class BatchEngine:
         seq.token_times.append(now)
         kept = None
         if seq.logits is not None:
-            seq.logits.append(logits.detach().float().cpu())
-            kept = tuple(seq.logits[-1].tolist())
+            kept = logits.detach().float().cpu()
+            seq.logits.append(kept)
         out = [RequestToken(request=seq.id, id=token, text=seq.stream.push(token),
                             position=len(seq.tokens) - 1, index=len(seq.generated) - 1,
                             latency_s=now - previous, time_s=now, logits=kept)]

@@ -13,6 +13,7 @@ reports everything that finished (exit status 130).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import shutil
@@ -128,7 +129,6 @@ def request_configs(a: argparse.Namespace, n: int) -> list[GenerationConfig]:
 
 # ----------------------------------------------------------------------------- the command
 def cmd_batch(a: argparse.Namespace) -> int:
-    from . import batch_events as be
     from .attention import get_backend
     from .batch import BatchEngine, serve
     from .loader import load_model
@@ -192,11 +192,11 @@ class Display:
         self._last_draw = 0.0
 
     def __call__(self, ev) -> None:
-        from . import batch_events as be
+        from . import events as be
         if isinstance(ev, be.BatchSummary):
             self.summary = ev
         if self.as_json:
-            self.out.write(be.to_json(ev) + "\n")
+            self.out.write(json.dumps(be.to_json(ev), ensure_ascii=False) + "\n")
             self.out.flush()
             return
         if isinstance(ev, be.RequestArrived):

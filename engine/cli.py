@@ -1,20 +1,31 @@
-"""The command line: argparse → config dataclasses → run / bench / the app.
+"""The command line: argparse → config dataclasses → run / bench / replay / the app.
 
 User mistakes (a bad flag value, a missing file, an unknown backend) end with one line on stderr
 and exit status 2; Ctrl+C ends with status 130 and whatever was produced so far kept on screen.
+Every other failure, expected or not, is one line too (`main` catches everything; --debug or
+MINILLM_DEBUG=1 adds the traceback) and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import sys
+import traceback
 
 from .config import (DTYPES, FAST_WEIGHTS, KERNELS, LAYOUTS, STRATEGIES, ConfigError,
                      FastPathConfig, GenerationConfig, SamplingConfig)
+from .player import SPEEDS
+from .recording import Recorder, RecordingError, header, read_recording
 
 EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_CODES = """exit status:
+  0    done
+  1    the run failed: a damaged or inconsistent model file, out of memory, an unexpected
+       error (one line; --debug or MINILLM_DEBUG=1 prints the traceback too)
+  2    a usage error: a bad flag value, a model path that does not exist, an unsupported model
+  130  interrupted (Ctrl+C); what was produced so far is kept"""
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -73,9 +84,15 @@ def generation_config(a: argparse.Namespace, **overrides) -> GenerationConfig:
     return GenerationConfig(**kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """with_bench=False leaves out `bench`, whose flags come from a package that imports torch
+    (a replay must start without it)."""
     parser = argparse.ArgumentParser(
-        prog="minillm", description="A small, readable LLM inference engine with a terminal UI.")
+        prog="minillm", description="A small, readable LLM inference engine with a terminal UI.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an error (anywhere on the command "
+                             "line; or set MINILLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="generate a completion and stream it to stdout")
@@ -83,18 +100,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(run)
     add_generation_args(run)
     run.add_argument("--json", action="store_true",
-                     help="print one JSON object per line: each token, then a summary")
+                     help="print the run's events as JSON lines (docs/events.md): a header, "
+                          "then every event — the same lines --record writes")
+    run.add_argument("--record", default=None, metavar="FILE",
+                     help="also write the events, with every layer's attention rows, to FILE "
+                          "(.gz compresses); `replay FILE` plays it without the model")
 
-    try:
-        from . import bench
-        bench.add_parser(sub)
-    except ImportError:
-        pass
-    from . import batch_cli
+    if with_bench:
+        try:
+            from . import bench
+            bench.add_parser(sub)
+        except ImportError:
+            pass
+    from . import batch_cli          # (imports no torch: a replay still starts without it)
     batch_cli.add_parser(sub)
+
+    replay = sub.add_parser("replay", help="play a recording in the app, without the model",
+                            description="Open the app on a recording (run --record, or `r` in "
+                                        "the app): space pauses, ← → step one token, − + "
+                                        "change the speed, home/end jump. Needs neither torch "
+                                        "nor the model.")
+    replay.add_argument("file", help="a recording (.jsonl or .jsonl.gz)")
+    replay.add_argument("--speed", type=float, default=1.0, choices=SPEEDS,
+                        help="playback speed (default 1: the recorded pace)")
+    replay.add_argument("--paused", action="store_true", help="start paused at the beginning")
+    replay.add_argument("--theme", default="dark", help="dark, light or projector")
+    replay.add_argument("--truecolor", action="store_true",
+                        help="force 24-bit colour (COLORTERM is often lost over SSH)")
 
     ui = sub.add_parser("ui", help="start the Textual app (the default)")
     add_ui_args(ui)
+    for command in sub.choices.values():
+        command.epilog = "exit status: 0 done, 1 failed, 2 usage error, 130 interrupted " \
+                         "(minillm --help says more)"
     return parser
 
 
@@ -114,37 +152,78 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flash-tile", type=int, default=16, metavar="KEYS",
                    help="keys per tile of the flash backend in the app (default 16, so that a "
                         "short run shows several tiles; the bench and `run` use 64)")
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="record every run and race to FILE (.gz compresses) from the moment "
+                        "the model is ready; `r` starts and stops recording in the app")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Parse, dispatch, and turn every way of failing into one line and an exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --debug may come anywhere (before a "--" that ends the options), for every sub-command.
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut] or os.environ.get("MINILLM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
+    _reopen_closed_std_streams()
     try:
-        parser = build_parser()
-        if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-            argv = ["ui", *argv]           # no sub-command: the app
-        args = parser.parse_args(argv)
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "bench":
-            from . import bench
-            return bench.cmd_bench(args)
-        if args.command == "batch":
-            from .batch_cli import cmd_batch
-            return cmd_batch(args)
-        if args.command == "ui":
-            return cmd_ui(args)
-        parser.print_help()
-        return EXIT_USAGE
+        return dispatch(argv)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        _say("\ninterrupted")
         return EXIT_INTERRUPTED
-    except MemoryError:
-        print("error: out of memory: try a shorter prompt, fewer new tokens, a smaller dtype "
-              "(--dtype bfloat16) or another device", file=sys.stderr)
+    except BrokenPipeError:             # `run … | head`: the reader left; nothing to say to it
+        _discard_stdout()
         return EXIT_RUNTIME
-    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, (ConfigError, FileNotFoundError)) else EXIT_RUNTIME
+    except MemoryError:
+        _debug_trace(debug)
+        _say("error: out of memory: try a shorter prompt, fewer new tokens, a smaller dtype "
+             "(--dtype bfloat16) or another device")
+        return EXIT_RUNTIME
+    except Exception as exc:            # noqa: BLE001 — the one catch-all, by design
+        _debug_trace(debug)
+        _say(f"error: {describe(exc, debug)}")
+        return exit_code(exc)
+
+
+def dispatch(argv: list[str]) -> int:
+    parser = build_parser(with_bench=argv[:1] != ["replay"])
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["ui", *argv]           # no sub-command: the app
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "bench":
+        from . import bench
+        return bench.cmd_bench(args)
+    if args.command == "batch":
+        from .batch_cli import cmd_batch
+        return cmd_batch(args)
+    if args.command == "ui":
+        return cmd_ui(args)
+    if args.command == "replay":
+        return cmd_replay(args)
+    parser.print_help()
+    return EXIT_USAGE
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 when the user must change the command (ConfigError, a missing file, ModelNotFound's
+    `user_error`), 1 for everything that went wrong while running."""
+    if isinstance(exc, (ConfigError, FileNotFoundError)) or getattr(exc, "user_error", False):
+        return EXIT_USAGE
+    return EXIT_RUNTIME
+
+
+def describe(exc: BaseException, debug: bool = False) -> str:
+    """One line. Errors raised for the user (ConfigError, ModelLoadError, a file that cannot be
+    opened) say everything already; anything else also gets its type and where it happened."""
+    message = user_message(exc)
+    if isinstance(exc, (ConfigError, OSError)) or type(exc).__name__ in (
+            "ModelLoadError", "ModelNotFound", "OutOfMemoryError"):
+        return message
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({os.path.relpath(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    hint = "" if debug else "; --debug shows the traceback"
+    return f"unexpected {type(exc).__name__}: {message}{where}{hint}"
 
 
 def user_message(exc: BaseException) -> str:
@@ -154,6 +233,45 @@ def user_message(exc: BaseException) -> str:
                 "or --device cpu")
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):   # stderr closed too: nothing more to do
+        pass
+
+
+def _debug_trace(debug: bool) -> None:
+    if debug:
+        try:
+            traceback.print_exc()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _discard_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush of what
+    is still buffered does not print an "Exception ignored" message."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _reopen_closed_std_streams() -> None:
+    """Started with stdout (or stdin, stderr) closed (`cmd >&-`)? Put /dev/null there: else the
+    next file opened would take descriptor 1 and anything printed would land in it."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if os.open(os.devnull, os.O_RDWR) != fd:     # takes the lowest free descriptor
+                continue
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def cmd_ui(args) -> int:
@@ -186,52 +304,71 @@ def _progress_printer(enabled: bool):
 
 
 def cmd_run(args) -> int:
-    from .decoding import generate
+    """Stream the completion (or, with --json, the events) to stdout; --record writes the
+    events to a file too. Both writers are engine.recording.Recorder: one format."""
     from .events import Finished, Token
-    from .loader import load_model
+    from .requests import RunRequest
+    from .session import Session
 
-    cfg = generation_config(args, attention_rows=False)   # validate flags before loading
-    lm = load_model(args.model, args.device, args.dtype,
-                    progress=_progress_printer(sys.stderr.isatty()))
-    out = sys.stdout
-    for ev in generate(lm.model, lm.tokenizer, args.prompt, cfg):
-        if isinstance(ev, Token):
+    # Validate flags before loading; a recording keeps every layer's attention rows.
+    cfg = generation_config(args, attention_rows=bool(args.record))
+    session = Session.load(args.model, args.device, args.dtype,
+                           progress=_progress_printer(sys.stderr.isatty()))
+    ready = session.ready(probe=False)
+    settings = {"prompt": args.prompt, "config": cfg.to_dict()}
+    writers = []
+    try:
+        if args.record:
+            writers.append(Recorder(args.record, header(settings, ready, "run")))
+        if args.json:
+            writers.append(Recorder(sys.stdout, header(settings, ready, "run")))
+        first = session.envelope(0, ready)
+        for w in writers:
+            w.write([first])
+        out = sys.stdout
+        for env in session.run(RunRequest(args.prompt, cfg), raise_errors=True):
+            for w in writers:
+                w.write([env])
+            ev = env.event
             if args.json:
-                out.write(json.dumps({"type": "token", "id": ev.id, "text": ev.text,
-                                      "position": ev.position,
-                                      "latency_ms": round(ev.latency_s * 1e3, 3)}) + "\n")
-            else:
+                continue
+            if isinstance(ev, Token):
                 out.write(ev.text)
-            out.flush()
-        elif isinstance(ev, Finished):
-            m, fast = ev.metrics, cfg.fast.spec()
-            if args.json:
-                out.write(json.dumps({
-                    "type": "summary", "reason": ev.reason, "tokens": list(ev.tokens),
-                    "text": ev.text, "prompt_tokens": m.prompt_tokens,
-                    "ttft_ms": _ms(m.ttft_s), "tpot_ms": _ms(m.tpot_s),
-                    "tokens_per_s": _num(m.decode_tokens_per_s),
-                    "prefill_tokens_per_s": _num(m.prefill_tokens_per_s),
-                    "itl_p50_ms": _ms(m.itl_p50_s), "itl_p99_ms": _ms(m.itl_p99_s),
-                    "peak_memory_bytes": m.peak_memory_bytes, "kv_bytes": m.kv_bytes,
-                    "strategy": cfg.strategy, "backend": cfg.backend,
-                    "fast": fast, "model": lm.name, "device": str(lm.model.device),
-                    "dtype": args.dtype}) + "\n")
-            else:
+                out.flush()
+            elif isinstance(ev, Finished):
                 out.write(ev.tail + "\n")
+                m, fast = ev.metrics, cfg.fast.spec()
                 print(f"[{m.new_tokens} tokens · TTFT {m.ttft_s * 1e3:.0f} ms · "
                       f"TPOT {_fmt(m.tpot_s * 1e3)} ms · {_fmt(m.decode_tokens_per_s)} tok/s · "
                       f"{cfg.strategy}/{cfg.backend}{' +' + fast if fast else ''} · "
                       f"{ev.reason}]", file=sys.stderr)
+    except BaseException:
+        for w in writers:                 # a run that never started leaves no recording
+            w.close()
+            if w.path is not None and w.events <= 1:
+                os.remove(w.path)
+        raise
+    for w in writers:
+        w.close()
+    if args.record:
+        print(f"recorded {writers[0].events} events to {args.record}; "
+              f"`python main.py replay {args.record}` plays them", file=sys.stderr)
     return 0
 
 
-def _num(x: float):
-    return None if x is None or math.isnan(x) else round(x, 3)
-
-
-def _ms(x: float):
-    return None if x is None or math.isnan(x) else round(x * 1e3, 3)
+def cmd_replay(args) -> int:
+    """The app on a recording. Imports neither torch nor the model."""
+    try:
+        recording = read_recording(args.file)
+    except RecordingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        from tui.app import run_replay
+    except ImportError as exc:
+        print(f"error: replay needs textual and plotext ({exc})", file=sys.stderr)
+        return EXIT_RUNTIME
+    return run_replay(recording, args)
 
 
 def _fmt(x: float) -> str:

@@ -9,7 +9,8 @@ matrix multiply.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "gpt2")
@@ -20,6 +21,36 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class ConfigError(ValueError):
     """A setting that cannot work. The message is meant for the user, as is."""
+
+
+class UnsupportedModel(ConfigError):
+    """A well-formed checkpoint of an architecture this engine does not implement."""
+
+
+# Bounds on a checkpoint's shape, checked before anything is allocated: metadata may lie (a GGUF
+# claiming 10^9 layers, a context of 5·10^7). Far above any model this engine could run — Llama
+# 3.1 405B has 126 layers, 128 heads, dim 16384, ffn 53248, a 128256-token vocabulary and a
+# 131072-token context — yet small enough that nothing sized by them can exhaust memory before
+# the tensors actually present are compared with them.
+MODEL_LIMITS = {"vocab_size": 1 << 21, "dim": 1 << 16, "n_layers": 512, "n_heads": 1024,
+                "n_kv_heads": 1024, "head_dim": 1024, "ffn_dim": 1 << 20, "max_seq_len": 1 << 24}
+
+
+def check_size(value: Any, field: str, source: str | None = None) -> int:
+    """`value` as a model size in 1…MODEL_LIMITS[field]; `source` names it as the file does."""
+    name = source or field
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"model config: {name} must be an integer, got {value!r}"[:200])
+    if not 1 <= value <= MODEL_LIMITS[field]:
+        raise ConfigError(f"model config: {name} = {value} is out of range "
+                          f"(1 … {MODEL_LIMITS[field]:,})")
+    return value
+
+
+def _positive(value: Any) -> bool:
+    """A finite number > 0 (not a bool, not NaN)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and value > 0)
 
 
 @dataclass(slots=True)
@@ -45,14 +76,31 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ConfigError(
+            raise UnsupportedModel(
                 f"unsupported architecture {self.family!r}; supported: {', '.join(FAMILIES)}")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "ffn_dim", "max_seq_len"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"model config: {name} must be positive")
+        for name in MODEL_LIMITS:
+            check_size(getattr(self, name), name)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError("model config: n_heads must be a multiple of n_kv_heads")
+        if self.family != "gpt2" and self.head_dim % 2:
+            raise ConfigError(f"model config: head_dim must be even for rotary positions, "
+                              f"got {self.head_dim}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"model config: rope_scaling must be an object, "
+                              f"got {self.rope_scaling!r}"[:200])
+        scaling = self.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in (None, "default", "linear", "llama3"):
+            raise UnsupportedModel(f"RoPE scaling {kind!r} is not supported; supported: "
+                                   f"linear, llama3"[:200])
+        if kind in ("linear", "llama3") and not _positive(scaling.get("factor")):
+            raise ConfigError(f"model config: rope_scaling factor must be a positive number, "
+                              f"got {scaling.get('factor')!r}"[:200])
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _positive(value):
+                raise ConfigError(f"model config: {name} must be a positive number, "
+                                  f"got {value!r}"[:200])
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
 
     # ------------------------------------------------------------------ presets
@@ -77,30 +125,53 @@ class ModelConfig:
     # ------------------------------------------------------- Hugging Face config.json
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Read a Hugging Face `config.json` dictionary."""
+        """Read a Hugging Face `config.json` dictionary. Every size is checked for type and
+        range here, named as the file names it, before anything is built from it."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object, not a {type(hf).__name__}")
         mt = hf.get("model_type", "")
-        if mt == "llama":
-            family = "llama"
-        elif mt == "qwen2":
-            family = "qwen2"
-        elif mt == "gpt2":
-            family = "gpt2"
-        else:
-            raise ConfigError(
+        if mt not in FAMILIES:
+            raise UnsupportedModel(
                 f"unsupported architecture {mt or hf.get('architectures')!r}; "
-                f"supported: {', '.join(FAMILIES)}")
+                f"supported: {', '.join(FAMILIES)}"[:300])
+        family = mt
+
+        def size(key: str, field: str, default: Any = None) -> int:
+            value = hf.get(key)
+            value = default if value is None else value
+            if value is None:
+                raise ConfigError(f"config.json has no {key!r} (needed for a {family} model)")
+            return check_size(value, field, key)
+
+        def number(key: str, default: float) -> float:
+            value = hf.get(key)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"model config: {key} must be a number, got {value!r}"[:200])
+            return float(value)
+
         eos = hf.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        bos = hf.get("bos_token_id")
+        for token in (*eos, bos):
+            if token is not None and (isinstance(token, bool) or not isinstance(token, int)):
+                raise ConfigError(f"model config: token ids must be integers, got {token!r}"[:200])
         if family == "gpt2":
-            n_heads = hf["n_head"]
-            dim = hf["n_embd"]
-            return cls(family=family, vocab_size=hf["vocab_size"], dim=dim,
-                       n_layers=hf["n_layer"], n_heads=n_heads, n_kv_heads=n_heads,
-                       head_dim=dim // n_heads, ffn_dim=hf.get("n_inner") or 4 * dim,
-                       max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                       tie_embeddings=True, bos_token_id=hf.get("bos_token_id"),
-                       eos_token_ids=eos)
-        n_heads = hf["num_attention_heads"]
+            n_heads = size("n_head", "n_heads")
+            dim = size("n_embd", "dim")
+            if dim % n_heads:
+                raise ConfigError(f"model config: n_embd ({dim}) is not a multiple of n_head "
+                                  f"({n_heads})")
+            return cls(family=family, vocab_size=size("vocab_size", "vocab_size"), dim=dim,
+                       n_layers=size("n_layer", "n_layers"), n_heads=n_heads, n_kv_heads=n_heads,
+                       head_dim=dim // n_heads, ffn_dim=size("n_inner", "ffn_dim", 4 * dim),
+                       max_seq_len=size("n_positions", "max_seq_len"),
+                       norm_eps=number("layer_norm_epsilon", 1e-5),
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+                       bos_token_id=bos, eos_token_ids=eos)
+        n_heads = size("num_attention_heads", "n_heads")
+        dim = size("hidden_size", "dim")
         rope_theta = hf.get("rope_theta")
         scaling = hf.get("rope_scaling")
         params = hf.get("rope_parameters")   # newer transformers keep theta in here
@@ -110,17 +181,23 @@ class ModelConfig:
                 scaling = params
         if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
             scaling = None
-        return cls(family=family, vocab_size=hf["vocab_size"], dim=hf["hidden_size"],
-                   n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-                   n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                   head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-                   ffn_dim=hf["intermediate_size"],
-                   max_seq_len=hf.get("max_position_embeddings", 2048),
-                   norm_eps=hf.get("rms_norm_eps", 1e-6),
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConfigError(f"model config: rope_scaling must be an object, got {scaling!r}"[:200])
+        if rope_theta is not None and (isinstance(rope_theta, bool)
+                                       or not isinstance(rope_theta, (int, float))):
+            raise ConfigError(f"model config: rope_theta must be a number, got {rope_theta!r}"[:200])
+        head_dim = hf.get("head_dim") or dim // n_heads
+        return cls(family=family, vocab_size=size("vocab_size", "vocab_size"), dim=dim,
+                   n_layers=size("num_hidden_layers", "n_layers"), n_heads=n_heads,
+                   n_kv_heads=size("num_key_value_heads", "n_kv_heads", n_heads),
+                   head_dim=check_size(head_dim, "head_dim", "head_dim"),
+                   ffn_dim=size("intermediate_size", "ffn_dim"),
+                   max_seq_len=size("max_position_embeddings", "max_seq_len", 2048),
+                   norm_eps=number("rms_norm_eps", 1e-6),
                    rope_theta=float(rope_theta or 10000.0), rope_scaling=scaling,
                    tie_embeddings=bool(hf.get("tie_word_embeddings", family == "llama")),
                    qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-                   bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos)
+                   bos_token_id=bos, eos_token_ids=eos)
 
     def to_hf(self) -> dict[str, Any]:
         """The inverse of `from_hf`: a `config.json` that transformers can load."""
@@ -132,7 +209,7 @@ class ModelConfig:
                         n_head=self.n_heads, n_inner=self.ffn_dim, n_positions=self.max_seq_len,
                         layer_norm_epsilon=self.norm_eps, activation_function="gelu_new",
                         bos_token_id=self.bos_token_id, eos_token_id=eos_value,
-                        tie_word_embeddings=True)
+                        tie_word_embeddings=self.tie_embeddings)
         arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.family]
         out = dict(model_type=self.family, architectures=[arch], vocab_size=self.vocab_size,
                    hidden_size=self.dim, num_hidden_layers=self.n_layers,
@@ -166,6 +243,12 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # NaN compares false with everything, so "< 0" alone would let it through.
+        for name, value in (("temperature", self.temperature), ("top-p", self.top_p),
+                            ("min-p", self.min_p),
+                            ("repetition penalty", self.repetition_penalty)):
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k <= 0:
@@ -315,3 +398,36 @@ class GenerationConfig:
         if self.flash_tile <= 0:
             raise ConfigError(f"flash tile size must be positive, got {self.flash_tile}")
         self.stop = tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError("a stop string must not be empty (it would stop before the first "
+                              "token)")
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (nested dicts for sampling and fast): what a recording's header
+        and a request sent over a pipe or HTTP carry. `from_dict` reads it back equal."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GenerationConfig":
+        """The inverse of to_dict. An unknown key or a value of the wrong kind is a ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError("generation settings must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown generation setting(s): {', '.join(unknown)}")
+        kw = dict(d)
+        try:
+            if "sampling" in kw:
+                kw["sampling"] = SamplingConfig(**kw["sampling"])
+            if "fast" in kw:
+                kw["fast"] = FastPathConfig(**kw["fast"])
+            return cls(**kw)
+        except TypeError as exc:
+            raise ConfigError(f"generation settings: {exc}") from None
+
+
+# The fast-path choices the app cycles through with `f` and a session reports on (from_spec
+# words; "" is the plain model). Exact ones first: they change the speed, never the tokens.
+FAST_CHOICES = ("", "c", "fuse+cols", "c+int8", "int8", "fp16")

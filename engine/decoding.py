@@ -7,23 +7,37 @@
             each later step pushes one new position through the model and attends to the cache.
     paged   the same, with K/V in fixed-size blocks taken from a shared pool on demand.
 
-The rungs: `make_cache` → `CachedAttention` (the `attend` door of the model) → `forward_step`
-(one model call) → `generate` (the loop, yielding `engine.events`).
+The rungs, each a function you can find by name:
+
+    make_cache      the KV cache a strategy needs (none, one buffer, blocks from a pool)
+    CachedAttention the `attend(layer, q, k, v)` door the model calls: write K/V, read, attend
+    forward_step    one model call over some positions
+    start_run       check the request, build the cache, pick the step (a `Run` holds it all)
+    prefill         the prompt through the model once
+    decode_one      one more token through the model (naive: the whole sequence again)
+    next_token      logits → the chosen token
+    step_events     what one step emits: Token, CacheSnapshot, AttentionRow, FlashTiles
+    generate        the loop over those rungs, yielding `engine.events`
+
+Fast-path options (engine/fast/) change the model and the decode step. This module never
+imports them: the caller passes a `StepBuilder` (engine.fast.STEPS; engine/session.py does).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from .attention import AttentionBackend, get_backend
 from .cache import BlockPool, CacheFullError, ContiguousKVCache, PagedKVCache, no_cache_stats
-from .config import ConfigError, GenerationConfig
-from .events import AttentionRow, CacheSnapshot, Finished, FlashTiles, Prefill, Started, Token
+from .config import ConfigError, FastPathConfig, GenerationConfig
+from .events import (AttentionRow, CacheSnapshot, Event, Finished, FlashTiles, Prefill, Started,
+                     Token)
 from .metrics import compute_metrics
 from .model import Transformer
 from .sampling import make_generator, sample
@@ -32,6 +46,40 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 class CancelToken(Protocol):
     def is_set(self) -> bool: ...
+
+
+class StepBuilder(Protocol):
+    """What the fast path (engine/fast/) gives the loop, so that decoding need not import it."""
+
+    def prepare(self, model: Transformer, fast: FastPathConfig) -> Transformer:
+        """The model to decode with (a transformed copy for weight options)."""
+
+    def check(self, model: Transformer, strategy: str, fast: FastPathConfig) -> None:
+        """Raise a ConfigError if `fast` cannot run here — before anything is allocated."""
+
+    def decoder(self, model: Transformer, cache, fast: FastPathConfig, next_pos: int,
+                record_rows: bool):
+        """An object with `step(token, pos) -> logits` (and `.rows` if it records attention
+        rows) that replaces forward_step for decode steps; None to keep forward_step."""
+
+
+class PlainSteps:
+    """The plain PyTorch model and forward_step: no fast-path options."""
+
+    def prepare(self, model: Transformer, fast: FastPathConfig) -> Transformer:
+        if fast != FastPathConfig():
+            raise ConfigError(f"fast-path options {fast.spec() or fast!r} need the fast path's "
+                              f"step builder: pass steps=engine.fast.STEPS (a Session does)")
+        return model
+
+    def check(self, model: Transformer, strategy: str, fast: FastPathConfig) -> None:
+        pass
+
+    def decoder(self, model, cache, fast, next_pos, record_rows):
+        return None
+
+
+PLAIN = PlainSteps()
 
 
 # --------------------------------------------------------------------------- rung 1: the cache
@@ -144,108 +192,183 @@ def check_lengths(model: Transformer, n_prompt: int, max_new: int) -> None:
             f"of {limit} tokens; shorten the prompt or lower --max-new-tokens")
 
 
-# --------------------------------------------------------------------------- rung 4: the loop
-def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
-             cfg: GenerationConfig, cancel: CancelToken | None = None,
-             pool: BlockPool | None = None, backend: AttentionBackend | None = None
-             ) -> Iterator:
-    """Generate up to cfg.max_new_tokens tokens, yielding events as they happen.
+# --------------------------------------------------------------------------- rung 4: one run
+@dataclass(eq=False)
+class Run:
+    """Everything one request's rungs share while it is generated."""
+    model: Transformer
+    tokenizer: Tokenizer
+    cfg: GenerationConfig
+    ids: list[int]                    # the prompt's tokens
+    prompt: str                       # … and its text
+    cache: Any                        # None for naive
+    attn: CachedAttention
+    steps: StepBuilder
+    sampler: torch.Generator | None
+    stream: StreamDecoder
+    decoder: Any = None               # the fast path's own decode step, built after prefill
+    generated: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    prefill_s: float = 0.0
 
-    The cache is freed when the loop ends for any reason — finished, cancelled, an error, or the
-    consumer simply stopping iteration.
-    """
-    from . import fast
-    model = fast.prepare(model, cfg.fast)   # the plain model unless fast-path options say otherwise
-    device = model.device
+    @property
+    def seq(self) -> list[int]:
+        return self.ids + self.generated
+
+    def free(self) -> None:
+        if self.cache is not None:
+            self.cache.free()
+
+
+def start_run(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
+              cfg: GenerationConfig, pool: BlockPool | None = None,
+              backend: AttentionBackend | None = None, steps: StepBuilder = PLAIN) -> Run:
+    """Check the request and set up its cache; a user's mistake is a ConfigError, said plainly."""
+    model = steps.prepare(model, cfg.fast)   # the plain model unless fast-path options change it
     if isinstance(prompt, str) and prompt and not prompt.strip():
         raise ConfigError("the prompt is only whitespace: type some text to continue")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
     check_lengths(model, len(ids), cfg.max_new_tokens)
     if backend is None:
-        backend = get_backend(cfg.backend, device, tile=cfg.flash_tile)
+        backend = get_backend(cfg.backend, model.device, tile=cfg.flash_tile)
     capacity = cfg.capacity or (len(ids) + cfg.max_new_tokens)
     if cfg.strategy == "kv" and capacity < len(ids) + cfg.max_new_tokens:
         raise ConfigError(f"KV cache capacity {capacity} is smaller than the prompt + new "
                           f"tokens ({len(ids) + cfg.max_new_tokens})")
-    if cfg.fast.kernel == "c":            # refuse before anything is allocated, not mid-run
-        fast.check_c_step(model, cfg.strategy)
+    steps.check(model, cfg.strategy, cfg.fast)      # refuse before anything is allocated
     cache = make_cache(cfg.strategy, model, capacity, cfg.block_size, cfg.num_blocks, pool)
-    attn = CachedAttention(backend, cache, record_rows=cfg.attention_rows)
-    gen = make_generator(cfg.sampling.seed)
-    per_token = model.cfg.kv_bytes_per_token(torch.finfo(model.dtype).bits // 8)
+    return Run(model=model, tokenizer=tokenizer, cfg=cfg, ids=ids, prompt=text, cache=cache,
+               attn=CachedAttention(backend, cache, record_rows=cfg.attention_rows),
+               steps=steps, sampler=make_generator(cfg.sampling.seed),
+               stream=StreamDecoder(tokenizer))
 
-    yield Started(strategy=cfg.strategy, backend=backend.name, device=str(device),
-                  dtype=str(model.dtype).removeprefix("torch."), prompt=prompt_text,
-                  max_new_tokens=cfg.max_new_tokens, fast=cfg.fast.spec())
-    stream = StreamDecoder(tokenizer)
-    decoder = None          # the fixed-shape step (compile / CUDA graphs), built after prefill
-    generated: list[int] = []
-    latencies: list[float] = []
-    prefill_s = 0.0
+
+def started_event(run: Run) -> Started:
+    model, cfg = run.model, run.cfg
+    return Started(strategy=cfg.strategy, backend=run.attn.backend.name, device=str(model.device),
+                   dtype=str(model.dtype).removeprefix("torch."), prompt=run.prompt,
+                   max_new_tokens=cfg.max_new_tokens, fast=cfg.fast.spec(),
+                   sampling=cfg.sampling)
+
+
+# --------------------------------------------------------------------------- rung 5: the steps
+def prefill(run: Run) -> torch.Tensor:
+    """The whole prompt through the model once; the logits for the first new token."""
+    x = torch.tensor([run.ids], dtype=torch.long, device=run.model.device)     # (1, T)
+    logits = forward_step(run.model, x, 0, run.attn)
+    _sync(run.model.device)
+    return logits
+
+
+def build_decoder(run: Run) -> bool:
+    """After prefill, the fast path may bring its own decode step (the C step, a compiled or
+    captured one). True if it did: building it can take a while, and is no step's time."""
+    if run.cache is None or not run.cfg.fast.own_step:
+        return False
+    run.decoder = run.steps.decoder(run.model, run.cache, run.cfg.fast, len(run.seq) - 1,
+                                    run.cfg.attention_rows)
+    return run.decoder is not None
+
+
+def decode_one(run: Run) -> torch.Tensor:
+    """The newest token through the model — or, for naive, the whole sequence again."""
+    seq = run.seq
+    if run.cache is None:                                    # naive: recompute everything
+        x = torch.tensor([seq], dtype=torch.long, device=run.model.device)
+        return forward_step(run.model, x, 0, run.attn)
+    if run.decoder is not None:
+        return run.decoder.step(seq[-1], len(seq) - 1)
+    x = torch.tensor([seq[-1:]], dtype=torch.long, device=run.model.device)   # (1, 1)
+    return forward_step(run.model, x, len(seq) - 1, run.attn)
+
+
+def next_token(run: Run, logits: torch.Tensor) -> int:
+    """Sample (or take the argmax of) the logits; the repetition penalty sees the sequence."""
+    seen = (torch.tensor(run.seq) if run.cfg.sampling.repetition_penalty != 1.0
+            else torch.empty(0))
+    return sample(logits, run.cfg.sampling, seen.long(), run.sampler)   # .cpu() syncs the device
+
+
+def step_events(run: Run, token: int, logits: torch.Tensor) -> list[Event]:
+    """Take `token` into the run; what this step emits, in order."""
+    run.generated.append(token)
+    cfg, position = run.cfg, len(run.seq) - 1
+    events: list[Event] = [Token(
+        id=token, text=run.stream.push(token), position=position, index=len(run.generated) - 1,
+        latency_s=run.latencies[-1],
+        logits=logits.detach().float().cpu() if cfg.keep_logits else None)]
+    per_token = run.model.cfg.kv_bytes_per_token(torch.finfo(run.model.dtype).bits // 8)
+    events.append(CacheSnapshot(stats=run.cache.stats() if run.cache is not None else
+                                no_cache_stats(run.model.cfg.n_layers, per_token, position)))
+    if cfg.attention_rows:
+        rows = (getattr(run.decoder, "rows", None) if run.decoder is not None
+                else run.attn.row_matrix() if run.attn.rows else None)
+        if rows is not None:
+            events.append(AttentionRow.of(position - 1, rows))
+    tiles = getattr(run.attn.backend, "tile_trace", None)
+    if tiles:
+        events.append(FlashTiles(**tiles))
+    return events
+
+
+def stop_reason(run: Run, token: int) -> str | None:
+    """"eos" or "stop" if this token ends the run, else None."""
+    if run.cfg.stop_at_eos and token in run.tokenizer.eos_token_ids:
+        return "eos"
+    if run.cfg.stop and any(s in run.tokenizer.decode(run.generated) for s in run.cfg.stop):
+        return "stop"
+    return None
+
+
+def finished_event(run: Run, reason: str) -> Finished:
+    tail = run.stream.flush()    # non-empty only if the text ends in an invalid byte sequence
+    kv_bytes = run.cache.stats().bytes_reserved if run.cache is not None else 0
+    metrics = compute_metrics(len(run.ids), run.prefill_s, run.latencies, run.model.device,
+                              kv_bytes)
+    return Finished(reason=reason, tokens=tuple(run.generated),
+                    text=run.tokenizer.decode(run.generated), metrics=metrics, tail=tail)
+
+
+# --------------------------------------------------------------------------- rung 6: the loop
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
+             cfg: GenerationConfig, cancel: CancelToken | None = None,
+             pool: BlockPool | None = None, backend: AttentionBackend | None = None,
+             steps: StepBuilder = PLAIN) -> Iterator[Event]:
+    """Generate up to cfg.max_new_tokens tokens, yielding events as they happen.
+
+    Each token's latency runs from the end of the previous step's events to its sampling, so
+    the time a consumer spends on events is not the engine's. The cache is freed when the loop
+    ends for any reason — finished, cancelled, an error, or the consumer stopping iteration.
+    """
+    run = start_run(model, tokenizer, prompt, cfg, pool, backend, steps)
     reason = "length"
     try:
+        yield started_event(run)
         t_prev = time.perf_counter()
         for index in range(cfg.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
                 break
-            seq = ids + generated
-            if cache is None:                  # naive: the whole sequence, every step
-                step_tokens, start = seq, 0
-            elif index == 0:                   # prefill: the prompt, once
-                step_tokens, start = ids, 0
-            else:                              # decode: just the newest token
-                step_tokens, start = seq[-1:], len(seq) - 1
-            if index == 1 and cfg.fast.own_step and cache is not None:
-                # Compiling or capturing takes a while once; it is not a decode step's time.
-                decoder = fast.make_decoder(model, cache, cfg.fast, start, cfg.attention_rows)
-                t_prev = time.perf_counter()
-            if decoder is not None:
-                logits = decoder.step(step_tokens[0], start)
-            else:
-                x = torch.tensor([step_tokens], dtype=torch.long, device=device)
-                logits = forward_step(model, x, start, attn)
             if index == 0:
-                _sync(device)
-                prefill_s = time.perf_counter() - t_prev
-                yield Prefill(prompt_tokens=tuple(ids), prompt_pieces=tuple(tokenizer.pieces(ids)),
-                              seconds=prefill_s)
-            seen = torch.tensor(seq) if cfg.sampling.repetition_penalty != 1.0 else torch.empty(0)
-            token = sample(logits, cfg.sampling, seen.long(), gen)   # .cpu() syncs the device
-            now = time.perf_counter()
-            latencies.append(now - t_prev)
-            t_prev = now
-            generated.append(token)
-            piece = stream.push(token)
-            yield Token(id=token, text=piece, position=len(seq), index=index,
-                        latency_s=latencies[-1],
-                        logits=logits.detach().float().cpu() if cfg.keep_logits else None)
-            yield CacheSnapshot(stats=cache.stats() if cache is not None
-                                else no_cache_stats(model.cfg.n_layers, per_token, len(seq)))
-            if cfg.attention_rows:
-                rows = getattr(decoder, "rows", None) if decoder is not None else (
-                    attn.row_matrix() if attn.rows else None)
-                if rows is not None:
-                    yield AttentionRow(position=len(seq) - 1, probs=rows)
-            tiles = getattr(backend, "tile_trace", None)
-            if tiles:
-                yield FlashTiles(**tiles)
+                logits = prefill(run)
+                run.prefill_s = time.perf_counter() - t_prev
+                yield Prefill(prompt_tokens=tuple(run.ids), seconds=run.prefill_s,
+                              prompt_pieces=tuple(tokenizer.pieces(run.ids)))
+            else:
+                if index == 1 and build_decoder(run):
+                    t_prev = time.perf_counter()
+                logits = decode_one(run)
+            token = next_token(run, logits)
+            run.latencies.append(time.perf_counter() - t_prev)
+            yield from step_events(run, token, logits)
             t_prev = time.perf_counter()   # time spent by the consumer is not the engine's
-            if cfg.stop_at_eos and token in tokenizer.eos_token_ids:
-                reason = "eos"
+            reason = stop_reason(run, token) or reason
+            if reason != "length":
                 break
-            if cfg.stop and any(s in stream.tok.decode(generated) for s in cfg.stop):
-                reason = "stop"
-                break
-        tail = stream.flush()    # non-empty only if the text ends in an invalid byte sequence
-        kv_bytes = cache.stats().bytes_reserved if cache is not None else 0
-        metrics = compute_metrics(len(ids), prefill_s, latencies, device, kv_bytes)
-        yield Finished(reason=reason, tokens=tuple(generated), text=tokenizer.decode(generated),
-                       metrics=metrics, tail=tail)
+        yield finished_event(run, reason)
     finally:
-        if cache is not None:
-            cache.free()
+        run.free()
 
 
 def run_to_end(model, tokenizer, prompt, cfg: GenerationConfig, **kw) -> tuple[list, Finished]:

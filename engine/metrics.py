@@ -19,12 +19,10 @@ Many requests served together (engine/batch.py) — `BatchMetrics`:
 
 from __future__ import annotations
 
-import os
-import resource
 import sys
 from dataclasses import asdict, dataclass
 
-import torch
+# No torch here: RunMetrics travels inside engine.events, which a replay without torch reads.
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +60,19 @@ def p50_p99(values: list[float]) -> tuple[float, float]:
     return percentile(values, 50), percentile(values, 99)
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: max allocated since the last reset. CPU: the process's peak resident set size."""
+def peak_memory_bytes(device) -> int:
+    """CUDA: max allocated since the last reset. CPU: the process's peak resident set size.
+    `device` is a torch.device; only a CUDA one needs torch, and it comes with it loaded."""
     if device.type == "cuda":
+        import torch
         return int(torch.cuda.max_memory_allocated(device))
+    import resource          # POSIX only; imported here so a replay on Windows can read events
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)   # Linux reports KiB
 
 
 def compute_metrics(prompt_tokens: int, prefill_s: float, step_latencies: list[float],
-                    device: torch.device, kv_bytes: int) -> RunMetrics:
+                    device, kv_bytes: int) -> RunMetrics:
     """step_latencies[0] is the time to first token; the rest are the gaps between tokens."""
     n = len(step_latencies)
     total = sum(step_latencies)
@@ -84,10 +85,6 @@ def compute_metrics(prompt_tokens: int, prefill_s: float, step_latencies: list[f
         prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else float("nan"),
         decode_tokens_per_s=1.0 / tpot if n > 1 and tpot > 0 else float("nan"),
         peak_memory_bytes=peak_memory_bytes(device), kv_bytes=kv_bytes)
-
-
-def cpu_threads() -> int:
-    return torch.get_num_threads() or os.cpu_count() or 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,19 +191,38 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight   # one matrix reads and writes tokens
 
-    def init_rope(self) -> None:
-        """RoPE angles for every position, computed once: angle[p, i] = p · θ_i."""
+    # RoPE tables are built for the positions runs reach, not for the whole context a checkpoint
+    # claims: a file may claim 5·10^7 positions (9.9 GB of tables) it will never be run at.
+    ROPE_START = 4096
+
+    def init_rope(self, positions: int | None = None) -> None:
+        """RoPE angles for positions 0 … n-1, computed once: angle[p, i] = p · θ_i.
+
+        n is `positions`, else the context up to ROPE_START; `ensure_rope` grows the tables
+        when a run needs more. Each row depends only on its position, so a grown table holds
+        the very numbers a full-size one would."""
         if self.cfg.family == "gpt2":
             return
         device = self.tok_emb.weight.device
         if device.type == "meta":      # built without storage; the loader calls this again
             return
+        n = min(self.cfg.max_seq_len, positions or self.ROPE_START)
         inv_freq = rope_frequencies(self.cfg)
-        angles = torch.outer(torch.arange(self.cfg.max_seq_len, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1).to(device)        # (max_seq_len, hd)
+        angles = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1).to(device)        # (n, hd)
         # Kept in the model's dtype, so no step converts them again.
         dtype = self.tok_emb.weight.dtype
         self.rope_cos, self.rope_sin = angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def ensure_rope(self, positions: int) -> None:
+        """Make the RoPE tables cover positions 0 … positions-1 (at most the context).
+
+        A step that reads the tables by address (the C step) or inside a captured graph cannot
+        see them grow: whoever builds one calls this first, for every position it will use."""
+        if self.cfg.family == "gpt2" or self.rope_cos.shape[0] >= min(positions,
+                                                                      self.cfg.max_seq_len):
+            return
+        self.init_rope(max(positions, 2 * self.rope_cos.shape[0]))   # doubling: few rebuilds
 
     @property
     def device(self) -> torch.device:
@@ -241,6 +260,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {start_pos + T} tokens is longer than the model's "
                                  f"context of {self.cfg.max_seq_len}")
             pos = slice(start_pos, start_pos + T)
+            if self.cfg.family != "gpt2":
+                self.ensure_rope(start_pos + T)
         rope = None
         if self.cfg.family == "gpt2":
             x = x + self.pos_emb.weight[pos]                          # (T, dim) broadcast over B

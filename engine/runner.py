@@ -196,6 +196,7 @@ class ModelRunner:
             copies: list[tuple[int, int]] = ()) -> torch.Tensor:
         """(R, vocab) float32 logits: one row per chunk that samples, in chunk order."""
         self.copy_blocks(list(copies))
+        self.model.ensure_rope(max(c.end for c in chunks))   # positions come as a tensor here
         batch = PackedBatch.build(chunks, tables, self.block_size, self.model.device)
         attend = PagedBatchAttention(self.backend, self.k, self.v, batch)
         logits = self.model(batch.tokens, 0, attend, positions=batch.positions,

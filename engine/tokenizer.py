@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 REPLACEMENT = "\ufffd"
+LIMIT = 1 << 28          # bytes: the largest tokenizer.json known is ~30 MB
 
 
 class Tokenizer:
@@ -28,14 +29,19 @@ class Tokenizer:
     @classmethod
     def from_folder(cls, folder: str | Path, bos_token_id=None, eos_token_ids=(),
                     add_bos: bool | None = None) -> "Tokenizer":
-        """Read `tokenizer.json`, or GPT-2 style `vocab.json` + `merges.txt`."""
+        """Read `tokenizer.json`, or GPT-2 style `vocab.json` + `merges.txt` — as data only,
+        each a regular file of bounded size (a FIFO under one of these names cannot hang us)."""
+        from .files import read_regular
         folder = Path(folder)
-        if (folder / "tokenizer.json").is_file():
-            backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        if (folder / "tokenizer.json").exists():     # of any kind: read_regular checks
+            backend = HFTokenizer.from_str(read_regular(folder / "tokenizer.json", LIMIT).decode())
+        elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
             from tokenizers import decoders, models, pre_tokenizers
-            backend = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"),
-                                                       str(folder / "merges.txt")))
+            vocab = json.loads(read_regular(folder / "vocab.json", LIMIT))
+            lines = read_regular(folder / "merges.txt", LIMIT).decode().splitlines()
+            merges = [tuple(line.split(" ")) for line in lines
+                      if line and not line.startswith("#version")]
+            backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             backend.decoder = decoders.ByteLevel()
         else:
@@ -43,8 +49,9 @@ class Tokenizer:
         cfg_path = folder / "tokenizer_config.json"
         if add_bos is None:
             add_bos = False
-            if cfg_path.is_file():
-                add_bos = bool(json.loads(cfg_path.read_text()).get("add_bos_token", False))
+            if cfg_path.exists():
+                settings = json.loads(read_regular(cfg_path, LIMIT))
+                add_bos = isinstance(settings, dict) and settings.get("add_bos_token") is True
         return cls(backend, bos_token_id, eos_token_ids, add_bos)
 
     @property

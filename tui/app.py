@@ -1,15 +1,21 @@
 """The Textual app: a prompt, four panes, a status bar, and keys for everything.
 
-Data flows one way. The app sends a run request to an engine client; the client's reader
-thread posts `EngineEvents` batches (about 12 a second, whatever the token rate); the app draws
-each batch inside `batch_update()` so a batch is one repaint. The model never runs in this
-process (tui/engine_process.py explains why), and nothing here waits on the engine.
+Data flows one way. The app reads a *source* (engine/source.py): live, the engine process
+(tui/bridge.py), which takes the app's run and race requests; or a recording (`replay`,
+engine/player.py's Player), which the app steers instead — play, pause, step a token forward
+or back, speed. Either way the source delivers batches of engine envelopes (about 12 a second,
+whatever the token rate), and the app routes each event to the panes inside `batch_update()`,
+so a batch is one repaint. The model never runs in this process (tui/engine_process.py says why)
+and this process never imports torch; nothing here waits on the engine. `r` (or --record)
+writes what arrives to a recording.
 """
 
 from __future__ import annotations
 
-import gc
+import asyncio
+import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 from functools import partial, wraps
 from typing import Iterable
@@ -23,12 +29,18 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ProgressBar, Static
 
 import themes
+from engine.config import (FAST_CHOICES, ConfigError, FastPathConfig, GenerationConfig,
+                           SamplingConfig)
+from engine.events import (TYPE_NAMES, AttentionRow, CacheSnapshot, Contestant, Envelope, Failed,
+                           Finished, FlashTiles, Prefill, RaceFinished, RaceStarted, Ready,
+                           Started, Token, run_label)
+from engine.player import Player
+from engine.recording import Recorder, header
+from engine.requests import RaceRequest, RunRequest
+from engine.source import Source
 from themes import ramps
 
-from .bridge import EngineClient
-from .engine_process import FAST_CHOICES, RaceRequest, RunRequest
-from .messages import (AttentionUpdated, CacheUpdated, EngineEvents, EngineFailed,
-                       EngineProgress, EngineReady, RaceFinished, run_label)
+from .messages import AttentionUpdated, CacheUpdated, EngineEvents
 from .screens.help import HelpScreen
 from .screens.race import RaceScreen, verdict
 from .screens.settings import SettingsScreen
@@ -43,6 +55,10 @@ STRATEGIES = ("naive", "kv", "paged")
 DEFAULT_BACKENDS = ("naive", "sdpa", "flash", "triton")
 MIN_WIDTH, MIN_HEIGHT, NARROW_WIDTH = 60, 18, 110
 CHART_HZ = 4
+RUN_EVENTS = (Started, Prefill, Token, CacheSnapshot, AttentionRow, FlashTiles, Finished)
+# Actions that ask the engine for something: a replay has no engine to ask.
+LIVE_ACTIONS = {"edit_prompt", "run", "stop", "cycle_strategy", "cycle_backend", "cycle_fast",
+                "race", "settings", "record"}
 
 
 @dataclass
@@ -60,15 +76,44 @@ class Settings:
     sampling: dict = field(default_factory=lambda: dict(temperature=0.0))
     fast: str = ""                  # fast-path options ("c", "c+int8", …); "" = plain model
     flash_tile: int = 16            # keys per flash tile: small, so a short run shows several
+    record: str | None = None       # write a recording here once the model is ready
 
     @classmethod
     def from_args(cls, args) -> "Settings":
         s = cls()
         for name in ("model", "device", "dtype", "strategy", "backend", "prompt",
-                     "max_new_tokens", "theme", "truecolor", "fast", "flash_tile"):
+                     "max_new_tokens", "theme", "truecolor", "fast", "flash_tile", "record"):
             if getattr(args, name, None) is not None:
                 setattr(s, name, getattr(args, name))
         return s
+
+    def config(self) -> GenerationConfig:
+        """The engine's settings for the next run (the app always asks for attention rows)."""
+        return GenerationConfig(strategy=self.strategy, backend=self.backend,
+                                max_new_tokens=self.max_new_tokens,
+                                sampling=SamplingConfig(**self.sampling),
+                                fast=FastPathConfig.from_spec(self.fast),
+                                flash_tile=self.flash_tile)
+
+    def to_json(self) -> dict:
+        """What a recording's header keeps of them."""
+        return {"prompt": self.prompt, "config": self.config().to_dict()}
+
+    def take(self, header: dict) -> None:
+        """Adopt a recording header's settings (for a replay's status bar and prompt); a header
+        that does not parse changes nothing — it is only what was shown at the start."""
+        settings = header.get("settings") if isinstance(header, dict) else None
+        if not isinstance(settings, dict):
+            return
+        try:
+            cfg = GenerationConfig.from_dict(settings.get("config") or {})
+        except ConfigError:
+            return
+        if isinstance(settings.get("prompt"), str):
+            self.prompt = settings["prompt"]
+        self.strategy, self.backend, self.fast = cfg.strategy, cfg.backend, cfg.fast.spec()
+        self.max_new_tokens = cfg.max_new_tokens
+        self.sampling = dataclasses.asdict(cfg.sampling)
 
 
 FAST_TEXT = {
@@ -133,6 +178,15 @@ class MiniLLMApp(App[int]):
         Binding("b", "cycle_backend", "Backend"),
         Binding("f", "cycle_fast", "Fast path"),
         Binding("R", "race", "Race"),
+        Binding("r", "record", "Record", show=False),
+        # A replay is steered instead (priority: the focused pane's scroll keys come second).
+        Binding("space", "replay('toggle')", "Play/pause", priority=True),
+        Binding("left", "replay('back')", "◀ token", priority=True),
+        Binding("right", "replay('forward')", "token ▶", priority=True),
+        Binding("minus", "replay('slower')", "Slower", priority=True),
+        Binding("plus,equals_sign", "replay('faster')", "Faster", priority=True),
+        Binding("home", "replay('start')", "Start", show=False, priority=True),
+        Binding("end", "replay('end')", "End", show=False, priority=True),
         Binding("t", "show_race", "Race table", show=False),
         Binding("l", "toggle_lanes", "Race lanes", show=False),
         Binding("o", "settings", "Sampling"),
@@ -151,19 +205,22 @@ class MiniLLMApp(App[int]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, settings: Settings | None = None, client: EngineClient | None = None,
+    def __init__(self, settings: Settings | None = None, source: Source | None = None,
                  color_depth: str | None = None) -> None:
         super().__init__()
         self.settings = settings or Settings()
-        if client is None:
-            from .bridge import ProcessEngineClient
+        if source is None:
+            from .bridge import ProcessSource
             s = self.settings
-            client = ProcessEngineClient(s.model, s.device, s.dtype)
-        self.client = client
+            source = ProcessSource(s.model, s.device, s.dtype)
+        self.source = source
+        self.replaying = not source.live        # a recording: steer it, ask it nothing
         self.forced_depth = color_depth
-        self.info: dict | None = None           # from EngineReady
+        self.info: Ready | None = None          # the model, once the source says it is ready
+        self.ready_envelope: Envelope | None = None
         self.run_counter = 0
         self.current_run: int | None = None     # the run whose events are drawn
+        self.race_id: int | None = None         # the race being drawn
         self.race_runs: dict[int, str] = {}     # run_id → "strategy/backend" of a live race
         self.racing = False
         self.last_race: RaceFinished | None = None
@@ -171,6 +228,9 @@ class MiniLLMApp(App[int]):
         self.finished: list = []                # Finished events, newest last (tests read it)
         self.batches_drawn = self.events_drawn = 0
         self.engine_gone = False                # the engine process died: no more runs
+        self.recorder = None                    # engine.recording.Recorder while recording
+        self.record_armed: str | None = settings.record if settings else None
+        self._quiet = False                     # restoring a replay's state: no pop-ups
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(themes.VARIABLE_DEFAULTS)
@@ -178,8 +238,10 @@ class MiniLLMApp(App[int]):
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
         with Horizontal(id="prompt-row"):
-            yield Input(self.settings.prompt, placeholder="Type a prompt, enter runs it",
-                        id="prompt")
+            prompt = Input(self.settings.prompt, placeholder="Type a prompt, enter runs it",
+                           id="prompt")
+            prompt.can_focus = not self.replaying     # a replay shows the prompt it plays
+            yield prompt
         with Horizontal(id="loading"):
             yield Label("starting the engine…", id="loading-text")
             yield ProgressBar(total=1.0, show_eta=False, id="load-progress")
@@ -207,10 +269,27 @@ class MiniLLMApp(App[int]):
         self._update_status()
         self._apply_size(self.size.width, self.size.height)
         self.set_interval(1 / CHART_HZ, self._redraw_charts)
-        self.client.start(self.post_message)
+        if self.replaying:
+            self.query_one("#loading-text", Label).update("reading the recording…")
+            notice = getattr(getattr(self.source, "recording", None), "notice", None)
+            if notice:
+                self.notify(notice, title="Recording damaged", severity="warning", timeout=12)
+        self._loop_for_events = asyncio.get_running_loop()
+        self.source.start(self._deliver)
+
+    def _deliver(self, envelopes, restart: bool = False) -> None:
+        """The source's callback: one message per batch, in the order of the calls.
+
+        Calls may come from the source's thread or from this one (a replay stepping when a key
+        is pressed). post_message queues at once from this thread but only later from another,
+        which could swap two batches; scheduling every post on the event loop keeps them in
+        call order."""
+        self._loop_for_events.call_soon_threadsafe(
+            self.post_message, EngineEvents(tuple(envelopes), restart))
 
     def on_unmount(self) -> None:
-        self.client.close()
+        self.source.stop()
+        self._stop_recording(quiet=True)
 
     def on_resize(self, event: events.Resize) -> None:
         self._apply_size(event.size.width, event.size.height)
@@ -229,21 +308,71 @@ class MiniLLMApp(App[int]):
     def _redraw_charts(self) -> None:
         self.query_one(LatencyPane).redraw()
 
-    # ------------------------------------------------------------------ engine messages
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """Live keys ask the engine for something; replay keys steer a recording. Each kind is
+        hidden (and its key passed on) where it means nothing."""
+        if action == "replay":
+            return self.replaying
+        if action in LIVE_ACTIONS:
+            return not self.replaying
+        return True
+
+    def say(self, text: str, **kw) -> None:
+        """A notification — unless a replay is rebuilding its state after a step back."""
+        if not self._quiet:
+            self.notify(text, **kw)
+
+    # ------------------------------------------------------------------ engine events
     @closing_safe
-    def on_engine_progress(self, message: EngineProgress) -> None:
-        self.query_one("#loading-text", Label).update(message.text)
-        self.query_one("#load-progress", ProgressBar).update(progress=message.fraction)
+    def on_engine_events(self, message: EngineEvents) -> None:
+        if message.restart:
+            self._reset_view()
+        elif self.recorder is not None:
+            self._record(message.envelopes)
+        self._quiet = message.restart
+        try:
+            with self.batch_update():
+                self._route(message.envelopes)
+        finally:
+            self._quiet = False
+        if self.replaying:
+            self._show_replay_state()
+
+    def _route(self, envelopes) -> None:
+        """Runs' events go to the panes a batch at a time; the session's and races' own events
+        to their handlers (_engine_ready, _engine_race_started, …)."""
+        group: list = []
+        run = None
+        for env in envelopes:
+            if isinstance(env.event, RUN_EVENTS):
+                if group and env.run != run:
+                    self._run_events(run, group)
+                    group = []
+                run = env.run
+                group.append(env.event)
+                continue
+            if group:
+                self._run_events(run, group)
+                group = []
+            getattr(self, f"_engine_{TYPE_NAMES[type(env.event)]}")(env)
+        if group:
+            self._run_events(run, group)
+
+    def _engine_loading(self, env: Envelope) -> None:
+        self.query_one("#loading-text", Label).update(env.event.text)
+        self.query_one("#load-progress", ProgressBar).update(progress=env.event.fraction)
         self.query_one(StatusBar).model = "loading…"
 
-    @closing_safe
-    def on_engine_ready(self, message: EngineReady) -> None:
-        self.info = info = message.info
+    def _engine_ready(self, env: Envelope) -> None:
+        self.info = info = env.event
+        self.ready_envelope = env
         self.query_one("#loading").add_class("-done")
         bar = self.query_one(StatusBar)
-        bar.model, bar.device, bar.dtype = info["name"], info["device"], info["dtype"]
-        reason = info["backends"].get(self.settings.backend, "unknown backend")
-        if self.settings.backend not in info["backends"] or reason:
+        bar.model, bar.device, bar.dtype = info.model, info.device, info.dtype
+        if self.replaying:
+            return
+        reason = info.backends.get(self.settings.backend, "unknown backend")
+        if self.settings.backend not in info.backends or reason:
             self.notify(f"backend {self.settings.backend!r} is unavailable here: {reason}; "
                         f"using sdpa", title="Backend", severity="error", timeout=8)
             self.settings.backend = "sdpa"
@@ -254,37 +383,62 @@ class MiniLLMApp(App[int]):
                         f"using the plain model", title="Fast path", severity="error", timeout=8)
             self.settings.fast = ""
             self._update_status()
-        self.notify(f"{info['name']} ready on {info['device']}", timeout=3)
+        self.notify(f"{info.model} ready on {info.device}", timeout=3)
+        if self.record_armed:
+            self._start_recording(self.record_armed)
 
-    @closing_safe
-    def on_engine_failed(self, message: EngineFailed) -> None:
-        self.notify(message.text, title="Engine", severity="error", timeout=10)
-        if message.fatal:
-            self.query_one("#loading-text", Label).update(message.text)
+    def _engine_failed(self, env: Envelope) -> None:
+        ev: Failed = env.event
+        self.say(ev.message, title="Engine", severity="error", timeout=10)
+        if ev.fatal:
+            self.query_one("#loading-text", Label).update(ev.message)
             self.query_one(StatusBar).model = "no model"
-            if message.run_id is None and "process" in message.text:
+            if "process" in ev.message:
                 self.engine_gone = True
                 self.current_run, self.racing = None, False
-        if message.run_id in self.race_runs:
-            self.query_one(RaceLanes).fail(message.run_id, message.text)
-        if message.run_id is not None and message.run_id == self.current_run:
-            self.current_run = None
 
-    @closing_safe
-    def on_engine_events(self, message: EngineEvents) -> None:
-        in_race = self.racing and message.run_id in self.race_runs
-        if in_race and (self.current_run is None or message.run_id > self.current_run):
-            self.current_run = message.run_id      # the race moved on to its next contestant
-        if message.run_id != self.current_run:
-            return                       # a run we stopped following
-        with self.batch_update():
-            if in_race:
-                self.query_one(RaceLanes).feed(message.run_id, message.events)
-            self._draw_events(message.events)
+    def _engine_race_started(self, env: Envelope) -> None:
+        if self.racing and self.race_id == env.run:
+            return                         # the app began drawing it when it asked for it
+        self._begin_race(env.run, env.event)
 
-    def _draw_events(self, events: tuple) -> None:
-        from engine.events import (AttentionRow, CacheSnapshot, Finished, FlashTiles, Prefill,
-                                   Started, Token)
+    def _begin_race(self, race_id: int, race: RaceStarted) -> None:
+        self.race_id, self.racing = race_id, True
+        self.race_runs = {c.run: c.label for c in race.contestants}
+        self.current_run = race.contestants[0].run if race.contestants else None
+        self.query_one(RaceLanes).start(list(self.race_runs.items()), race.max_new_tokens,
+                                        race.prompt)
+        self.show_lanes(True)
+        if self.replaying:
+            self.query_one("#prompt", Input).value = race.prompt
+
+    def _engine_race_finished(self, env: Envelope) -> None:
+        race: RaceFinished = env.event
+        self.query_one(RaceLanes).finish(race)
+        self.racing = False
+        self.current_run = None
+        self.race_runs.clear()
+        self.last_race = race
+        bar = self.query_one(StatusBar)
+        bar.identical, bar.delta = race.identical, race.max_delta
+        if not self._quiet:
+            self.notify(verdict(race), title="Race finished", timeout=6,
+                        severity="information" if race.identical is not False else "warning")
+            self.push_screen(RaceScreen(race))
+
+    def _run_events(self, run_id: int, events: list) -> None:
+        if self.replaying and not self.racing:
+            self.current_run = run_id      # a replay follows every run it plays
+        in_race = self.racing and run_id in self.race_runs
+        if in_race and (self.current_run is None or run_id > self.current_run):
+            self.current_run = run_id      # the race moved on to its next contestant
+        if run_id != self.current_run:
+            return                         # a run we stopped following
+        if in_race:
+            self.query_one(RaceLanes).feed(run_id, events)
+        self._draw_events(events)
+
+    def _draw_events(self, events: list) -> None:
         tokens = self.query_one(TokenStream)
         attention = self.query_one(AttentionPane)
         kv = self.query_one(KVCachePane)
@@ -292,53 +446,56 @@ class MiniLLMApp(App[int]):
         pieces, points, rows, snapshot, finished = [], [], [], None, None
         self.batches_drawn += 1
         self.events_drawn += len(events)
-        with self.batch_update():
-            for ev in events:
-                if isinstance(ev, Token):
-                    pieces.append((ev.text, False, ev.latency_s))
-                    attention.pieces.append(ev.text)
-                    points.append((ev.position, ev.latency_s))
-                elif isinstance(ev, CacheSnapshot):
-                    snapshot = ev.stats          # only the newest is drawn …
-                    if snapshot.kind == "none":  # … but naive's recomputation adds up
-                        kv.recomputed_total += snapshot.recomputed_tokens
-                elif isinstance(ev, AttentionRow):
-                    rows.append(ev)
-                elif isinstance(ev, FlashTiles):
-                    attention.show_flash(ev)
-                elif isinstance(ev, Prefill):
-                    tokens.set_prompt(ev.prompt_pieces)
-                    attention.reset(ev.prompt_pieces)
-                elif isinstance(ev, Started):
-                    tokens.clear()
-                    kv.reset()
-                    attention.reset()
-                    latency.start_run(run_label(ev.strategy, ev.backend, ev.fast))
-                elif isinstance(ev, Finished):
-                    finished = ev
-            if pieces:
-                tokens.append(pieces)
-            if points:
-                latency.add_points(points)
-            if rows:
-                attention.add_rows(rows)
-                attention.post_message(AttentionUpdated(rows[-1].position))
-            if snapshot is not None:
-                kv.post_message(CacheUpdated(snapshot))
-            if finished is not None:
-                self._finish(finished)
+        for ev in events:
+            if isinstance(ev, Token):
+                pieces.append((ev.text, False, ev.latency_s))
+                attention.pieces.append(ev.text)
+                points.append((ev.position, ev.latency_s))
+            elif isinstance(ev, CacheSnapshot):
+                snapshot = ev.stats          # only the newest is drawn …
+                if snapshot.kind == "none":  # … but naive's recomputation adds up
+                    kv.recomputed_total += snapshot.recomputed_tokens
+            elif isinstance(ev, AttentionRow):
+                rows.append(ev)
+            elif isinstance(ev, FlashTiles):
+                attention.show_flash(ev)
+            elif isinstance(ev, Prefill):
+                tokens.set_prompt(ev.prompt_pieces)
+                attention.reset(ev.prompt_pieces)
+            elif isinstance(ev, Started):
+                tokens.clear()
+                kv.reset()
+                attention.reset()
+                latency.start_run(run_label(ev.strategy, ev.backend, ev.fast))
+                if self.replaying and not self.racing:
+                    self._show_replayed_settings(ev)
+            elif isinstance(ev, Finished):
+                finished = ev
+        if pieces:
+            tokens.append(pieces)
+        if points:
+            latency.add_points(points)
+        if rows:
+            attention.add_rows(rows)
+            attention.post_message(AttentionUpdated(rows[-1].position))
+        if snapshot is not None:
+            kv.post_message(CacheUpdated(snapshot))
+        if finished is not None:
+            self._finish(finished)
 
-    def _finish(self, ev) -> None:
+    def _finish(self, ev: Finished) -> None:
         self.finished.append(ev)
         if ev.metrics is not None:
             self.query_one(LatencyPane).show_metrics(ev.metrics, ev.reason)
         if ev.tail:
             self.query_one(TokenStream).append([(ev.tail, False, 0.0)])
+        if ev.reason == "error":
+            self.say(ev.error or "the run failed", title="Engine", severity="error", timeout=10)
         if self.racing:
             return
         self.current_run = None
         if ev.reason == "cancelled":
-            self.notify(f"stopped after {len(ev.tokens)} tokens", timeout=3)
+            self.say(f"stopped after {len(ev.tokens)} tokens", timeout=3)
         elif ev.reason == "error":
             return
         s = self.settings
@@ -350,18 +507,92 @@ class MiniLLMApp(App[int]):
         if ev.reason != "cancelled":
             self.last_single = (key, ev.tokens)
 
-    @closing_safe
-    def on_race_finished(self, message: RaceFinished) -> None:
-        self.query_one(RaceLanes).finish(message)
-        self.racing = False
-        self.current_run = None
-        self.race_runs.clear()
-        self.last_race = message
+    def _reset_view(self) -> None:
+        """Forget everything drawn: a replay delivers the state again from its beginning."""
+        if isinstance(self.screen, RaceScreen):
+            self.pop_screen()
+        self.query_one(TokenStream).clear()
+        self.query_one(KVCachePane).reset()
+        self.query_one(AttentionPane).reset()
+        self.query_one(LatencyPane).reset()
+        self.query_one(RaceLanes).clear()
+        self.show_lanes(False)
+        self.current_run, self.race_id, self.racing = None, None, False
+        self.race_runs, self.last_race, self.last_single = {}, None, None
+        self.finished = []
         bar = self.query_one(StatusBar)
-        bar.identical, bar.delta = message.identical, message.max_delta
-        self.notify(verdict(message), title="Race finished", timeout=6,
-                    severity="information" if message.identical is not False else "warning")
-        self.push_screen(RaceScreen(message))
+        bar.identical, bar.delta = None, None
+
+    # ------------------------------------------------------------------ replay
+    def _show_replayed_settings(self, ev: Started) -> None:
+        """A replayed single run shows its own settings, as the live app showed them."""
+        s = self.settings
+        s.strategy, s.backend, s.fast, s.prompt = ev.strategy, ev.backend, ev.fast, ev.prompt
+        s.max_new_tokens, s.sampling = ev.max_new_tokens, dataclasses.asdict(ev.sampling)
+        self.query_one("#prompt", Input).value = ev.prompt
+        self._update_status()
+
+    def _show_replay_state(self) -> None:
+        st = self.source.state
+        mark = "■" if st.at_end else ("▶" if st.playing else "⏸")
+        short = f"{mark} {st.speed:g}× · {st.token}/{st.tokens}"
+        self.query_one(StatusBar).replay = short if self.size.width < NARROW_WIDTH else (
+            f"{mark} replay {st.speed:g}× · token {st.token}/{st.tokens} · "
+            f"{st.seconds:.1f}/{st.duration:.1f} s")
+
+    def action_replay(self, what: str) -> None:
+        """Steer a replay: toggle, forward, back, faster, slower, start, end."""
+        player = self.source
+        {"toggle": player.toggle, "forward": lambda: player.step(1),
+         "back": lambda: player.step(-1), "faster": lambda: player.faster(1),
+         "slower": lambda: player.faster(-1), "start": player.to_start,
+         "end": player.to_end}[what]()
+        self._show_replay_state()
+
+    # ------------------------------------------------------------------ recording
+    def action_record(self) -> None:
+        """Start or stop writing what the engine sends to a recording (`replay` plays it)."""
+        if self.recorder is not None or self.record_armed and self.info is None:
+            self._stop_recording()
+            return
+        path = self.settings.record or time.strftime("minillm-%Y%m%d-%H%M%S.jsonl.gz")
+        if self.info is None:
+            self.record_armed = path
+            self.notify(f"recording to {path} once the model is ready", timeout=4)
+            return
+        self._start_recording(path)
+
+    def _start_recording(self, path: str) -> None:
+        self.record_armed = None
+        try:
+            self.recorder = Recorder(path, header(self.settings.to_json(), self.info, "app"))
+        except (OSError, ConfigError) as exc:
+            self.notify(f"cannot record to {path}: {exc}", title="Record", severity="error")
+            return
+        self.recorder.write([self.ready_envelope])
+        self.query_one(StatusBar).recording = True
+        self.notify(f"recording to {path} (r stops)", timeout=4)
+
+    def _record(self, envelopes) -> None:
+        try:
+            self.recorder.write(envelopes)
+        except OSError as exc:
+            self.notify(f"recording stopped: {exc}", title="Record", severity="error")
+            self._stop_recording(quiet=True)
+
+    def _stop_recording(self, quiet: bool = False) -> None:
+        self.record_armed = None
+        if self.recorder is None:
+            return
+        rec, self.recorder = self.recorder, None
+        try:
+            rec.close()
+        except OSError:
+            pass
+        if not quiet:
+            self.query_one(StatusBar).recording = False
+            self.notify(f"recorded {rec.events} events to {rec.path}; "
+                        f"`python main.py replay {rec.path}` plays them", timeout=6)
 
     # ------------------------------------------------------------------ actions
     @property
@@ -394,24 +625,28 @@ class MiniLLMApp(App[int]):
             self.notify("the model is still loading; the run starts when it is ready",
                         timeout=4)
 
+    def _config(self) -> GenerationConfig | None:
+        try:
+            return self.settings.config()
+        except ConfigError as exc:
+            self.notify(str(exc), title="Settings", severity="error")
+            return None
+
     def action_run(self) -> None:
         if not self._can_start():
             return
         prompt = self._prompt_text()
-        if prompt is None:
+        config = self._config()
+        if prompt is None or config is None:
             return
-        s = self.settings
         run_id = self._next_run_id()
         self.current_run = run_id
         self.show_lanes(False)
         self._loading_note()
-        self.client.run(RunRequest(run_id=run_id, prompt=prompt, strategy=s.strategy,
-                                   backend=s.backend, max_new_tokens=s.max_new_tokens,
-                                   sampling=dict(s.sampling), fast=s.fast,
-                                   flash_tile=s.flash_tile))
+        self.source.submit(RunRequest(prompt, config, run_id))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id == "prompt":
+        if event.input.id == "prompt" and not self.replaying:
             self.query_one(TokenStream).focus()
             self.action_run()
 
@@ -427,7 +662,7 @@ class MiniLLMApp(App[int]):
         if not self.busy:
             self.notify("nothing is running", timeout=2)
             return
-        self.client.cancel()
+        self.source.cancel()
 
     def race_combos(self) -> list[tuple[str, str, str]]:
         """Every strategy on sdpa, every other backend that can run here on kv, then kv with
@@ -447,32 +682,31 @@ class MiniLLMApp(App[int]):
         if not self._can_start():
             return
         prompt = self._prompt_text()
-        if prompt is None:
+        base = self._config()
+        if prompt is None or base is None:
             return
-        combos = self.race_combos()
-        ids = tuple(self._next_run_id() for _ in combos)
-        self.race_runs = {rid: run_label(*combo) for rid, combo in zip(ids, combos)}
-        self.racing = True
-        self.current_run = ids[0]
-        s = self.settings
-        self.query_one(RaceLanes).start(list(self.race_runs.items()), s.max_new_tokens, prompt)
-        self.show_lanes(True)
+        race_id = self._next_run_id()
+        runs = tuple(RunRequest(prompt, dataclasses.replace(
+                         base, strategy=s, backend=b, fast=FastPathConfig.from_spec(f)),
+                         self._next_run_id())
+                     for s, b, f in self.race_combos())
+        labels = [run_label(*combo) for combo in self.race_combos()]
+        self._begin_race(race_id, RaceStarted(
+            prompt=prompt, max_new_tokens=base.max_new_tokens,
+            contestants=tuple(Contestant(r.run_id, label) for r, label in zip(runs, labels))))
         self._loading_note()
-        self.notify(f"racing {len(combos)} combinations: "
-                    f"{', '.join(self.race_runs.values())}", timeout=4)
-        self.client.race(RaceRequest(race_id=self._next_run_id(), run_ids=ids, prompt=prompt,
-                                     combos=tuple(combos), max_new_tokens=s.max_new_tokens,
-                                     sampling=dict(s.sampling), flash_tile=s.flash_tile))
+        self.notify(f"racing {len(runs)} combinations: {', '.join(labels)}", timeout=4)
+        self.source.submit(RaceRequest(race_id, runs))
 
     def _backends(self) -> dict[str, str | None]:
         if self.info is not None:
-            return self.info["backends"]
+            return self.info.backends
         return {name: None for name in DEFAULT_BACKENDS}
 
     def _fast_reasons(self) -> dict[str, str | None]:
         """Fast-path choices → None if usable here, else why not (known once the model loads)."""
-        if self.info is not None and "fast" in self.info:
-            return self.info["fast"]
+        if self.info is not None and self.info.fast:
+            return self.info.fast
         return {spec: None for spec in FAST_CHOICES}
 
     def set_fast(self, spec: str) -> None:
@@ -580,6 +814,10 @@ class MiniLLMApp(App[int]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
+        if self.replaying:                 # a recording takes no requests
+            yield SystemCommand("Help", "What each pane shows and why it matters",
+                                self.action_help)
+            return
         yield SystemCommand("Run", "Generate from the prompt", self.action_run)
         yield SystemCommand("Stop", "Stop the current run or race", self.action_stop)
         yield SystemCommand("Race", "Same prompt through every strategy/backend",
@@ -634,5 +872,17 @@ def run_app(args) -> int:
         print(f"error: {error}")
         return 2
     app = MiniLLMApp(settings)
+    app.run()
+    return 0
+
+
+def run_replay(recording, args) -> int:
+    """Entry point for `python main.py replay FILE` (engine/cli.py `cmd_replay`): the app on a
+    recording — no engine process, no torch, no model."""
+    settings = Settings(theme=args.theme, truecolor=args.truecolor)
+    settings.take(recording.header)
+    force_truecolor(settings)
+    app = MiniLLMApp(settings, source=Player(recording, speed=args.speed,
+                                             playing=not args.paused))
     app.run()
     return 0

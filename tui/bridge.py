@@ -1,9 +1,10 @@
-"""The app's side of the engine: clients that start runs and turn engine output into messages.
+"""The app's live sources (engine/source.py): a session in a child process, read by a thread.
 
-`EngineClient` is what the app talks to (`start`, `run`, `race`, `cancel`, `close`), so tests can
-hand the app a `FakeEngineClient` (tui/fake_engine.py) that replays synthetic events without
-loading torch models. `ProcessEngineClient` is the real one: the model in a spawned process
-(tui/engine_process.py), a reader thread here that posts one message per batch.
+`ProcessSource` starts tui/engine_process.py in a spawned process and reads its batches of
+envelope JSON on a reader thread, turning each batch back into `engine.events.Envelope`s
+(`Envelope.from_json`, the same reader `replay` uses) and handing them to `deliver`.
+`tui.fake_engine.FakeSource` runs the same transport over synthetic events, in a thread, so the
+app's tests exercise everything but the model.
 """
 
 from __future__ import annotations
@@ -13,51 +14,23 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-from pathlib import Path
-from typing import Callable, Protocol
+import time
 
-from textual.message import Message
+from engine.events import Envelope, Failed
+from engine.files import cache_root, private_dir
+from engine.requests import RaceRequest
+from engine.source import Deliver
 
-from .engine_process import RaceRequest, RunRequest, child_main
-from .messages import (EngineEvents, EngineFailed, EngineProgress, EngineReady, RaceFinished,
-                       RaceRow)
-
-Post = Callable[[Message], object]
+from .engine_process import child_main
 
 
-class EngineClient(Protocol):
-    def start(self, post: Post) -> None: ...
-    def run(self, request: RunRequest) -> None: ...
-    def race(self, request: RaceRequest) -> None: ...
-    def cancel(self) -> None: ...
-    def close(self) -> None: ...
+class QueueSource:
+    """What the real and the fake source share: a command queue, a cancel flag, a reader."""
 
-
-def translate(item: tuple) -> Message | None:
-    """One protocol tuple from the engine → one app message."""
-    kind = item[0]
-    if kind == "events":
-        return EngineEvents(run_id=item[1], events=tuple(item[2]))
-    if kind == "progress":
-        return EngineProgress(text=item[1], fraction=item[2])
-    if kind == "ready":
-        return EngineReady(info=item[1])
-    if kind == "load_failed":
-        return EngineFailed(text=f"model did not load: {item[1]}", fatal=True)
-    if kind == "error":
-        return EngineFailed(text=item[2], run_id=item[1])
-    if kind == "race":
-        d = dict(item[1])
-        rows = [RaceRow(**r) for r in d.pop("rows")]
-        return RaceFinished(rows=rows, **d)
-    return None
-
-
-class QueueClient:
-    """What the real and the fake client share: a command queue, a cancel flag, a reader."""
+    live = True
 
     def __init__(self) -> None:
-        self._post: Post | None = None
+        self._deliver: Deliver | None = None
         self._closed = threading.Event()
         self._reader: threading.Thread | None = None
 
@@ -69,7 +42,10 @@ class QueueClient:
         return "the engine stopped unexpectedly"
 
     def _warm_up(self) -> None:
-        """Import what unpickling events needs now, off the UI thread, then freeze the heap."""
+        """Anything to do on the reader thread before the first batch (off the UI thread)."""
+
+    def _fail(self, text: str) -> None:
+        self._deliver([Envelope(0, time.monotonic(), Failed(text, fatal=True))], False)
 
     def _read(self) -> None:
         self._warm_up()
@@ -78,43 +54,50 @@ class QueueClient:
                 item = self.results.get(timeout=0.25)
             except queue.Empty:
                 if not self._alive() and not self._closed.is_set():
-                    self._post(EngineFailed(text=self._exit_text(), fatal=True))
+                    self._fail(self._exit_text())
                     return
                 continue
             except (EOFError, OSError, ValueError):
                 return
-            message = translate(item)
-            if message is not None and not self._closed.is_set():
-                self._post(message)
+            try:
+                envelopes = [Envelope.from_json(d) for d in item[1]]
+            except (ValueError, TypeError, IndexError) as exc:   # a bug, said, not a crash
+                self._fail(f"the engine sent something unreadable: {exc}")
+                continue
+            if envelopes and not self._closed.is_set():
+                self._deliver(envelopes, False)
 
-    def _start_reader(self, post: Post) -> None:
-        self._post = post
+    def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self._start_worker()
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
 
-    def run(self, request: RunRequest) -> None:
-        self.cancel_event.clear()           # clear *before* sending: a stop can't be lost
-        self.commands.put(("run", request))
+    def _start_worker(self) -> None:
+        raise NotImplementedError
 
-    def race(self, request: RaceRequest) -> None:
-        self.cancel_event.clear()
-        self.commands.put(("race", request))
+    def submit(self, request) -> None:
+        self.cancel_event.clear()           # clear *before* sending: a stop can't be lost
+        self.commands.put(("race" if isinstance(request, RaceRequest) else "run", request))
 
     def cancel(self) -> None:
         self.cancel_event.set()
 
 
 def log_path() -> str:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minillm"
+    """The engine process's log, in the private cache folder (engine.files): no one else can
+    plant a FIFO or a symlink under that name there. /dev/null when there is no such folder."""
+    root = cache_root()
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        return str(base / "engine.log")
-    except OSError:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(root, root)
+        return str(root / "engine.log")
+    except OSError:                     # UntrustedPath included
         return os.devnull
 
 
-class ProcessEngineClient(QueueClient):
-    """The model in a child process started with "spawn"."""
+class ProcessSource(QueueSource):
+    """A session in a child process started with "spawn"."""
 
     def __init__(self, model: str | None, device: str = "auto", dtype: str = "float32"):
         super().__init__()
@@ -128,19 +111,15 @@ class ProcessEngineClient(QueueClient):
             args=(model, device, dtype, self.commands, self.results, self.cancel_event,
                   log_path()))
 
-    def start(self, post: Post) -> None:
+    def _start_worker(self) -> None:
         self.process.start()
-        self._start_reader(post)
 
     def _alive(self) -> bool:
         return self.process.is_alive()
 
     def _warm_up(self) -> None:
-        # Events hold engine dataclasses (and import torch with them). Importing here, in the
-        # reader thread, keeps the first batch from stalling the UI; gc.freeze() afterwards
-        # keeps a full collection from walking torch's objects in the middle of a frame.
-        import engine.events  # noqa: F401
-        import engine.metrics  # noqa: F401
+        # The app's process never imports torch (events are plain dataclasses); a frozen heap
+        # keeps a full collection from walking everything Textual and the app have built.
         gc.collect()
         gc.freeze()
 
@@ -149,7 +128,7 @@ class ProcessEngineClient(QueueClient):
         hint = " (killed: out of memory?)" if code in (-9, 137) else ""
         return f"the engine process ended unexpectedly, exit code {code}{hint}; see {log_path()}"
 
-    def close(self) -> None:
+    def stop(self) -> None:
         self._closed.set()
         self.cancel_event.set()
         try:

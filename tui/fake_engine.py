@@ -1,11 +1,12 @@
-"""A stand-in engine for tests and demos: synthetic events, no model, the real serving loop.
+"""A stand-in engine for tests and demos: synthetic events, no model, the real session and loop.
 
-`FakeEngineClient` runs `EngineLoop` (the same loop as the engine process) in a thread, with a
-`fake_generate` that makes believable events: a prompt split into words, tokens from a fixed
-text, a cache that fills like `kv`/`paged`/`naive` would, attention rows that look at the start
-and the recent past, per-token latencies that grow with position for `naive`, and for `flash`
-the online-softmax running max and sum of made-up scores, computed tile by tile as the real
-backend does.
+`FakeSource` runs `EngineLoop` (the same transport as the engine process) in a thread, over a
+real `engine.session.Session` (so races are compared by the engine's own code) whose
+`generate` is `fake_generate`, which makes believable events: a prompt split into words, tokens
+from a fixed text, a cache that fills like `kv`/`paged`/`naive` would, attention rows that look
+at the start and the recent past, per-token latencies that grow with position for `naive`, and
+for `flash` the online-softmax running max and sum of made-up scores, computed tile by tile as
+the real backend does.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .bridge import Post, QueueClient
-from .engine_process import FAST_CHOICES, EngineLoop
+from engine.config import FAST_CHOICES
+from engine.session import Session
+
+from .bridge import QueueSource
+from .engine_process import EngineLoop
 
 WORDS = (" the model reads the prompt once and then writes one token at a time, keeping keys and"
          " values so that each new step only pays for itself and not for the whole past again."
@@ -46,15 +50,14 @@ def flash_tiles(scores: np.ndarray, tile: int) -> tuple[tuple[float, ...], tuple
     return tuple(ms), tuple(ls)
 
 
-def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0,
+def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay: float = 0.0,
                   diverge: dict[str, int] | None = None, flash_tile: int | None = None):
     """diverge: {"strategy/backend": index}, that contestant's tokens differ from `index` on
     (to show a race that disagrees); flash_tile: a tile size for the flash events other than
     cfg.flash_tile (64 keys make one tile for a short demo)."""
-    from engine.cache.base import CacheStats, SequenceBlocks
     from engine.config import ConfigError
-    from engine.events import (AttentionRow, CacheSnapshot, Finished, FlashTiles, Prefill,
-                               Started, Token)
+    from engine.events import (AttentionRow, CacheSnapshot, CacheStats, Finished, FlashTiles,
+                               Prefill, SequenceBlocks, Started, Token)
     from engine.metrics import RunMetrics
 
     if cfg.backend not in BACKENDS:
@@ -66,8 +69,8 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0
         raise ConfigError("the prompt is empty: type some text to continue")
     n_prompt = len(pieces)
     yield Started(strategy=cfg.strategy, backend=cfg.backend, fast=cfg.fast.spec(),
-                  device="cpu", dtype="float32",
-                  prompt=prompt, max_new_tokens=cfg.max_new_tokens)
+                  device="cpu", dtype="float32", prompt=prompt,
+                  max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling)
     bpt = 2 * N_LAYERS * N_KV * HEAD_DIM * 4
     capacity = n_prompt + cfg.max_new_tokens
     rng = np.random.default_rng(0)
@@ -130,7 +133,7 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0
                               for layer in range(N_LAYERS)])
             probs = probs + 0.01 * rng.random(probs.shape)
             probs /= probs.sum(-1, keepdims=True)
-            yield AttentionRow(position=seq, probs=probs.astype(np.float16))
+            yield AttentionRow.of(seq, probs)
         if cfg.backend == "flash":
             m, l = flash_tiles(scores[:seq + 1], tile)
             yield FlashTiles(layer=0, head=0, tile_size=tile, running_max=m, running_sum=l)
@@ -147,19 +150,26 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, delay: float = 0.0
                    text="".join(" " + WORDS[t] for t in tokens), metrics=metrics)
 
 
-class FakeLoop(EngineLoop):
-    def backend_options(self, cfg) -> dict:
+def fake_ready():
+    from engine.events import Ready
+    return Ready(model="fake-model (synthetic events)", device="cpu", dtype="float32",
+                 n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=N_KV, head_dim=HEAD_DIM,
+                 max_seq_len=2048, backends=dict(BACKENDS),
+                 fast={spec: FAST_UNAVAILABLE.get(spec) for spec in FAST_CHOICES})
+
+
+class FakeSession(Session):
+    """A real session (its race, its comparisons) over fake_generate and a made-up model."""
+
+    def ready(self):
+        return fake_ready()
+
+    def _backend_options(self, cfg):
         return {}
 
-    def info(self) -> dict:
-        return dict(name="fake-model (synthetic events)", device="cpu", dtype="float32",
-                    backends=dict(BACKENDS), n_layers=N_LAYERS, n_heads=N_HEADS,
-                    n_kv_heads=N_KV, head_dim=HEAD_DIM, max_seq_len=2048,
-                    fast={spec: FAST_UNAVAILABLE.get(spec) for spec in FAST_CHOICES})
 
-
-class FakeEngineClient(QueueClient):
-    """Replays synthetic events through the real serving loop, in a thread.
+class FakeSource(QueueSource):
+    """Synthetic events through the real session and transport, in a thread.
 
     delay: seconds per token (0 = as fast as possible); load_error: make loading fail;
     diverge, flash_tile: see `fake_generate`.
@@ -170,40 +180,37 @@ class FakeEngineClient(QueueClient):
                  flash_tile: int | None = 8):
         super().__init__()
         self.delay, self.load_error = delay, load_error
+        self.diverge, self.flash_tile = diverge, flash_tile
         self.commands: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.cancel_event = threading.Event()
         self.requests: list = []          # what the app asked for, for tests to inspect
-
-        def gen(model, tokenizer, prompt, cfg, cancel=None):
-            return fake_generate(model, tokenizer, prompt, cfg, cancel, delay=self.delay,
-                                 diverge=diverge, flash_tile=flash_tile)
-        self.loop = FakeLoop(self.results.put, self.cancel_event, gen, flush_interval,
-                             freeze_gc=False)
+        self.loop = EngineLoop(self.results.put, flush_interval, freeze_gc=False)
         self._thread = threading.Thread(target=self._serve, name="fake-engine", daemon=True)
 
+    def _generate(self, model, tokenizer, prompt, cfg, cancel=None, steps=None):
+        return fake_generate(model, tokenizer, prompt, cfg, cancel, delay=self.delay,
+                             diverge=self.diverge, flash_tile=self.flash_tile)
+
+    def _open_session(self, progress):
+        progress("loading fake model", 0.5)
+        if self.load_error:
+            raise FileNotFoundError(self.load_error)
+        lm = SimpleNamespace(model=None, tokenizer=None, name="fake")
+        return FakeSession(lm, generate=self._generate, cancel=self.cancel_event)
+
     def _serve(self) -> None:
-        def load(progress):
-            progress("loading fake model", 0.5)
-            if self.load_error:
-                raise FileNotFoundError(self.load_error)
-            return SimpleNamespace(model=None, tokenizer=None, name="fake")
-        self.loop.load(load)
+        self.loop.load(self._open_session)
         self.loop.serve(self.commands.get)
 
-    def start(self, post: Post) -> None:
+    def _start_worker(self) -> None:
         self._thread.start()
-        self._start_reader(post)
 
-    def run(self, request) -> None:
+    def submit(self, request) -> None:
         self.requests.append(request)
-        super().run(request)
+        super().submit(request)
 
-    def race(self, request) -> None:
-        self.requests.append(request)
-        super().race(request)
-
-    def close(self) -> None:
+    def stop(self) -> None:
         self._closed.set()
         self.cancel_event.set()
         self.commands.put(None)

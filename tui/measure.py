@@ -33,8 +33,9 @@ def torch_threads() -> int:
 
 def engine_runs(lm, cfg, prompt):
     from engine.decoding import generate
+    from engine.fast import STEPS
     fin = None
-    for ev in generate(lm.model, lm.tokenizer, prompt, cfg):
+    for ev in generate(lm.model, lm.tokenizer, prompt, cfg, steps=STEPS):
         fin = ev
     return fin.metrics.decode_tokens_per_s
 
@@ -42,10 +43,10 @@ def engine_runs(lm, cfg, prompt):
 async def main_async(args) -> dict[str, list[float]]:
     from engine.config import GenerationConfig
     from engine.loader import load_model
+    from engine.events import Finished, Ready
+    from engine.requests import RunRequest
     from tui.app import MiniLLMApp, Settings
-    from tui.bridge import ProcessEngineClient
-    from tui.engine_process import RunRequest
-    from tui.messages import EngineEvents, EngineReady
+    from tui.bridge import ProcessSource
 
     prompt = args.prompt
     from engine.config import FastPathConfig
@@ -57,22 +58,19 @@ async def main_async(args) -> dict[str, list[float]]:
     lm = load_model(None, "cpu", "float32")
 
     inbox: queue.Queue = queue.Queue()
-    bare = ProcessEngineClient(None, "cpu", "float32")
-    bare.start(inbox.put)
+    bare = ProcessSource(None, "cpu", "float32")
+    bare.start(lambda envelopes, restart=False: [inbox.put(e.event) for e in envelopes])
 
     async def bare_run(run_id: int) -> float:
-        bare.run(RunRequest(run_id=run_id, prompt=prompt, strategy=args.strategy,
-                            backend=args.backend, max_new_tokens=args.tokens, fast=args.fast))
+        bare.submit(RunRequest(prompt, cfg, run_id))
         while True:
             try:
-                msg = inbox.get_nowait()
+                event = inbox.get_nowait()
             except queue.Empty:
                 await asyncio.sleep(0.01)
                 continue
-            if isinstance(msg, EngineEvents):
-                last = msg.events[-1]
-                if type(last).__name__ == "Finished":
-                    return last.metrics.decode_tokens_per_s
+            if isinstance(event, Finished):
+                return event.metrics.decode_tokens_per_s
 
     results: dict[str, list[float]] = {"engine": [], "process": [], "app": []}
     if app_threads != default_threads:
@@ -83,8 +81,8 @@ async def main_async(args) -> dict[str, list[float]]:
         while app.info is None:
             await asyncio.sleep(0.1)
         while True:                      # the bare client's model too
-            msg = inbox.get() if not inbox.empty() else None
-            if isinstance(msg, EngineReady):
+            event = inbox.get() if not inbox.empty() else None
+            if isinstance(event, Ready):
                 break
             await asyncio.sleep(0.1)
         engine_runs(lm, cfg, prompt)     # warm-up, all three
@@ -107,7 +105,7 @@ async def main_async(args) -> dict[str, list[float]]:
             results["app"].append(app.finished[-1].metrics.decode_tokens_per_s)
             print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()),
                   flush=True)
-    bare.close()
+    bare.stop()
     return results
 
 

@@ -21,7 +21,7 @@ from ..config import STRATEGIES
 from .experiment import run_bench
 from .settings import SEED_NEW_TOKENS, SEED_PROMPT, BenchSettings
 
-EXIT_INTERRUPTED = 130
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -98,7 +98,15 @@ def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
         with open(args.markdown, "w") as f:
             f.write(report.markdown(doc))
         print(f"wrote {args.markdown}", file=sys.stderr)
-    return EXIT_INTERRUPTED if doc["interrupted"] else 0
+    if doc["interrupted"]:
+        return EXIT_INTERRUPTED
+    rows = doc.get("rows") or []
+    failed = [r for r in rows if r.get("error")]
+    if rows and len(failed) == len(rows):       # nothing was measured: not a success
+        print(f"error: every bench row failed (first: {failed[0]['label']}: "
+              f"{failed[0]['error']})", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def cmd_batch_bench(args: argparse.Namespace, loaded=None) -> int:

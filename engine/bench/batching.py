@@ -26,10 +26,11 @@ from typing import Callable
 
 import torch
 
-from .. import batch_events as be
+from .. import events as be
 from ..batch import BatchEngine, serve
 from ..config import ConfigError, FastPathConfig, GenerationConfig
 from ..decoding import run_to_end
+from ..fast import STEPS
 from ..scheduler import SchedulerConfig
 
 PROMPTS = ("Deep learning is", "The capital of France is", "Once upon a time",
@@ -160,7 +161,7 @@ def batch_sizes(lm, s: BatchBenchSettings, result: dict,
             label = "generate" + (f" +{spec}" if spec else "")
             tick(f"batch: pass {p - s.warmup + 1}, one request alone ({label})")
             c = dataclasses.replace(cfg, fast=FastPathConfig.from_spec(spec))
-            alone[spec].append(run_to_end(lm.model, lm.tokenizer, prompts[0], c)[1]
+            alone[spec].append(run_to_end(lm.model, lm.tokenizer, prompts[0], c, steps=STEPS)[1]
                                .metrics.decode_tokens_per_s)
         for b in s.sizes:
             tick(f"batch: {'warm-up' if p < s.warmup else f'pass {p - s.warmup + 1}'}, "

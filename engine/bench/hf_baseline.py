@@ -52,7 +52,7 @@ class HFBaseline:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()          # its weight-loading bar would cut ours
         self.model = AutoModelForCausalLM.from_pretrained(
-            lm.hf_folder, dtype=self.dtype).to(self.device).eval()
+            lm.hf_folder, dtype=self.dtype, trust_remote_code=False).to(self.device).eval()
         # Exactly max_new_tokens every time, like our rows: no stopping at end-of-sequence.
         self.model.generation_config.eos_token_id = None
         self.model.generation_config.pad_token_id = 0

@@ -23,9 +23,11 @@ from typing import Callable
 import torch
 
 from ..attention import available_backends, get_backend
+from ..compare import compare as compare_runs
 from ..config import ConfigError, FastPathConfig, GenerationConfig
 from ..decoding import generate
 from ..events import Finished, Token
+from ..fast import STEPS
 from ..metrics import RunMetrics
 from .memory import PeakMemory
 from .settings import BenchSettings
@@ -143,7 +145,7 @@ def engine_runner(lm, ids: list[int], settings: BenchSettings, strategy: str,
         logits: list[torch.Tensor] = []
         finished = None
         with PeakMemory(device) as pm:
-            for ev in generate(lm.model, lm.tokenizer, ids, cfg):
+            for ev in generate(lm.model, lm.tokenizer, ids, cfg, steps=STEPS):
                 if isinstance(ev, Token) and keep_logits:
                     logits.append(ev.logits)
                 elif isinstance(ev, Finished):
@@ -156,15 +158,10 @@ def engine_runner(lm, ids: list[int], settings: BenchSettings, strategy: str,
 
 
 def compare(ref: Outcome, out: Outcome) -> tuple[bool, int | None, float | None]:
-    """(identical tokens?, first differing step, max |Δ logits| over all common steps)."""
-    first = next((i for i, (a, b) in enumerate(zip(ref.tokens, out.tokens)) if a != b), None)
-    if first is None and len(ref.tokens) != len(out.tokens):
-        first = min(len(ref.tokens), len(out.tokens))
-    diff = None
-    if ref.logits and out.logits:
-        diff = max(float((a.float() - b.float()).abs().max())
-                   for a, b in zip(ref.logits, out.logits))
-    return first is None, first, diff
+    """(identical tokens?, first differing step, max |Δ logits|), as engine/compare.py defines
+    them (the logits over the steps where both runs had seen the same tokens)."""
+    c = compare_runs(out.tokens, ref.tokens, out.logits, ref.logits)
+    return c.identical, c.first_difference, c.max_logit_delta
 
 
 # ----------------------------------------------------------------------------- the experiment

@@ -50,6 +50,8 @@ class BenchSettings:
             raise ConfigError(f"--repeat must be ≥ 1, got {self.repeat}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be ≥ 0, got {self.warmup}")
+        if self.block_size < 1:
+            raise ConfigError(f"--block-size must be ≥ 1, got {self.block_size}")
         if self.sweep_max is not None and self.sweep_max < 8:
             raise ConfigError(f"--sweep-max must be ≥ 8, got {self.sweep_max}")
         self.fast = tuple(self.fast)

@@ -108,5 +108,23 @@ def make_decoder(model: Transformer, cache, fast: FastPathConfig, next_pos: int,
     return decoder
 
 
+class FastSteps:
+    """The fast path as engine.decoding's StepBuilder: decoding is handed this object (by the
+    session, the bench, the tests) instead of importing this package."""
+
+    def prepare(self, model: Transformer, fast: FastPathConfig) -> Transformer:
+        return prepare(model, fast)
+
+    def check(self, model: Transformer, strategy: str, fast: FastPathConfig) -> None:
+        if fast.kernel == "c":
+            check_c_step(model, strategy)
+
+    def decoder(self, model: Transformer, cache, fast: FastPathConfig, next_pos: int,
+                record_rows: bool):
+        return make_decoder(model, cache, fast, next_pos, record_rows) if fast.own_step else None
+
+
+STEPS = FastSteps()
+
 __all__ = ["prepare", "decode_bytes", "make_decoder", "check_c_step", "shallow_copy",
-           "StaticDecoder"]
+           "StaticDecoder", "FastSteps", "STEPS"]

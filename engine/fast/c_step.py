@@ -147,6 +147,10 @@ class CDecoder:
                               "int8 in one layout)")
         head = _Rows(model.lm_head)
         k_layers, v_layers, self.block = self._cache_layout(cache)
+        # C reads the RoPE tables by address: they must cover every slot before it is taken.
+        slots = cache.capacity if isinstance(cache, ContiguousKVCache) \
+            else cache.pool.num_blocks * self.block
+        model.ensure_rope(slots)
 
         m = Model(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=H, n_kv=KV, head_dim=hd,
                   ffn=cfg.ffn_dim, vocab=cfg.vocab_size, eps=cfg.norm_eps, format=kinds.pop(),

@@ -21,9 +21,10 @@ import time
 
 import torch
 
+from ..compare import compare
 from ..config import FastPathConfig, GenerationConfig
 from ..decoding import run_to_end
-from . import decode_bytes, prepare
+from . import STEPS, decode_bytes, prepare
 
 PROMPT = "Deep learning is"
 
@@ -91,7 +92,7 @@ def hf_decode(hf, ids: list[int], n: int) -> tuple[float, list[int]]:
 def engine_decode(model, tok, fast: FastPathConfig, n: int):
     cfg = GenerationConfig(max_new_tokens=n, attention_rows=False, keep_logits=True,
                            stop_at_eos=False, fast=fast)
-    events, fin = run_to_end(model, tok, PROMPT, cfg)
+    events, fin = run_to_end(model, tok, PROMPT, cfg, steps=STEPS)
     logits = torch.stack([e.logits for e in events if getattr(e, "logits", None) is not None])
     return fin.metrics.decode_tokens_per_s, list(fin.tokens), logits          # (steps, vocab)
 
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
     hf = None
     if not a.no_hf and lm.hf_folder:
         from transformers import AutoModelForCausalLM
-        hf = AutoModelForCausalLM.from_pretrained(lm.hf_folder, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(lm.hf_folder, dtype=torch.float32,
+                                                  trust_remote_code=False).eval()
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = 0
         hf_decode(hf, ids, 3)
@@ -197,13 +199,9 @@ def main(argv=None) -> int:
         nbytes = decode_bytes(prepare(model, fast)) if fast else decode_bytes(model)
         rate = statistics.median(rates[name])
         best = max(rates[name])
-        same = [a_ == b_ for a_, b_ in zip(tokens[name], ref_tokens)]
-        first_diff = same.index(False) if False in same else None
-        # Logits are comparable while both runs have seen the same tokens: up to and including
-        # the step that first picks a different one.
-        upto = len(same) if first_diff is None else first_diff + 1
-        err = ((logits[name][:upto] - ref_logits[:upto]).abs().max().item()
-               if name in logits else None)
+        # Logits are comparable while both runs have seen the same tokens (engine/compare.py).
+        c = compare(tokens[name], ref_tokens, logits.get(name), ref_logits)
+        first_diff, err = c.first_difference, c.max_logit_delta
         rows.append(dict(variant=name, tok_s=rate, tok_s_best=best, tok_s_all=rates[name],
                          tok_s_lockstep=step_rates.get(name), weight_mb=nbytes / 1e6,
                          ceiling_tok_s=bandwidth / nbytes, of_ceiling=rate * nbytes / bandwidth,

@@ -87,6 +87,8 @@ class StaticDecoder:
         self.model, self.cache = model, cache
         device = model.device
         self.attend = StaticAttention(cache, model.cfg.n_heads, device)
+        # A compiled or captured step cannot grow the RoPE tables: cover every slot now.
+        model.ensure_rope(self.attend.key_pos.numel())
         self.tokens = torch.zeros(1, 1, dtype=torch.long, device=device)     # (B, T)
         self._run = self._eager
         self.compile_seconds = 0.0

@@ -13,12 +13,13 @@ tokens in float32.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from engine import batch_events as be
+from engine import events as be
 from engine.batch import BatchEngine, serve
 from engine.config import GenerationConfig, SamplingConfig
 from engine.decoding import run_to_end
@@ -93,7 +94,7 @@ def assert_as_alone(model, events, requests, logits_tol=1e-5):
     mine: dict[int, list] = {}
     for e in events:
         if isinstance(e, be.RequestToken):
-            mine.setdefault(e.request, []).append(torch.tensor(e.logits))
+            mine.setdefault(e.request, []).append(e.logits)
     for rid, (prompt, cfg) in enumerate(requests):
         tokens, reason, ref_logits = alone(model, prompt, cfg)
         assert (done[rid].tokens, done[rid].reason) == (tokens, reason), rid
@@ -214,7 +215,7 @@ def test_float32_logits_within_tolerance_of_alone():
     logits = {}
     for e in events:
         if isinstance(e, be.RequestToken):
-            logits.setdefault(e.request, []).append(torch.tensor(e.logits))
+            logits.setdefault(e.request, []).append(e.logits)
     for rid, (prompt, cfg) in enumerate(requests):
         ref_events, ref = run_to_end(model, TOK, prompt, cfg)
         ref_logits = [e.logits for e in ref_events if type(e).__name__ == "Token"]
@@ -248,7 +249,7 @@ def test_property_float32_logits_within_tolerance(workload):
     mine: dict[int, list] = {}
     for e in events:
         if isinstance(e, be.RequestToken):
-            mine.setdefault(e.request, []).append((e.id, torch.tensor(e.logits)))
+            mine.setdefault(e.request, []).append((e.id, e.logits))
     for rid, (prompt, gcfg) in enumerate(order):
         ref_tokens, _, ref_logits = alone(model, prompt, gcfg)
         for (token, logits), ref_token, ref in zip(mine.get(rid, []), ref_tokens, ref_logits):
@@ -281,7 +282,7 @@ def test_triton_batched_kernel_matches_the_pytorch_path():
                       if isinstance(e, be.RequestToken)]
     assert [e.id for e in runs["sdpa"]] == [e.id for e in runs["triton"]]
     for a, b in zip(runs["sdpa"], runs["triton"]):
-        assert (torch.tensor(a.logits) - torch.tensor(b.logits)).abs().max() < 1e-4
+        assert (a.logits - b.logits).abs().max() < 1e-4
 
 
 # --------------------------------------------------------------------------- events, pool views
@@ -295,8 +296,8 @@ def test_events_tell_the_story_and_round_trip_through_json():
     kinds = {type(e).__name__ for e in events}
     assert {"RequestArrived", "RequestAdmitted", "PrefillChunk", "RequestToken",
             "RequestFinished", "StepDone", "PoolSnapshot", "BatchSummary"} <= kinds
-    for e in events:
-        assert be.from_json(be.to_json(e)) == e
+    for e in events:                                # the engine's one JSON form
+        assert be.from_json(json.loads(json.dumps(be.to_json(e), allow_nan=False))) == e
     # Per request: arrived, admitted, its prompt in chunks, then tokens, then finished.
     for rid in range(3):
         mine = [e for e in events if getattr(e, "request", None) == rid]
@@ -317,6 +318,19 @@ def test_events_tell_the_story_and_round_trip_through_json():
     assert isinstance(summary, be.BatchSummary) and summary.finished == 3
     assert summary.peak_blocks_used < summary.peak_contiguous_blocks
     assert 0 < summary.prefix_hit_rate < 1
+
+
+def test_rope_tables_grow_for_a_packed_batch(monkeypatch):
+    """The RoPE tables are built lazily up to the positions runs reach; a packed batch brings
+    its positions as a tensor, so the runner grows them first."""
+    from engine.model import Transformer
+    monkeypatch.setattr(Transformer, "ROPE_START", 8)
+    model = tiny_model("llama", dtype=torch.float64)
+    assert model.rope_cos.shape[0] == 8
+    requests = [(list(range(30, 50)), gen(6)), (list(b"abc"), gen(4))]
+    engine = BatchEngine(model, TOK, SchedulerConfig(max_batch=2, max_step_tokens=32,
+                                                     block_size=4, num_blocks=16))
+    assert_as_alone(model, drive(engine, {0: requests}), requests)
 
 
 def test_a_request_that_cannot_fit_fails_alone():

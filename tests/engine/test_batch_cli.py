@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import batch_cli
-from engine import batch_events as be
+from engine import events as be
 from engine.cli import main
 from engine.config import GenerationConfig
 from engine.decoding import run_to_end
@@ -30,7 +30,7 @@ def prompts_file(tmp_path):
 
 
 def events_of(stdout: str) -> list:
-    return [be.from_json(line) for line in stdout.splitlines() if line.strip()]
+    return [be.from_json(json.loads(line)) for line in stdout.splitlines() if line.strip()]
 
 
 def test_json_events_and_each_request_as_alone(tiny_folder, prompts_file, capsys):
@@ -157,7 +157,7 @@ def test_ctrl_c_reports_what_finished(tiny_folder, tmp_path):
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
         lines.append(line)
-        if sum('"RequestToken"' in x for x in lines) >= 20:
+        if sum('"request_token"' in x for x in lines) >= 20:
             break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -22,6 +22,7 @@ from engine.bench.sweep import cumulative_s
 from engine.cli import main as cli_main
 from engine.config import ConfigError, GenerationConfig, ModelConfig
 from engine.decoding import run_to_end
+from engine.fast import STEPS
 from engine.loader import load_model
 from tests.conftest import byte_tokenizer
 
@@ -140,7 +141,7 @@ def _engine_tokens(lm, ids, strategy, backend, n, fast=None):
     extra = {"fast": FastPathConfig.from_spec(fast)} if fast else {}
     cfg = GenerationConfig(strategy=strategy, backend=backend, max_new_tokens=n,
                            attention_rows=False, stop_at_eos=False, **extra)
-    return list(run_to_end(lm.model, lm.tokenizer, ids, cfg)[1].tokens)
+    return list(run_to_end(lm.model, lm.tokenizer, ids, cfg, steps=STEPS)[1].tokens)
 
 
 def test_identical_rows_really_are(quick_doc, hf_folder):

@@ -15,7 +15,7 @@ import torch
 from engine.attention import get_backend
 from engine.config import ConfigError, FastPathConfig, GenerationConfig
 from engine.decoding import CachedAttention, forward_step, make_cache, run_to_end
-from engine.fast import check_c_step, kernels, prepare
+from engine.fast import STEPS, check_c_step, kernels, prepare
 from engine.fast.quant import Int8Linear, pack_tiles, unpack_tiles
 from tests.conftest import tiny_model
 
@@ -62,7 +62,7 @@ def test_generate_with_kernel_c_gives_the_reference_tokens(tokenizer, strategy):
     for name, fast in (("ref", FastPathConfig()), ("c", FastPathConfig(kernel="c"))):
         cfg = GenerationConfig(strategy=strategy, max_new_tokens=30, stop_at_eos=False,
                                keep_logits=True, fast=fast)
-        events, fin = run_to_end(model, tokenizer, "The cat sat", cfg)
+        events, fin = run_to_end(model, tokenizer, "The cat sat", cfg, steps=STEPS)
         runs[name] = (list(fin.tokens), [e for e in events if type(e).__name__ == "AttentionRow"],
                       torch.stack([e.logits for e in events if getattr(e, "logits", None)
                                    is not None]))
@@ -134,5 +134,5 @@ def test_embedded_kernel_c_golden(embedded):
     for strategy in ("kv", "paged"):
         _, fin = run_to_end(embedded.model, embedded.tokenizer, PROMPT, GenerationConfig(
             strategy=strategy, max_new_tokens=50, attention_rows=False,
-            fast=FastPathConfig(kernel="c")))
+            fast=FastPathConfig(kernel="c")), steps=STEPS)
         assert list(fin.tokens) == GOLDEN_TOKENS, strategy

@@ -13,7 +13,7 @@ import torch
 from engine.cache import BlockPool, ContiguousKVCache, PagedKVCache
 from engine.config import ConfigError, FastPathConfig, GenerationConfig
 from engine.decoding import run_to_end
-from engine.fast import decode_bytes, kernels, prepare, shallow_copy
+from engine.fast import STEPS, decode_bytes, kernels, prepare, shallow_copy
 from engine.fast.fuse import fuse_projections
 from engine.fast.layout import to_column_layout
 from engine.fast.quant import Int8Linear, quantize_per_channel
@@ -31,7 +31,7 @@ EXACT = {
 def greedy(model, tokenizer, fast: FastPathConfig, strategy="kv", n=24, prompt="The cat sat"):
     cfg = GenerationConfig(strategy=strategy, max_new_tokens=n, attention_rows=False,
                            keep_logits=True, stop_at_eos=False, fast=fast)
-    events, fin = run_to_end(model, tokenizer, prompt, cfg)
+    events, fin = run_to_end(model, tokenizer, prompt, cfg, steps=STEPS)
     logits = torch.stack([e.logits for e in events if getattr(e, "logits", None) is not None])
     return list(fin.tokens), logits
 
@@ -243,7 +243,7 @@ def test_int8_over_column_layout_equals_int8_alone():
     for name, fast in (("int8", FastPathConfig(weights="int8")),
                        ("cols+int8", FastPathConfig(layout="cols", weights="int8"))):
         events, fin = run_to_end(model, tok, [1, 2, 3], GenerationConfig(
-            max_new_tokens=10, stop_at_eos=False, keep_logits=True, fast=fast))
+            max_new_tokens=10, stop_at_eos=False, keep_logits=True, fast=fast), steps=STEPS)
         out[name] = (fin.tokens, [e.logits for e in events if type(e).__name__ == "Token"])
     assert out["int8"][0] == out["cols+int8"][0]
     for a, b in zip(out["int8"][1], out["cols+int8"][1]):
@@ -264,5 +264,5 @@ def test_fast_spec_rejects_unknown_words():
 
 def test_started_event_names_the_fast_path(tokenizer):
     events, _ = run_to_end(tiny_model("llama"), tokenizer, "hi", GenerationConfig(
-        max_new_tokens=2, fast=FastPathConfig(fuse=True, layout="cols")))
+        max_new_tokens=2, fast=FastPathConfig(fuse=True, layout="cols")), steps=STEPS)
     assert events[0].fast == "fuse+cols"

@@ -44,6 +44,12 @@ CASES = [
     (["hi", "--block-size", "0"], 2, "block size must be a positive integer"),
     (["hi", "--seed", "-1"], 2, "seed must be in"),
     (["hi", "--seed", str(2**64)], 2, "seed must be in"),
+    (["hi", "--temperature", "nan"], 2, "temperature must be a finite number"),
+    (["hi", "--temperature", "inf"], 2, "temperature must be a finite number"),
+    (["hi", "--top-p", "nan"], 2, "top-p must be a finite number"),
+    (["hi", "--min-p", "nan"], 2, "min-p must be a finite number"),
+    (["hi", "--repetition-penalty", "nan"], 2, "repetition penalty must be a finite number"),
+    (["hi", "--stop", ""], 2, "a stop string must not be empty"),
     # names
     (["hi", "--strategy", "fastest"], 2, "unknown strategy 'fastest'"),
     (["hi", "--backend", "cudnn9"], 2, "unknown attention backend 'cudnn9'"),
@@ -74,8 +80,9 @@ def test_control_characters_and_rtl_text_run(tiny_folder, capsys):
     prompt = "tab\there\x07bell\x00nul مرحبا 👋 中文"
     assert main(["run", prompt, "--model", str(tiny_folder), "--max-new-tokens", "4",
                  "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["prompt_tokens"] == len(prompt.encode("utf-8"))
+    finished = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert finished["type"] == "finished"
+    assert finished["metrics"]["prompt_tokens"] == len(prompt.encode("utf-8"))
 
 
 def write_file(path: Path, data: bytes) -> Path:
@@ -134,14 +141,17 @@ def test_ctrl_c_during_a_run_keeps_output_and_exits_130(tiny_folder):
                              str(tiny_folder), "--max-new-tokens", "400", "--json",
                              "--strategy", "naive"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    first = proc.stdout.readline()          # wait for the first token
-    assert json.loads(first)["type"] == "token"
+    seen = [json.loads(proc.stdout.readline())]
+    while seen[-1]["type"] != "token":      # header, ready, started, prefill: wait for a token
+        seen.append(json.loads(proc.stdout.readline()))
+    assert [d["type"] for d in seen] == ["header", "ready", "started", "prefill", "token"]
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert "Traceback" not in err and "interrupted" in err
-    lines = [first] + out.splitlines()
-    assert all(json.loads(line)["type"] == "token" for line in lines if line.strip())
+    # every line written is a whole event: nothing cut in half by the interrupt
+    rest = [json.loads(line)["type"] for line in out.splitlines() if line.strip()]
+    assert set(rest) <= {"token", "cache"}
 
 
 def test_ctrl_c_during_load_exits_cleanly(tiny_folder):
@@ -212,16 +222,16 @@ def test_repeated_runs_do_not_grow_memory(request):
     cfg = [GenerationConfig(strategy=s, max_new_tokens=n_new, stop_at_eos=False)
            for s in ("naive", "kv", "paged")]
     from engine.config import FastPathConfig
-    from engine.fast import kernels
+    from engine.fast import STEPS, kernels
     if kernels.available():                  # the C step: ctypes, malloc/free every step
         cfg += [GenerationConfig(strategy=s, max_new_tokens=n_new, stop_at_eos=False,
                                  fast=FastPathConfig(kernel="c", weights=w))
                 for s, w in (("kv", "same"), ("paged", "int8"))]
     for i in range(15):                      # warm up allocators and caches
-        run_to_end(model, tok, "soak test prompt", cfg[i % len(cfg)])
+        run_to_end(model, tok, "soak test prompt", cfg[i % len(cfg)], steps=STEPS)
     before = rss_bytes()
     for i in range(runs):
-        run_to_end(model, tok, "soak test prompt", cfg[i % len(cfg)])
+        run_to_end(model, tok, "soak test prompt", cfg[i % len(cfg)], steps=STEPS)
     growth = rss_bytes() - before
     print(f"RSS growth over {runs} runs: {growth / 2**20:.1f} MiB")
     assert growth < 16 * 2**20

@@ -8,10 +8,8 @@ import time
 
 import pytest
 
-# Engine events import torch; do it once here rather than inside whichever test runs first.
-import engine.events  # noqa: F401,E402
 from tui.app import MiniLLMApp, Settings
-from tui.fake_engine import FakeEngineClient
+from tui.fake_engine import FakeSource
 
 
 def make_app(delay: float = 0.0, load_error: str | None = None, depth: str = "truecolor",
@@ -19,8 +17,8 @@ def make_app(delay: float = 0.0, load_error: str | None = None, depth: str = "tr
     """The real app, with synthetic events instead of a model (no torch model is loaded).
     diverge: {"strategy/backend": index} makes that contestant's tokens differ from there on."""
     s = Settings(**settings)
-    client = FakeEngineClient(delay=delay, load_error=load_error, diverge=diverge)
-    return MiniLLMApp(s, client=client, color_depth=depth)
+    source = FakeSource(delay=delay, load_error=load_error, diverge=diverge)
+    return MiniLLMApp(s, source=source, color_depth=depth)
 
 
 async def wait_for(pilot, condition, timeout: float = 10.0, what: str = "condition"):

@@ -1,6 +1,6 @@
 """The app against a fake engine: keys, streaming, stop, race, errors, layout.
 
-Each test drives the real `MiniLLMApp` with `run_test()`; the engine is `FakeEngineClient`,
+Each test drives the real `MiniLLMApp` with `run_test()`; the engine is `FakeSource`,
 which runs the real serving loop (batching, race comparison) over synthetic events.
 """
 
@@ -10,7 +10,7 @@ import pytest
 from textual.widgets import DataTable, Input
 
 from tui.app import MiniLLMApp
-from tui.messages import AttentionUpdated, CacheUpdated, EngineProgress
+from tui.messages import AttentionUpdated, CacheUpdated
 from tui.screens.help import HelpScreen
 from tui.screens.race import RaceScreen
 from tui.screens.settings import SettingsScreen, parse
@@ -303,7 +303,6 @@ async def test_command_palette_offers_strategies_and_backends():
 def test_snapshot_messages_replace_older_ones():
     assert CacheUpdated(stats=None).can_replace(CacheUpdated(stats=None))
     assert AttentionUpdated(position=3).can_replace(AttentionUpdated(position=2))
-    assert EngineProgress("a", 0.1).can_replace(EngineProgress("b", 0.2))
     assert not CacheUpdated(stats=None).can_replace(AttentionUpdated(position=1))
 
 
@@ -312,9 +311,9 @@ async def test_real_engine_process_reports_a_bad_model_path():
     # The real bridge: a spawned engine process that cannot load its model says so, and the
     # app shows it as a notification instead of dying.
     from tui.app import Settings
-    from tui.bridge import ProcessEngineClient
+    from tui.bridge import ProcessSource
     app = MiniLLMApp(Settings(model="/no/such/model.gguf"),
-                     client=ProcessEngineClient("/no/such/model.gguf", "cpu", "float32"))
+                     source=ProcessSource("/no/such/model.gguf", "cpu", "float32"))
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: any("did not load" in n for n in notes(app)), timeout=120,
                        what="the load failure")
@@ -324,15 +323,15 @@ async def test_real_engine_process_reports_a_bad_model_path():
 
 def test_truecolor_can_be_forced(monkeypatch):
     from tui.app import Settings, force_truecolor
-    from tui.fake_engine import FakeEngineClient
+    from tui.fake_engine import FakeSource
     monkeypatch.setenv("TERM", "xterm-256color")
     monkeypatch.delenv("COLORTERM", raising=False)
     monkeypatch.delenv("MINILLM_TRUECOLOR", raising=False)
     assert not force_truecolor(Settings())
-    assert MiniLLMApp(Settings(), client=FakeEngineClient()).console.color_system == "256"
+    assert MiniLLMApp(Settings(), source=FakeSource()).console.color_system == "256"
     monkeypatch.setenv("MINILLM_TRUECOLOR", "1")             # or --truecolor
     assert force_truecolor(Settings())
-    assert MiniLLMApp(Settings(), client=FakeEngineClient()).console.color_system == "truecolor"
+    assert MiniLLMApp(Settings(), source=FakeSource()).console.color_system == "truecolor"
 
 
 async def test_fast_path_key_cycles_usable_options_and_runs_carry_them():
@@ -346,7 +345,7 @@ async def test_fast_path_key_cycles_usable_options_and_runs_carry_them():
         assert "+c" in str(bar.render())
         await pilot.press("enter")
         await wait_for(pilot, lambda: len(app.finished) == 1)
-        assert app.client.requests[-1].fast == "c"
+        assert app.source.requests[-1].config.fast.spec() == "c"
         # the latency chart labels the run with its options
         assert app.query_one(LatencyPane).runs[-1][0] == "kv/sdpa +c"
         seen = {app.settings.fast}
@@ -368,3 +367,17 @@ def test_bad_fast_option_on_the_command_line_is_an_error():
     assert "warp" in settings_error(settings)
     assert settings_error(Settings.from_args(build_parser().parse_args(["ui", "--fast", "c"]))) \
         is None
+
+
+def test_the_engine_log_lives_in_the_private_cache(tmp_path, monkeypatch):
+    """The engine process appends its output to engine.log: in a folder others could write to,
+    a FIFO planted under that name would block the open() forever, a symlink would redirect
+    it. The log goes under $MINILLM_CACHE, in a folder only this user may write to."""
+    import os
+    import stat
+    from tui.bridge import log_path
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir(mode=0o777)
+    os.chmod(tmp_path / "cache", 0o777)
+    assert log_path() == str(tmp_path / "cache" / "engine.log")
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) & 0o022 == 0

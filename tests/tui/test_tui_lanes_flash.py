@@ -10,7 +10,8 @@ from textual.widgets import DataTable
 
 from tui.screens.race import RaceScreen
 from tui.widgets.attention import AttentionPane
-from tui.widgets.race_lanes import RaceLanes, first_difference
+from engine.compare import first_difference
+from tui.widgets.race_lanes import RaceLanes
 from tui.widgets.token_stream import TokenStream
 
 from .conftest import make_app, ready, wait_for
@@ -23,11 +24,11 @@ def lanes_text(app) -> str:
 
 
 def test_first_difference():
-    assert first_difference([1, 2, 3], [1, 2, 3, 4], ref_done=True, done=False) is None
-    assert first_difference([1, 9, 3], [1, 2, 3], ref_done=True, done=False) == 1
-    assert first_difference([1, 2, 3, 4], [1, 2, 3], ref_done=True, done=False) == 3
-    assert first_difference([1, 2], [1, 2, 3], ref_done=True, done=True) == 2   # stopped short
-    assert first_difference([1, 2, 3, 4], [1, 2, 3], ref_done=False, done=False) is None
+    assert first_difference([1, 2, 3], [1, 2, 3, 4], reference_done=True, done=False) is None
+    assert first_difference([1, 9, 3], [1, 2, 3], reference_done=True, done=False) == 1
+    assert first_difference([1, 2, 3, 4], [1, 2, 3], reference_done=True, done=False) == 3
+    assert first_difference([1, 2], [1, 2, 3], reference_done=True, done=True) == 2   # stopped short
+    assert first_difference([1, 2, 3, 4], [1, 2, 3], reference_done=False, done=False) is None
 
 
 async def test_race_lanes_stream_side_by_side_and_end_in_the_table():

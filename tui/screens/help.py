@@ -65,7 +65,13 @@ that changes the output is a bug, not a speed-up.
 `R` race (the same prompt through every strategy/backend) · `t` last race table ·
 `l` race lanes ↔ token stream · `m` row / matrix / flash tiles · `p` `.` pause / step the tiles ·
 `o` sampling settings · `T` theme · `C` colour depth (truecolor/256/16) · `ctrl+p` commands ·
-`?` this help · `q` quit.
+`r` record to a file (again: stop) · `?` this help · `q` quit.
+
+## Replay
+`python main.py replay FILE` plays a recording (`r`, `--record FILE`, or `run … --record FILE`)
+with every pane as it was live — no model, no torch. `space` pause / play · `←` `→` one token
+back / forward (the panes show that moment) · `−` `+` speed ×0.5 … ×4 · `home` `end` jump.
+The layer, head and view keys work on the recorded rows.
 
 Press `escape` to close.
 """

@@ -9,7 +9,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
-from ..messages import RaceFinished
+from engine.events import RaceFinished
+
 from ..widgets.kv_cache import human_bytes
 
 
@@ -66,7 +67,8 @@ class RaceScreen(ModalScreen[None]):
                           "KV bytes", "peak mem", "same tokens", "max|Δlogits|")
         for r in self.race.rows:
             same = "ref" if r.same_tokens is None and not r.error else (
-                "—" if r.same_tokens is None else ("✓" if r.same_tokens else "✗"))
+                "—" if r.same_tokens is None else ("✓" if r.same_tokens else
+                                                    f"✗ @{r.first_difference}"))
             delta = "—" if r.max_logit_delta is None else f"{r.max_logit_delta:.2e}"
             backend = r.backend + (f" +{r.fast}" if r.fast else "")
             table.add_row(r.strategy, backend, r.error or r.reason, _ms(r.ttft_s),

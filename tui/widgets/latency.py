@@ -44,6 +44,12 @@ class LatencyPane(Vertical):
         yield PlotextPlot()
         yield Static("TTFT — · TPOT — · — tok/s · peak —", id="metrics")
 
+    def reset(self) -> None:
+        """No runs drawn (a replay starting over)."""
+        self.runs.clear()
+        self.dirty = True
+        self.query_one("#metrics", Static).update("TTFT — · TPOT — · — tok/s · peak —")
+
     def start_run(self, label: str) -> None:
         self.runs.append((label, [], []))
         del self.runs[:-KEEP_RUNS]

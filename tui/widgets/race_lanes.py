@@ -10,6 +10,8 @@ from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
+from engine.compare import first_difference
+
 BAR_MIN, BAR_MAX = 6, 24
 
 
@@ -38,20 +40,6 @@ class Lane:
             rest = self.latencies[1:]
             self.tpot_s = sum(rest) / len(rest)
             self.tokens_per_s = 1 / self.tpot_s if self.tpot_s > 0 else math.nan
-
-
-def first_difference(ids: list[int], ref: list[int], ref_done: bool, done: bool) -> int | None:
-    """The first token index where `ids` and the reference `ref` disagree, or None if they agree
-    so far. A lane that goes on after a finished reference, or stops short of it, differs at the
-    end of the shorter one."""
-    for i, (a, b) in enumerate(zip(ids, ref)):
-        if a != b:
-            return i
-    if ref_done and len(ids) > len(ref):
-        return len(ref)
-    if done and ref_done and len(ids) < len(ref):
-        return len(ids)
-    return None
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -105,6 +93,10 @@ class RaceLanes(Widget, can_focus=True):
         self.lanes = [Lane(run_id, label, max_tokens) for run_id, label in contestants]
         self.prompt, self.finished, self.cancelled = prompt, False, False
         self.refresh()
+
+    def clear(self) -> None:
+        """No race (a replay starting over)."""
+        self.start([], 0, "")
 
     def lane(self, run_id: int) -> Lane | None:
         return next((lane for lane in self.lanes if lane.run_id == run_id), None)
@@ -175,7 +167,8 @@ class RaceLanes(Widget, can_focus=True):
             return None
         if lane is ref:
             return "ref"
-        return first_difference(lane.ids, ref.ids, ref.state == "done", lane.state == "done")
+        return first_difference(lane.ids, ref.ids, done=lane.state == "done",
+                                reference_done=ref.state == "done")
 
     # ------------------------------------------------------------------ drawing
     def render(self) -> Text:

@@ -8,8 +8,8 @@ from textual.widget import Widget
 
 
 class StatusBar(Widget):
-    """One line: model · device · dtype │ strategy/backend +fast path │ sampling │ identical-tokens
-    badge."""
+    """One line: [replay position │] [● rec] model · device · dtype │ strategy/backend +fast path
+    │ sampling │ identical-tokens badge."""
 
     DEFAULT_CSS = """
     StatusBar { height: 1; background: $panel; color: $foreground; padding: 0 1; }
@@ -17,9 +17,11 @@ class StatusBar(Widget):
     StatusBar > .status--same { background: $success; color: $background; text-style: bold; }
     StatusBar > .status--differ { background: $error; color: $background; text-style: bold; }
     StatusBar > .status--muted { color: $text-muted; }
+    StatusBar > .status--rec { color: $error; text-style: bold; }
     """
 
-    COMPONENT_CLASSES = {"status--key", "status--same", "status--differ", "status--muted"}
+    COMPONENT_CLASSES = {"status--key", "status--same", "status--differ", "status--muted",
+                         "status--rec"}
 
     model: reactive[str] = reactive("loading…")
     """Model name (or what is happening while it loads)."""
@@ -34,11 +36,20 @@ class StatusBar(Widget):
     """Did the last compared runs produce identical tokens? None: nothing compared yet."""
     delta: reactive[float | None] = reactive(None)
     """max |Δ logits| between the last compared runs, when known."""
+    replay: reactive[str] = reactive("")
+    """Where a replay stands ("▶ replay 1× · token 12/50 · …"); empty when live."""
+    recording: reactive[bool] = reactive(False)
+    """The app is writing a recording."""
 
     def render(self) -> Text:
         key = self.get_component_rich_style("status--key")
         muted = self.get_component_rich_style("status--muted")
         t = Text(no_wrap=True, overflow="ellipsis")
+        if self.replay:
+            t.append(self.replay, key)
+            t.append(" │ ")
+        if self.recording:
+            t.append("● rec ", self.get_component_rich_style("status--rec"))
         t.append(f"{self.model} · {self.device} · {self.dtype}", muted)
         t.append(" │ ")
         t.append(self.strategy, key)

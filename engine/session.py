@@ -1,0 +1,193 @@
+"""A session: one loaded model that turns requests into events.
+
+    session = Session.load(None, "cpu", "float32")               # or Session(loaded_model)
+    session.ready()                                              # → Ready: model, shape, what runs
+    for env in session.run(RunRequest("Deep learning is", GenerationConfig(), run_id=1)):
+        env.run, env.t, env.event                                # Started, Prefill, Token, …
+    for env in session.race(RaceRequest(2, (RunRequest(…, run_id=3), RunRequest(…, run_id=4)))):
+        …                                                        # RaceStarted, runs, RaceFinished
+    session.cancel()                                             # from any thread
+
+Everything a session does comes out as `engine.events` in an `Envelope` (run id, time), so the
+same stream feeds `python main.py run`, the app's engine process, a recording, and later an
+HTTP server. A run that fails ends in `Finished(reason="error", error=…)` instead of raising
+(unless asked to raise: the command line wants the exception's kind for its exit status).
+
+Requests run one at a time; the race compares its contestants here, with engine/compare.py, so
+logits never leave the process. Cancelling sets a flag the running request sees at its next
+token; the flag stays set until whoever sends the next request clears it (`clear_cancel`) —
+the app clears it *before* sending, so a stop pressed right after a start cannot be lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable, Iterator
+
+from . import fast
+from .attention import backend_names, get_backend
+from .compare import compare
+from .config import FAST_CHOICES, FastPathConfig, GenerationConfig
+from .decoding import StepBuilder, generate
+from .events import (Contestant, Envelope, Event, Finished, RaceFinished, RaceRow, RaceStarted,
+                     Ready, Token, run_label)
+from .loader import load_model
+from .requests import RaceRequest, RunRequest
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for the user, whatever went wrong."""
+    name = type(exc).__name__
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if "OutOfMemory" in name or "out of memory" in text.lower():
+        return f"out of memory: {text or name} — try fewer tokens, a smaller dtype or another strategy"
+    if name in ("ConfigError", "ModelLoadError", "CacheFullError", "FileNotFoundError"):
+        return text or name
+    return f"{name}: {text}" if text else name
+
+
+class Session:
+    """Owns a loaded model (`lm`: .model, .tokenizer, .name, .config) and serves requests.
+
+    generate, steps: the decoding loop and the fast path's step builder (tests hand in others).
+    cancel: the flag a run checks at each token (anything with is_set/set/clear; a
+    multiprocessing Event when another process stops runs). clock: the envelopes' time source.
+    """
+
+    def __init__(self, lm, *, generate: Callable[..., Iterator[Event]] = generate,
+                 steps: StepBuilder = fast.STEPS, cancel=None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.lm, self.generate, self.steps, self.clock = lm, generate, steps, clock
+        self.flag = cancel if cancel is not None else threading.Event()
+
+    @classmethod
+    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "float32",
+             progress: Callable[[str, float], None] | None = None, **kw) -> "Session":
+        return cls(load_model(model, device, dtype, progress=progress), **kw)
+
+    # ------------------------------------------------------------------ what is loaded
+    def ready(self, probe: bool = True) -> Ready:
+        """The model, its shape, and (`probe`) which backends and fast-path choices can run
+        here — trying them takes a moment (the C step may be compiled), so `run` skips it."""
+        lm, cfg = self.lm, self.lm.config
+        device = lm.model.device
+        backends: dict[str, str | None] = {}
+        for name in backend_names() if probe else ():
+            try:
+                get_backend(name, device)
+                backends[name] = None
+            except Exception as exc:      # noqa: BLE001 — any reason is a reason to say
+                backends[name] = error_message(exc)
+        choices: dict[str, str | None] = {}
+        for spec in FAST_CHOICES if probe else ():
+            try:
+                self.steps.check(lm.model, "kv", FastPathConfig.from_spec(spec))
+                choices[spec] = None
+            except Exception as exc:      # noqa: BLE001
+                choices[spec] = error_message(exc)
+        return Ready(model=lm.name, device=str(device),
+                     dtype=str(lm.model.dtype).removeprefix("torch."), n_layers=cfg.n_layers,
+                     n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                     max_seq_len=cfg.max_seq_len, backends=backends, fast=choices)
+
+    # ------------------------------------------------------------------ requests
+    def envelope(self, run: int, event: Event) -> Envelope:
+        return Envelope(run=run, t=self.clock(), event=event)
+
+    def run(self, request: RunRequest, *, raise_errors: bool = False) -> Iterator[Envelope]:
+        """The run's events, in envelopes carrying its run id."""
+        for event in self._events(request, raise_errors):
+            yield self.envelope(request.run_id, event)
+
+    def race(self, race: RaceRequest) -> Iterator[Envelope]:
+        """Each contestant in turn on the same prompt, compared with the first that finishes
+        without an error: RaceStarted, every contestant's run, RaceFinished."""
+        yield self.envelope(race.race_id, RaceStarted(
+            prompt=race.prompt, max_new_tokens=max(r.config.max_new_tokens for r in race.runs),
+            contestants=tuple(Contestant(r.run_id, label_of(r.config)) for r in race.runs)))
+        rows: list[RaceRow] = []
+        reference = None                      # (tokens, logits) of the reference run
+        cancelled = False
+        for request in race.runs:
+            if self.flag.is_set():
+                cancelled = True
+                break
+            cfg = dataclasses.replace(request.config, keep_logits=True,
+                                      sampling=shared_seed(request.config.sampling))
+            logits, fin = [], None
+            for event in self._events(dataclasses.replace(request, config=cfg)):
+                if isinstance(event, Token) and event.logits is not None:
+                    logits.append(event.logits)          # compared here, never sent on
+                    event = dataclasses.replace(event, logits=None)
+                if isinstance(event, Finished):
+                    fin = event
+                yield self.envelope(request.run_id, event)
+            row = race_row(request, fin)
+            cancelled = fin is not None and fin.reason == "cancelled"
+            if row.error is None and not cancelled:
+                if reference is None:
+                    reference = (row.tokens, logits)
+                else:
+                    c = compare(row.tokens, reference[0], logits, reference[1])
+                    row = dataclasses.replace(row, same_tokens=c.identical,
+                                              first_difference=c.first_difference,
+                                              max_logit_delta=c.max_logit_delta)
+            rows.append(row)
+            if cancelled:
+                break
+        yield self.envelope(race.race_id, RaceFinished(prompt=race.prompt, rows=tuple(rows),
+                                                       cancelled=cancelled))
+
+    def cancel(self) -> None:
+        """Stop the current request at its next token (a race: the whole race)."""
+        self.flag.set()
+
+    def clear_cancel(self) -> None:
+        self.flag.clear()
+
+    # ------------------------------------------------------------------ inside
+    def _events(self, request: RunRequest, raise_errors: bool = False) -> Iterator[Event]:
+        cfg = request.config
+        try:
+            yield from self.generate(self.lm.model, self.lm.tokenizer, request.prompt, cfg,
+                                     cancel=self.flag, steps=self.steps,
+                                     **self._backend_options(cfg))
+        except Exception as exc:          # noqa: BLE001 — a failed run is an event, not a crash
+            if raise_errors:
+                raise
+            yield Finished(reason="error", tokens=(), text="", error=error_message(exc))
+
+    def _backend_options(self, cfg: GenerationConfig) -> dict:
+        """The flash backend records its tile-by-tile softmax state only when attention rows are
+        asked for (the app animates it); other backends are built by `generate` itself."""
+        if cfg.backend != "flash" or not cfg.attention_rows:
+            return {}
+        return dict(backend=get_backend("flash", self.lm.model.device, tile=cfg.flash_tile,
+                                        trace=True))
+
+
+def label_of(cfg: GenerationConfig) -> str:
+    return run_label(cfg.strategy, cfg.backend, cfg.fast.spec())
+
+
+def shared_seed(sampling):
+    """Sampled contestants can only be compared if they draw the same random numbers."""
+    if sampling.temperature > 0 and sampling.seed is None:
+        return dataclasses.replace(sampling, seed=0)
+    return sampling
+
+
+def race_row(request: RunRequest, fin: Finished | None) -> RaceRow:
+    """One contestant's line of the race table (the comparison is filled in by the caller)."""
+    cfg, m = request.config, getattr(fin, "metrics", None)
+    nan = float("nan")
+    return RaceRow(strategy=cfg.strategy, backend=cfg.backend, fast=cfg.fast.spec(),
+                   run=request.run_id, reason=fin.reason if fin else "error",
+                   tokens=tuple(fin.tokens) if fin else (), text=fin.text if fin else "",
+                   ttft_s=m.ttft_s if m else nan, tpot_s=m.tpot_s if m else nan,
+                   tokens_per_s=m.decode_tokens_per_s if m else nan,
+                   peak_memory_bytes=m.peak_memory_bytes if m else 0,
+                   kv_bytes=m.kv_bytes if m else 0, same_tokens=None, max_logit_delta=None,
+                   error=(fin.error if fin else "no result"))
