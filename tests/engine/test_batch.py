@@ -127,6 +127,18 @@ def test_batched_greedy_and_sampled_tokens_equal_alone(family):
     assert engine.blocks.num_used == 0
 
 
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+def test_other_backends_attend_one_sequence_at_a_time(backend):
+    """Backends without a mask (naive, flash) get one call per sequence; same answers."""
+    from engine.attention import get_backend
+    model = model64()
+    requests = [(SYSTEM + list(b"one"), gen(6)), (list(b"two"), gen(5, temperature=0.9, seed=1))]
+    engine = BatchEngine(model, TOK, SchedulerConfig(max_batch=2, max_step_tokens=16,
+                                                     block_size=4, num_blocks=40),
+                         backend=get_backend(backend, "cpu", tile=8))
+    assert_as_alone(model, drive(engine, {0: requests[:1], 1: requests[1:]}), requests)
+
+
 def test_preempted_requests_resume_with_the_same_tokens():
     """A pool too small for everyone: the newest is preempted, recomputed, and continues."""
     model = model64()
