@@ -279,12 +279,13 @@ def test_triton_batched_kernel_matches_the_pytorch_path():
     prompt chunk), against the PyTorch path on the same schedule (interpreted on a CPU)."""
     pytest.importorskip("triton")
     from engine.attention import get_backend
-    model = tiny_model("llama", dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"     # compiled on a GPU (gpu_check)
+    model = tiny_model("llama", dtype=torch.float32).to(device)
     requests = [(list(b"abcdefghij"), gen(3)), (list(b"abcdefgh12"), gen(3)),
                 (list(b"zz"), gen(3))]
     runs = {}
     for name in ("sdpa", "triton"):
-        backend = get_backend(name, "cpu", tile=32, split_blocks=1)
+        backend = get_backend(name, device, tile=32, split_blocks=1)
         engine = BatchEngine(model, TOK, SchedulerConfig(max_batch=3, max_step_tokens=12,
                                                          block_size=4, num_blocks=16),
                              backend=backend)
