@@ -114,6 +114,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
             pass
     from . import batch_cli          # (imports no torch: a replay still starts without it)
     batch_cli.add_parser(sub)
+    from serve import cli as serve_cli   # the command line sits above engine/ and serve/
+    serve_cli.add_parser(sub)
 
     replay = sub.add_parser("replay", help="play a recording in the app, without the model",
                             description="Open the app on a recording (run --record, or `r` in "
@@ -197,6 +199,9 @@ def dispatch(argv: list[str]) -> int:
     if args.command == "batch":
         from .batch_cli import cmd_batch
         return cmd_batch(args)
+    if args.command == "serve":
+        from serve.cli import cmd_serve
+        return cmd_serve(args)
     if args.command == "ui":
         return cmd_ui(args)
     if args.command == "replay":
