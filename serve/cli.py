@@ -182,11 +182,12 @@ async def _serve(state, host: str, port: int, about: str) -> None:
     from aiohttp import web
 
     from .app import create_app
-    runner = web.AppRunner(create_app(state), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(create_app(state), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=1.0)
     await runner.setup()
     try:
         try:
-            await web.TCPSite(runner, host, port, shutdown_timeout=1.0).start()
+            await web.TCPSite(runner, host, port).start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc} — pick "
                               f"another --port (0: any free one)") from None
