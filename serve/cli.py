@@ -82,6 +82,10 @@ def check_flags(a: argparse.Namespace):
         raise ConfigError("serve runs the batching engine on the plain PyTorch model; fast-path "
                           f"options ({defaults.fast.spec()}) decode one sequence at a time "
                           f"(docs/batching.md: why the C step is not batched)")
+    from engine.attention import backend_names
+    if a.backend not in backend_names():
+        raise ConfigError(f"unknown attention backend {a.backend!r}; choose one of: "
+                          f"{', '.join(backend_names())}")
     if a.threads is not None and a.threads < 1:
         raise ConfigError(f"--threads must be ≥ 1, got {a.threads}")
     if not 0 <= a.port <= 65535:

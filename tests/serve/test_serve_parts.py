@@ -141,6 +141,7 @@ def test_logprobs_are_log_softmax_of_the_logits_in_generate_and_batch():
     (["--max-batch", "0"], "max batch must be a positive integer"),
     (["--temperature", "-1"], "temperature must be ≥ 0"),
     (["--chat-template", "/nonexistent.jinja"], "chat template not found"),
+    (["--backend", "warp"], "unknown attention backend 'warp'"),
     (["--model", "/nonexistent"], "model path not found"),
 ])
 def test_serve_mistakes_are_one_line_before_loading(capsys, flags, message, monkeypatch):
@@ -162,3 +163,9 @@ def test_a_port_in_use_is_one_line(tiny_folder, capsys):
         assert main(["serve", "--model", str(tiny_folder), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_only_loopback_addresses_are_quiet():
+    from serve.cli import loopback
+    assert all(loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1"))
+    assert not any(loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "example.com"))
