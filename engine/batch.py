@@ -43,7 +43,7 @@ from .events import (BatchStarted, BatchSummary, PoolSnapshot, PrefillChunk, Req
 from .metrics import BatchMetrics, RunMetrics, compute_batch_metrics, compute_metrics
 from .model import Transformer
 from .runner import ModelRunner
-from .sampling import make_generator, sample
+from .sampling import make_generator, sample, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
 from .sequence import Sequence, Status
 from .tokenizer import StreamDecoder, Tokenizer
@@ -63,6 +63,7 @@ class BatchEngine:
         self.clock, self.t0 = clock, clock()
         self.snapshots = snapshots             # a PoolSnapshot after every step
         self.sequences: dict[int, Sequence] = {}
+        self.next_id = 0                       # request ids: never reused, even after forget()
         self.results: dict[int, RunMetrics] = {}   # per finished request (engine.metrics)
         self.steps = 0
         self.peak_blocks = 0
@@ -95,11 +96,12 @@ class BatchEngine:
         context, larger than the whole pool) finishes at once with reason "error": one bad
         request does not stop the others."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        seq = Sequence(id=len(self.sequences), prompt=ids, config=config,
+        seq = Sequence(id=self.next_id, prompt=ids, config=config,
                        arrival_s=self.now() if arrival_s is None else arrival_s,
                        generator=make_generator(config.sampling.seed),
                        stream=StreamDecoder(self.tokenizer),
                        logits=[] if config.keep_logits else None)
+        self.next_id += 1
         self.sequences[seq.id] = seq
         self._outbox.append(RequestArrived(
             request=seq.id, prompt_tokens=len(ids), max_new_tokens=config.max_new_tokens,
@@ -119,6 +121,14 @@ class BatchEngine:
         seq = self.sequences[request]
         if seq.status is not Status.FINISHED:
             self._finish(seq, "cancelled", self.now())
+
+    def forget(self, request: int) -> None:
+        """Drop a finished request's record (its tokens, times and figures): a server that runs
+        for days keeps only what is in flight. The batch figures then leave it out."""
+        seq = self.sequences.get(request)
+        if seq is not None and seq.status is Status.FINISHED:
+            del self.sequences[request]
+            self.results.pop(request, None)
 
     def cancel_all(self) -> None:
         for seq in list(self.sequences.values()):
@@ -200,9 +210,12 @@ class BatchEngine:
         if seq.logits is not None:
             kept = logits.detach().float().cpu()
             seq.logits.append(kept)
+        logprob, top = (token_logprobs(logits, token, seq.config.logprobs)
+                        if seq.config.logprobs is not None else (None, ()))
         out = [RequestToken(request=seq.id, id=token, text=seq.stream.push(token),
                             position=len(seq.tokens) - 1, index=len(seq.generated) - 1,
-                            latency_s=now - previous, time_s=now, logits=kept)]
+                            latency_s=now - previous, time_s=now, logits=kept,
+                            logprob=logprob, top_logprobs=top)]
         cfg, generated = seq.config, seq.generated
         if cfg.stop_at_eos and token in self.tokenizer.eos_token_ids:
             self._finish(seq, "eos", now)

@@ -107,6 +107,13 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--record", default=None, metavar="FILE",
                      help="also write the events, with every layer's attention rows, to FILE "
                           "(.gz compresses); `replay FILE` plays it without the model")
+    remote = run.add_argument_group("a remote server (docs/serve.md)")
+    remote.add_argument("--endpoint", default=None, metavar="URL",
+                        help="stream from an OpenAI-compatible server instead of a local model: "
+                             "`serve`, vLLM, llama-server … (e.g. http://127.0.0.1:8000/v1; "
+                             "API key from $MINILLM_API_KEY or $OPENAI_API_KEY)")
+    remote.add_argument("--endpoint-model", default=None, metavar="NAME",
+                        help="the server's model id (default: the one it lists)")
 
     if with_bench:
         try:
@@ -116,6 +123,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
             pass
     from . import batch_cli          # (imports no torch: a replay still starts without it)
     batch_cli.add_parser(sub)
+    from serve import cli as serve_cli   # the command line sits above engine/ and serve/
+    serve_cli.add_parser(sub)
 
     replay = sub.add_parser("replay", help="play a recording in the app, without the model",
                             description="Open the app on a recording (run --record, or `r` in "
@@ -199,6 +208,9 @@ def dispatch(argv: list[str]) -> int:
     if args.command == "batch":
         from .batch_cli import cmd_batch
         return cmd_batch(args)
+    if args.command == "serve":
+        from serve.cli import cmd_serve
+        return cmd_serve(args)
     if args.command == "ui":
         return cmd_ui(args)
     if args.command == "replay":
@@ -220,7 +232,7 @@ def describe(exc: BaseException, debug: bool = False) -> str:
     opened) say everything already; anything else also gets its type and where it happened."""
     message = user_message(exc)
     if isinstance(exc, (ConfigError, OSError)) or type(exc).__name__ in (
-            "ModelLoadError", "ModelNotFound", "OutOfMemoryError"):
+            "ModelLoadError", "ModelNotFound", "OutOfMemoryError", "RemoteError"):
         return message
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" ({os.path.relpath(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
@@ -308,16 +320,24 @@ def _progress_printer(enabled: bool):
 def cmd_run(args) -> int:
     """Stream the completion (or, with --json, the events) to stdout; --record writes the
     events to a file too. Both writers are engine.recording.Recorder: one format."""
-    from .events import Finished, Token
+    import time
+
+    from .events import Envelope, Finished, Token
     from .requests import RunRequest
     from .session import Session
 
     # Validate flags before loading; a recording keeps every layer's attention rows.
     cfg = generation_config(args, attention_rows=bool(args.record))
-    session = Session.load(args.model, args.device, args.dtype,
-                           progress=_progress_printer(sys.stderr.isatty()),
-                           weights="gguf" if cfg.fast.weights == "gguf" else "same")
-    ready = session.ready(probe=False)
+    if args.endpoint or args.endpoint_model:
+        ready, runs, label = remote_run(args, cfg)
+    else:
+        session = Session.load(args.model, args.device, args.dtype,
+                               progress=_progress_printer(sys.stderr.isatty()),
+                               weights="gguf" if cfg.fast.weights == "gguf" else "same")
+        ready = session.ready(probe=False)
+        runs = session.run(RunRequest(args.prompt, cfg), raise_errors=True)
+        fast = cfg.fast.spec()
+        label = f"{cfg.strategy}/{cfg.backend}{' +' + fast if fast else ''}"
     settings = {"prompt": args.prompt, "config": cfg.to_dict()}
     writers = []
     try:
@@ -325,14 +345,17 @@ def cmd_run(args) -> int:
             writers.append(Recorder(args.record, header(settings, ready, "run")))
         if args.json:
             writers.append(Recorder(sys.stdout, header(settings, ready, "run")))
-        first = session.envelope(0, ready)
+        first = Envelope(0, time.monotonic(), ready)
         for w in writers:
             w.write([first])
         out = sys.stdout
-        for env in session.run(RunRequest(args.prompt, cfg), raise_errors=True):
+        for env in runs:
             for w in writers:
                 w.write([env])
             ev = env.event
+            if isinstance(ev, Finished) and ev.reason == "error":   # a remote run's end
+                from .remote import RemoteError
+                raise RemoteError(ev.error or "the server failed")
             if args.json:
                 continue
             if isinstance(ev, Token):
@@ -340,11 +363,7 @@ def cmd_run(args) -> int:
                 out.flush()
             elif isinstance(ev, Finished):
                 out.write(ev.tail + "\n")
-                m, fast = ev.metrics, cfg.fast.spec()
-                print(f"[{m.new_tokens} tokens · TTFT {m.ttft_s * 1e3:.0f} ms · "
-                      f"TPOT {_fmt(m.tpot_s * 1e3)} ms · {_fmt(m.decode_tokens_per_s)} tok/s · "
-                      f"{cfg.strategy}/{cfg.backend}{' +' + fast if fast else ''} · "
-                      f"{ev.reason}]", file=sys.stderr)
+                print(stats_line(ev, label), file=sys.stderr)
     except BaseException:
         for w in writers:                 # a run that never started leaves no recording
             w.close()
@@ -357,6 +376,52 @@ def cmd_run(args) -> int:
         print(f"recorded {writers[0].events} events to {args.record}; "
               f"`python main.py replay {args.record}` plays them", file=sys.stderr)
     return 0
+
+
+def stats_line(ev, label: str) -> str:
+    """The figures under a run's text; a remote run's server figures beside the client's."""
+    m = ev.metrics
+    if m is None:
+        return f"[0 tokens · {label} · {ev.reason}]"
+    line = (f"[{m.new_tokens} tokens · TTFT {m.ttft_s * 1e3:.0f} ms · TPOT {_fmt(m.tpot_s * 1e3)}"
+            f" ms · {_fmt(m.decode_tokens_per_s)} tok/s · {label} · {ev.reason}]")
+    s, t = ev.server_metrics, ev.server_timings
+    if s is not None:
+        line += (f"\n[server: TTFT {s.ttft_s * 1e3:.0f} ms · TPOT {_fmt(s.tpot_s * 1e3)} ms · "
+                 f"{_fmt(s.decode_tokens_per_s)} tok/s — the client's TTFT is "
+                 f"{(m.ttft_s - s.ttft_s) * 1e3:.0f} ms more: network and HTTP]")
+    elif "predicted_ms" in t:
+        line += (f"\n[server: prompt {t.get('prompt_n', 0):.0f} tokens in "
+                 f"{t.get('prompt_ms', 0):.0f} ms · {t.get('predicted_n', 0):.0f} tokens in "
+                 f"{t['predicted_ms']:.0f} ms]")
+    return line
+
+
+def remote_run(args, cfg: GenerationConfig):
+    """`run --endpoint`: (Ready, the run's envelopes, its label) from a remote server."""
+    import time
+
+    from .config import FastPathConfig
+    from .events import Envelope, Ready
+    from .remote import Endpoint, stream_events
+    from .requests import RunRequest
+    if not args.endpoint:
+        raise ConfigError("--endpoint-model needs --endpoint URL")
+    local = [flag for flag, changed in (
+        ("--model", args.model is not None), ("--device", args.device != "auto"),
+        ("--dtype", args.dtype != "float32"), ("--strategy", args.strategy != "kv"),
+        ("--backend", args.backend != "sdpa"), ("--block-size", args.block_size != 16),
+        ("fast-path options", cfg.fast != FastPathConfig()), ("--record", bool(args.record)))
+        if changed]
+    if local:
+        raise ConfigError(f"{', '.join(local)} choose how this machine runs a model; with "
+                          f"--endpoint the server runs it (--endpoint-model picks its model)")
+    endpoint = Endpoint.resolve(args.endpoint, args.endpoint_model)
+    ready = Ready(model=endpoint.model, device=endpoint.base, dtype="", n_layers=0, n_heads=0,
+                  n_kv_heads=0, head_dim=0, max_seq_len=0)
+    runs = (Envelope(1, time.monotonic(), ev)
+            for ev in stream_events(endpoint, RunRequest(args.prompt, cfg)))
+    return ready, runs, f"remote {endpoint.model}"
 
 
 def cmd_replay(args) -> int:

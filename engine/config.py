@@ -15,7 +15,7 @@ from typing import Any
 
 FAMILIES = ("llama", "qwen2", "gpt2")
 STRATEGIES = ("naive", "kv", "paged")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")   # float64: exactness checks (tests)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -268,6 +268,8 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+MAX_LOGPROBS = 20       # alternatives per token, as OpenAI's top_logprobs (and vLLM's default)
+
 FAST_WEIGHTS = ("same", "bfloat16", "float16", "int8", "int8-dequant", "gguf")
 LAYOUTS = ("rows", "cols")
 KERNELS = ("torch", "c")
@@ -391,6 +393,7 @@ class GenerationConfig:
     stop_at_eos: bool = True
     attention_rows: bool = True     # emit the new token's attention row (off for benchmarks)
     keep_logits: bool = False       # attach each step's logits to its Token event (tests, bench)
+    logprobs: int | None = None     # each token's log-probability and the k most likely (0…20)
     flash_tile: int = 64            # key/value tile size of the flash backend
     fast: FastPathConfig = field(default_factory=FastPathConfig)   # decode speed-ups (opt-in)
 
@@ -406,6 +409,10 @@ class GenerationConfig:
             raise ConfigError(f"number of blocks must be positive, got {self.num_blocks}")
         if self.flash_tile <= 0:
             raise ConfigError(f"flash tile size must be positive, got {self.flash_tile}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or
+                                          not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ConfigError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (the most "
+                              f"likely alternatives to show per token), got {self.logprobs}")
         self.stop = tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("a stop string must not be empty (it would stop before the first "

@@ -40,7 +40,7 @@ from .events import (AttentionRow, CacheSnapshot, Event, Finished, FlashTiles, P
                      Token)
 from .metrics import compute_metrics
 from .model import Transformer
-from .sampling import make_generator, sample
+from .sampling import make_generator, sample, token_logprobs
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -294,10 +294,13 @@ def step_events(run: Run, token: int, logits: torch.Tensor) -> list[Event]:
     """Take `token` into the run; what this step emits, in order."""
     run.generated.append(token)
     cfg, position = run.cfg, len(run.seq) - 1
+    logprob, top = (token_logprobs(logits, token, cfg.logprobs) if cfg.logprobs is not None
+                    else (None, ()))
     events: list[Event] = [Token(
         id=token, text=run.stream.push(token), position=position, index=len(run.generated) - 1,
         latency_s=run.latencies[-1],
-        logits=logits.detach().float().cpu() if cfg.keep_logits else None)]
+        logits=logits.detach().float().cpu() if cfg.keep_logits else None,
+        logprob=logprob, top_logprobs=top)]
     per_token = run.model.cfg.kv_bytes_per_token(torch.finfo(run.model.dtype).bits // 8)
     events.append(CacheSnapshot(stats=run.cache.stats() if run.cache is not None else
                                 no_cache_stats(run.model.cfg.n_layers, per_token, position)))

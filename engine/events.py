@@ -236,6 +236,10 @@ class Token:
     # Only with keep_logits, only inside the engine's process: logits never cross a boundary
     # (not in JSON, not compared by ==); comparisons happen in the engine (engine/compare.py).
     logits: Any = field(default=None, compare=False, metadata={"local": True})
+    # Only when the run asked for logprobs: this token's log-probability under the model, and
+    # the most likely tokens as (id, logprob), best first (engine.sampling.token_logprobs).
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +316,12 @@ class Finished:
     metrics: RunMetrics | None = None
     tail: str = ""                    # text not yet in any Token piece (an invalid last byte)
     error: str | None = None
+    # A run streamed from a server (engine/remote.py): `metrics` are measured by this client;
+    # these are the server's own figures for the same request, where it reports them
+    # (llama-server's and `serve`'s `timings`: prompt_n, prompt_ms, predicted_n, …), and
+    # `server_metrics` the same definitions as `metrics` from the server's per-token times.
+    server_timings: dict[str, float] = field(default_factory=dict)
+    server_metrics: RunMetrics | None = None
 
 
 # --------------------------------------------------------------------------- batch events
@@ -380,6 +390,8 @@ class RequestToken:
     time_s: float
     # Only with keep_logits, only inside the engine's process (like Token.logits).
     logits: Any = field(default=None, compare=False, metadata={"local": True})
+    logprob: float | None = None                        # as Token's, when asked for
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,7 +62,10 @@ def p50_p99(values: list[float]) -> tuple[float, float]:
 
 def peak_memory_bytes(device) -> int:
     """CUDA: max allocated since the last reset. CPU: the process's peak resident set size.
-    `device` is a torch.device; only a CUDA one needs torch, and it comes with it loaded."""
+    `device` is a torch.device; only a CUDA one needs torch, and it comes with it loaded.
+    None: measured elsewhere (a remote server's memory is not this process's) — 0."""
+    if device is None:
+        return 0
     if device.type == "cuda":
         import torch
         return int(torch.cuda.max_memory_allocated(device))

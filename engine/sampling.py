@@ -72,3 +72,13 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor,
     logits = min_p_filter(logits, cfg.min_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, tuple]:
+    """The chosen token's log-probability and the k most likely tokens as ((id, logprob), …),
+    most likely first — from the model's raw logits (before penalty, temperature or filters:
+    what the model thinks, as vLLM reports it by default)."""
+    logp = torch.log_softmax(logits.double().cpu(), dim=-1)        # float64: no -inf from fp16
+    top = torch.topk(logp, k) if k else None
+    alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top else ()
+    return float(logp[token]), alternatives

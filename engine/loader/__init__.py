@@ -51,7 +51,10 @@ from .weights import (HF_LLAMA_NAMES, assemble, build_model, check_finite, check
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, embedded)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          # float64: no speed, exact sums: the batching and serving tests compare tokens
+          # across batch shapes in it (float32 may flip a near-tie, docs/batching.md)
+          "float64": torch.float64}
 
 Progress = Callable[[str, float], None]     # (what is happening, fraction done 0…1)
 
@@ -84,7 +87,8 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; choose one of: float32, bfloat16, float16")
+        raise ConfigError(f"unknown dtype {name!r}; choose one of: float32, bfloat16, float16 "
+                          f"(float64 for exactness checks)")
     dtype = DTYPES[name]
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bfloat16; use --dtype float16 or float32")
