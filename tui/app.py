@@ -56,17 +56,19 @@ class MiniLLMApp(App[int]):
     TITLE = "Mini LLM"
     ALLOW_IN_MAXIMIZED_VIEW = "Footer, StatusBar"
 
+    # The footer shows the focused pane's keys first, then these in this order: help and quit
+    # first, so that a narrow terminal never hides them (help lists every key).
     BINDINGS = [
+        Binding("question_mark,f1", "help", "Help"),
+        Binding("q", "quit", "Quit"),
         Binding("slash", "edit_prompt", "Prompt"),
         Binding("enter", "run", "Run"),
         Binding("x", "stop", "Stop"),
         Binding("R", "race", "Race"),
+        Binding("o", "settings", "Sampling"),
         Binding("s", "cycle('strategy')", "Strategy"),
         Binding("b", "cycle('backend')", "Backend"),
         Binding("f", "cycle('fast')", "Fast"),
-        Binding("o", "settings", "Sampling"),
-        Binding("question_mark,f1", "help", "Help"),
-        Binding("q", "quit", "Quit"),
         # (n: reserved for step mode, tui/screens/step.py)
         Binding("t", "show_race", "Race table", show=False),
         Binding("r", "record", "Record", show=False),
@@ -118,9 +120,9 @@ class MiniLLMApp(App[int]):
         system = self.console.color_system
         self.attention.depth = self.forced_depth or ramps.depth_of(system)
         if system == "256" and not self.forced_depth:
-            self.notify("this terminal says it has 256 colours, so heatmaps are grey. If it "
-                        "has more (most do; COLORTERM is often lost over SSH), start with "
-                        "--truecolor", title="Colours", timeout=10)
+            self.notify("256 colours, so heatmaps are grey; if the terminal has more "
+                        "(COLORTERM is often lost over SSH): --truecolor", title="Colours",
+                        timeout=10)
         self.show_settings()
         if not self.source.live:
             self.main.loading("reading…")

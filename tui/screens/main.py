@@ -81,7 +81,9 @@ class MainScreen(Screen):
         width, height = event.size
         self.set_class(width < MIN_WIDTH or height < MIN_HEIGHT, "-too-small")
         self.set_class(width < NARROW_WIDTH, "-narrow")
-        self.query_one(Footer).compact = width < NARROW_WIDTH
+        footer = self.query_one(Footer)
+        footer.compact = width < NARROW_WIDTH
+        footer.show_command_palette = width >= NARROW_WIDTH     # `?` says ctrl+p
 
     def loading(self, text: str, fraction: float | None = None) -> None:
         """What the engine is doing before its model is ready."""

@@ -45,10 +45,10 @@ class AttentionPane(Widget, can_focus=True):
     """
 
     BINDINGS = [
-        Binding("left_square_bracket", "layer(-1)", "Layer", group=Binding.Group("layer")),
-        Binding("right_square_bracket", "layer(1)", "Layer", group=Binding.Group("layer")),
-        Binding("left_curly_bracket", "head(-1)", "Head", group=Binding.Group("head")),
-        Binding("right_curly_bracket", "head(1)", "Head", group=Binding.Group("head")),
+        Binding("left_square_bracket", "layer(-1)", "Layer", group=Binding.Group("Layer")),
+        Binding("right_square_bracket", "layer(1)", "Layer", group=Binding.Group("Layer")),
+        Binding("left_curly_bracket", "head(-1)", "Head", group=Binding.Group("Head")),
+        Binding("right_curly_bracket", "head(1)", "Head", group=Binding.Group("Head")),
         Binding("m", "cycle_view", "View"),
         Binding("p", "flash_play", "Tiles ▶/⏸"),
         Binding("full_stop", "flash_step", "Tile step"),
