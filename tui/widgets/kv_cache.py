@@ -121,9 +121,9 @@ class KVCachePane(Widget, can_focus=True):
     def _cell_size(self, blocks: int, width: int) -> tuple[int, int]:
         """(columns, rows) per block cell: as large as the pane allows, larger when zoomed,
         always with a gap column so neighbouring blocks stay apart."""
-        room = max(self.size.height - 7, 1)          # lines left for the grid
-        for cw, ch in ((6, 2), (4, 1), (3, 1), (2, 1)) if self.is_maximized else (
-                (4, 1), (3, 1), (2, 1)):
+        room = max(self.size.height - 5, 1)          # lines left beside the 5 of text
+        for cw, ch in ((12, 4), (8, 2), (6, 2), (4, 1), (3, 1), (2, 1)) if self.is_maximized \
+                else ((8, 2), (6, 2), (4, 1), (3, 1), (2, 1)):
             per_row = max(width // cw, 1)
             if -(-blocks // per_row) * ch <= room:
                 return cw, ch

@@ -161,7 +161,9 @@ class LatencyPane(Vertical, can_focus=True):
                 top = max(top, max(s.ys))
             legend.append("━━ ", Style(color=colour.rich_color))
             legend.append(f"{s.label}   ")
-        plt.ylim(0, top * 1.1 if top > 0 else 1.0)
+        top = top * 1.1 if top > 0 else 1.0
+        plt.ylim(0, top)
+        plt.yticks([0, top / 2, top], ["0", f"{top / 2:.0f}", f"{top:.0f}"])
         plt.xlabel("generated token")
         plot.refresh()
         self.query_one("#legend", Static).update(legend)
