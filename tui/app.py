@@ -129,6 +129,8 @@ class MiniLLMApp(App[int]):
             notice = getattr(getattr(self.source, "recording", None), "notice", None)
             if notice:
                 self.notify(notice, title="Recording damaged", severity="warning", timeout=12)
+        if hasattr(self.source, "url"):            # tui/share.py's WatchSource
+            self.status.link = f"watching {self.source.url.removesuffix('/events')}"
         if self.settings.share:
             from .share import ShareServer
             self.share = ShareServer(self.settings.share, self.settings.to_json)
@@ -415,7 +417,6 @@ class MiniLLMApp(App[int]):
             return super().deliver_screenshot(filename, path, time_format)
         return save_screenshot(self, self.settings.shots, self.say)
 
-    # ------------------------------------------------------------------ share
     def _show_link(self, text: str) -> None:
         self.status.link = text
 
