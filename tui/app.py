@@ -1,5 +1,4 @@
-"""The Textual app: a prompt, four panes, a status bar — the layout, the settings, and the
-routing of engine events to the panes.
+"""The Textual app: the settings, and the routing of engine events to the panes.
 
 Data flows one way. The app reads a *source* (engine/source.py): live, the engine process
 (tui/bridge.py), which takes the app's run and race requests; a recording (`replay`,
@@ -15,6 +14,7 @@ torch.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Iterable
 
 from textual import on
@@ -24,15 +24,14 @@ from textual.screen import Screen
 from textual.widgets import Input
 
 import themes
-from engine.config import FAST_CHOICES, STRATEGIES, ConfigError, FastPathConfig
-from engine.events import (AttentionRow, CacheSnapshot, Envelope, Failed, Finished, FlashTiles,
-                           Loading, Prefill, RaceFinished, RaceStarted, Ready, Started, Token)
+from engine.config import ConfigError
+from engine.events import TYPE_NAMES, Envelope, Finished, RaceFinished, Ready, Started
 from engine.requests import RunRequest
 from engine.source import Source
 from themes import ramps
 
 from .commands import app_commands
-from .follow import Follow
+from .follow import Follow, split
 from .messages import EngineEvents
 from .recorder import RecordSwitch
 from .screens.help import HelpScreen
@@ -40,11 +39,10 @@ from .screens.main import MainScreen
 from .screens.replay import ReplayScreen
 from .screens.race import RaceScreen, exact_agree, verdict
 from .screens.settings import SettingsScreen
-from .settings import Settings, fast_description, next_choice, race_started, sampling_text
+from .settings import (Settings, choices, fast_description, next_choice, race_started,
+                       sampling_text)
 from .shots import save_screenshot
 
-DEFAULT_BACKENDS = ("naive", "sdpa", "flash", "triton")
-RUN_EVENTS = (Started, Prefill, Token, CacheSnapshot, AttentionRow, FlashTiles, Finished)
 # Keys that ask the engine for something: a replay or a watched session has none to ask.
 LIVE_ACTIONS = {"run", "stop", "cycle", "race", "settings", "record", "edit_prompt"}
 
@@ -124,17 +122,13 @@ class MiniLLMApp(App[int]):
                         "(COLORTERM is often lost over SSH): --truecolor", title="Colours",
                         timeout=10)
         self.show_settings()
-        if not self.source.live:
-            self.main.loading("reading…")
-            notice = getattr(getattr(self.source, "recording", None), "notice", None)
-            if notice:
-                self.notify(notice, title="Recording damaged", severity="warning", timeout=12)
         if hasattr(self.source, "url"):            # tui/share.py's WatchSource
+            self.main.loading(f"connecting to {self.source.url}…")
             self.status.link = f"watching {self.source.url.removesuffix('/events')}"
         if self.settings.share:
             from .share import ShareServer
             self.share = ShareServer(self.settings.share, self.settings.to_json)
-            self.run_worker(self.share.start(self.say, self._show_link), exclusive=True)
+            self.run_worker(self.share.start(self.say, partial(setattr, self.status, "link")))
         loop = asyncio.get_running_loop()
         # The source calls from its own thread or from this one (a replay stepping on a key);
         # scheduling every post on the loop keeps the batches in the order of the calls.
@@ -185,22 +179,11 @@ class MiniLLMApp(App[int]):
     def route(self, envelopes) -> None:
         """Each run's events go to the panes a batch at a time; the session's and races' own
         events to their handlers."""
-        group: list = []
-        for env in envelopes:
-            if isinstance(env.event, RUN_EVENTS):
-                if group and env.run != group[0].run:
-                    self.draw_run(group[0].run, [e.event for e in group])
-                    group = []
-                group.append(env)
-                continue
-            if group:
-                self.draw_run(group[0].run, [e.event for e in group])
-                group = []
-            {Loading: self.loading, Ready: self.ready, Failed: self.failed,
-             RaceStarted: self.race_started, RaceFinished: self.race_finished}[
-                type(env.event)](env)
-        if group:
-            self.draw_run(group[0].run, [e.event for e in group])
+        for run_id, item in split(envelopes):
+            if run_id is not None:
+                self.draw_run(run_id, item)
+            else:                          # loading, ready, failed, race_started, race_finished
+                getattr(self, TYPE_NAMES[type(item.event)])(item)
 
     def loading(self, env: Envelope) -> None:
         self.main.loading(env.event.text, env.event.fraction)
@@ -213,7 +196,7 @@ class MiniLLMApp(App[int]):
             env.event.model, env.event.device, env.event.dtype)
         if not self.source.live:
             return
-        for text in self.settings.adopt(self.reasons("backend"), self.reasons("fast")):
+        for text in self.settings.adopt(env.event):
             self.say(text, title="Settings", severity="error", timeout=8)
         self.show_settings()
         self.say(f"{env.event.model} ready on {env.event.device}", timeout=3)
@@ -266,18 +249,18 @@ class MiniLLMApp(App[int]):
             self.finish(events[-1], in_race)
 
     def finish(self, ev: Finished, in_race: bool) -> None:
+        """A single run ended (a race's verdict speaks for its contestants)."""
         if in_race:
-            return                         # the race's verdict speaks for its contestants
+            return
         self.follow.current = None
         if ev.reason == "error":
             self.say(ev.error or "the run failed", title="Engine", severity="error", timeout=10)
-            return
-        if ev.reason == "cancelled":
+        elif ev.reason == "cancelled":
             self.say(f"stopped after {len(ev.tokens)} tokens", timeout=3)
-            return
-        same = self.follow.same_as_before(self.settings.comparison_key, ev.tokens)
-        if same is not None and self.settings.greedy:
-            self.status.identical, self.status.delta = same, None
+        else:                              # the same greedy run as last time: same tokens?
+            same = self.follow.same_as_before(self.settings.comparison_key, ev.tokens)
+            if same is not None and self.settings.greedy:
+                self.status.identical, self.status.delta = same, None
 
     def reset_view(self) -> None:
         """Forget everything drawn: a replay delivers the state again from its beginning."""
@@ -306,30 +289,31 @@ class MiniLLMApp(App[int]):
             self.say("the model is still loading; the run starts when it is ready")
         return True
 
-    def action_run(self) -> None:
+    def submit(self, build):
+        """Build a request (a ConfigError is said, not raised) and send it; None if refused."""
         if not self.can_start():
-            return
+            return None
         try:
-            request = RunRequest(self.settings.prompt, self.settings.config(), self.next_id())
+            request = build()
         except ConfigError as exc:
             self.say(str(exc), title="Settings", severity="error")
-            return
-        self.follow.current = request.run_id
-        self.main.show_lanes(False)
-        self.source.submit(request)
+            return None
+        self.source.submit(request)       # its events come through the loop, after this turn
+        return request
+
+    def action_run(self) -> None:
+        request = self.submit(lambda: RunRequest(self.settings.prompt, self.settings.config(),
+                                                 self.next_id()))
+        if request is not None:
+            self.follow.current = request.run_id
+            self.main.show_lanes(False)
 
     def action_race(self) -> None:
-        if not self.can_start():
-            return
-        try:
-            race = self.settings.race(self.next_id(), iter(self.next_id, None),
-                                      self.reasons("backend"), self.reasons("fast"))
-        except ConfigError as exc:
-            self.say(str(exc), title="Settings", severity="error")
-            return
-        self.race_started(Envelope(race.race_id, 0.0, race_started(race)))
-        self.say(f"racing {len(race.runs)} combinations, one after another")
-        self.source.submit(race)
+        race = self.submit(lambda: self.settings.race(self.next_id(), iter(self.next_id, None),
+                                                      self.info))
+        if race is not None:
+            self.race_started(Envelope(race.race_id, 0.0, race_started(race)))
+            self.say(f"racing {len(race.runs)} combinations, one after another")
 
     def next_id(self) -> int:
         self.run_counter += 1
@@ -341,17 +325,9 @@ class MiniLLMApp(App[int]):
             return
         self.source.cancel()
 
-    def reasons(self, name: str) -> dict[str, str | None]:
-        """The choices of strategy, backend or fast path → None if it can run here, else why
-        not (known once the model is loaded)."""
-        if name == "strategy":
-            return dict.fromkeys(STRATEGIES)
-        known = getattr(self.info, "backends" if name == "backend" else "fast", None)
-        return known or dict.fromkeys(DEFAULT_BACKENDS if name == "backend" else FAST_CHOICES)
-
     def set_option(self, name: str, value: str) -> None:
         """Strategy, backend or fast path for the next run (the keys, the palette)."""
-        refused = self.settings.choose(name, value, self.reasons(name))
+        refused = self.settings.choose(name, value, choices(name, self.info))
         if refused:
             self.say(refused, severity="error")
             return
@@ -362,16 +338,17 @@ class MiniLLMApp(App[int]):
 
     def action_cycle(self, name: str) -> None:
         """`s` `b` `f`: the next strategy, backend or fast path that can run here."""
-        self.set_option(name, self.settings.next(name, self.reasons(name)))
+        self.set_option(name, self.settings.next(name, choices(name, self.info)))
 
     def action_settings(self) -> None:
-        def done(result) -> None:
-            if result is not None:
-                self.settings.sampling, self.settings.max_new_tokens = result
-                self.show_settings()
-                self.status.identical = None
         self.push_screen(SettingsScreen(self.settings.sampling, self.settings.max_new_tokens),
-                         done)
+                         self.take_sampling)
+
+    def take_sampling(self, result: tuple[dict, int] | None) -> None:
+        if result is not None:
+            self.settings.sampling, self.settings.max_new_tokens = result
+            self.show_settings()
+            self.status.identical = None
 
     @on(Input.Changed, "#prompt")
     def prompt_changed(self) -> None:
@@ -416,9 +393,6 @@ class MiniLLMApp(App[int]):
         if self.is_web:
             return super().deliver_screenshot(filename, path, time_format)
         return save_screenshot(self, self.settings.shots, self.say)
-
-    def _show_link(self, text: str) -> None:
-        self.status.link = text
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

@@ -9,7 +9,7 @@ from textual.app import SystemCommand
 
 from engine.config import FAST_CHOICES, STRATEGIES
 
-from .settings import fast_description
+from .settings import choices, fast_description
 
 if TYPE_CHECKING:
     from .app import MiniLLMApp
@@ -29,7 +29,7 @@ def app_commands(app: "MiniLLMApp") -> Iterable[SystemCommand]:
     for name in STRATEGIES:
         yield SystemCommand(f"Strategy: {name}", f"Decode with the {name} strategy",
                             partial(app.set_option, "strategy", name))
-    for name, reason in app.reasons("backend").items():
+    for name, reason in choices("backend", app.info).items():
         yield SystemCommand(f"Backend: {name}",
                             reason or f"Attention computed by the {name} backend",
                             partial(app.set_option, "backend", name))

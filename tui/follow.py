@@ -7,7 +7,29 @@ events of a run the app stopped following (a run stopped, then a new one started
 
 from __future__ import annotations
 
-from engine.events import RaceFinished, RaceStarted
+from engine.events import (AttentionRow, CacheSnapshot, Finished, FlashTiles, Prefill,
+                           RaceFinished, RaceStarted, Started, Token)
+
+RUN_EVENTS = (Started, Prefill, Token, CacheSnapshot, AttentionRow, FlashTiles, Finished)
+
+
+def split(envelopes):
+    """A batch as (run id, [its events]) for consecutive events of one run, and (None,
+    envelope) for each of the session's and races' own events, in order."""
+    group: list = []
+    for env in envelopes:
+        if isinstance(env.event, RUN_EVENTS) and (not group or env.run == group[0].run):
+            group.append(env)
+            continue
+        if group:
+            yield group[0].run, [e.event for e in group]
+            group = []
+        if isinstance(env.event, RUN_EVENTS):
+            group.append(env)
+        else:
+            yield None, env
+    if group:
+        yield group[0].run, [e.event for e in group]
 
 
 class Follow:

@@ -16,6 +16,7 @@ from engine.config import (FAST_CHOICES, STRATEGIES, ConfigError, FastPathConfig
 from engine.events import Contestant, RaceStarted, run_label
 from engine.requests import RaceRequest, RunRequest
 
+BACKENDS = ("naive", "sdpa", "flash", "triton")     # before the model says which can run
 FAST_TEXT = {
     "": "the plain PyTorch model (the reference)",
     "c": "the whole decode step in one C call — same tokens, faster",
@@ -116,9 +117,10 @@ class Settings:
     def greedy(self) -> bool:
         return not self.sampling.get("temperature")
 
-    def adopt(self, backends: dict, fast: dict) -> list[str]:
-        """The model is ready and says what can run here: a backend or fast path chosen on the
-        command line that cannot is replaced by the default; returns what to tell the user."""
+    def adopt(self, ready) -> list[str]:
+        """The model is `ready` and says what can run here: a backend or fast path chosen on
+        the command line that cannot is replaced by the default; returns what to tell."""
+        backends, fast = choices("backend", ready), choices("fast", ready)
         said = []
         if backends.get(self.backend, "unknown backend"):
             said.append(f"backend {self.backend!r} is unavailable here: "
@@ -130,11 +132,12 @@ class Settings:
             self.fast = ""
         return said
 
-    def race(self, race_id: int, run_ids, backends: dict, fast: dict) -> RaceRequest:
+    def race(self, race_id: int, run_ids, ready) -> RaceRequest:
         """The race `R` starts: every strategy on sdpa, every other backend that can run here
         on kv, then kv with the exact fast-path options that can run here (same tokens, only
         faster) — and the fast-path option chosen with `f`, if it is another one (a lossy one
         shows its divergence). `run_ids`: an iterator of fresh run ids."""
+        backends, fast = choices("backend", ready), choices("fast", ready)
         combos = [(s, "sdpa", "") for s in STRATEGIES]
         combos += [("kv", name, "") for name, reason in backends.items()
                    if name != "sdpa" and reason is None]
@@ -158,6 +161,15 @@ class Settings:
                     f"{', '.join(repr(c) for c in FAST_CHOICES)} ('' = the plain model; the "
                     f"bench takes any combination)")
         return None
+
+
+def choices(name: str, ready) -> dict[str, str | None]:
+    """The choices of strategy, backend or fast path → None if it can run here, else why not
+    (known once the model is `ready`: engine.events.Ready)."""
+    if name == "strategy":
+        return dict.fromkeys(STRATEGIES)
+    known = getattr(ready, "backends" if name == "backend" else "fast", None)
+    return known or dict.fromkeys(BACKENDS if name == "backend" else FAST_CHOICES)
 
 
 def race_started(race: RaceRequest) -> RaceStarted:

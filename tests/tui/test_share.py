@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.events import Finished, Ready, Started, Token
+from engine.events import Finished, Ready, Started
 from engine.recording import read_recording
 from tui.app import MiniLLMApp
 from tui.settings import Settings

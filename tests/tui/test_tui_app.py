@@ -19,7 +19,7 @@ from tui.widgets.latency import LatencyPane
 from tui.widgets.status_bar import StatusBar
 from tui.widgets.token_stream import TokenStream
 
-from .conftest import SIZE, drive, finished, make_app, ready, wait_for
+from .conftest import drive, finished, make_app, ready, wait_for
 
 
 async def test_ready_shows_model_and_hides_progress():

@@ -61,9 +61,9 @@ def verdict(race: RaceFinished) -> str:
     if not differ:
         return f"✓ all {len(rows) + 1} contestants produced identical tokens{partial}{d}"
     if not unexpected:
+        where = ", ".join(f"{r.label} from token {r.first_difference}" for r in differ)
         return (f"✓ every exact contestant produced identical tokens; the lossy ones differ, "
-                f"as expected: {', '.join(f'{r.label} from token {r.first_difference}' for r in differ)}"
-                f"{partial}{d}")
+                f"as expected: {where}{partial}{d}")
     return (f"✗ tokens differ from the first contestant: "
             f"{', '.join(f'{r.label} from token {r.first_difference}' for r in unexpected)}"
             f"{partial}{d}")

@@ -29,6 +29,12 @@ class ReplayScreen(MainScreen):
         super().__init__(prompt, read_only=True)
         self.player = player
 
+    def on_mount(self) -> None:
+        self.loading("reading the recording…")
+        if self.player.recording.notice:
+            self.notify(self.player.recording.notice, title="Recording damaged",
+                        severity="warning", timeout=12)
+
     def action_steer(self, verb: str) -> None:
         """toggle, forward, back, faster, slower, start, end."""
         p = self.player

@@ -1,4 +1,4 @@
-"""The KV-cache pane: what the cache holds, what it costs, and what grouped-query attention saves."""
+"""The KV-cache pane: what the cache holds, what it costs, what grouped-query attention saves."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The latency pane: milliseconds per generated token, this run beside the others, and its numbers."""
+"""The latency pane: ms per generated token, this run beside the others, and its numbers."""
 
 from __future__ import annotations
 

@@ -94,7 +94,8 @@ class RaceLanes(Widget, can_focus=True):
     """
 
     COMPONENT_CLASSES = {"lanes--label", "lanes--name", "lanes--running", "lanes--same",
-                         "lanes--differ", "lanes--lossy", "lanes--bar-done", "lanes--bar-todo", "lanes--even",
+                         "lanes--differ", "lanes--lossy",
+                         "lanes--bar-done", "lanes--bar-todo", "lanes--even",
                          "lanes--odd"}
 
     def __init__(self, *, name=None, id=None, classes=None) -> None:
