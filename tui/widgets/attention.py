@@ -190,7 +190,7 @@ class AttentionPane(Widget, can_focus=True):
                             self.rich_style, full=True)
             return out
         view = ("row view: one row per head" if self.view == "row"
-                else f"matrix view: head {self.shown_head} of 0–{self.n_heads - 1}")
+                else f"matrix: head {self.shown_head} of 0–{self.n_heads - 1}")
         out.append(f"layer {self.shown_layer} of 0–{self.n_layers - 1} · {view}\n", muted)
         cw = 2 if self.is_maximized else 1
         if self.view == "row":
@@ -208,7 +208,7 @@ class AttentionPane(Widget, can_focus=True):
         for i in range(12):
             ch, st = self._cell_style(i / 11)
             out.append(ch, st)
-        out.append(f" its row's max · each row scaled to its own max · {self.depth}\n", muted)
+        out.append(f" its row's max (each row scaled to its own) · {self.depth}\n", muted)
 
     def _render_flash_below(self, out: Text, width: int, muted: Style) -> None:
         f = self.flash

@@ -152,19 +152,20 @@ class LatencyPane(Vertical, can_focus=True):
         plt = plot.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title("ms per generated token (the first, with the prefill, is the TTFT)")
-        colours, top, legend = self.colours(), 0.0, Text()
+        plt.title("ms per generated token")
+        colours, top, last, legend = self.colours(), 0.0, 1, Text()
         for i, s in enumerate(self.series):
             colour = colours[i % len(colours)]
             if s.xs:
                 plt.plot(s.xs, s.ys, marker="braille", color=colour.rgb)
-                top = max(top, max(s.ys))
+                top, last = max(top, max(s.ys)), max(last, s.xs[-1])
             legend.append("━━ ", Style(color=colour.rich_color))
             legend.append(f"{s.label}   ")
         top = top * 1.1 if top > 0 else 1.0
         plt.ylim(0, top)
         plt.yticks([0, top / 2, top], ["0", f"{top / 2:.0f}", f"{top:.0f}"])
-        plt.xlabel("generated token")
+        plt.xticks(sorted({1, *(max(1, round(last * k / 4)) for k in range(1, 5))}))
+        plt.xlabel("generated token (the first, with the prefill, is the TTFT below)")
         plot.refresh()
         self.query_one("#legend", Static).update(legend)
 
