@@ -285,8 +285,6 @@ class MiniLLMApp(App[int]):
             self.say("the prompt is empty: type some text to continue", severity="warning")
             return False
         self.settings.prompt = self.main.prompt.value
-        if self.info is None:
-            self.say("the model is still loading; the run starts when it is ready")
         return True
 
     def submit(self, build):
@@ -307,6 +305,8 @@ class MiniLLMApp(App[int]):
         if request is not None:
             self.follow.current = request.run_id
             self.main.show_lanes(False)
+            if self.info is None:
+                self.say("the model is still loading; the run starts when it is ready")
 
     def action_race(self) -> None:
         race = self.submit(lambda: self.settings.race(self.next_id(), iter(self.next_id, None),

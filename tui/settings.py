@@ -137,6 +137,9 @@ class Settings:
         on kv, then kv with the exact fast-path options that can run here (same tokens, only
         faster) — and the fast-path option chosen with `f`, if it is another one (a lossy one
         shows its divergence). `run_ids`: an iterator of fresh run ids."""
+        if ready is None:
+            raise ConfigError("the model is still loading, and a race needs to know which "
+                              "backends run here: press R again once it is ready")
         backends, fast = choices("backend", ready), choices("fast", ready)
         combos = [(s, "sdpa", "") for s in STRATEGIES]
         combos += [("kv", name, "") for name, reason in backends.items()

@@ -169,7 +169,7 @@ async def test_6_no_stale_or_misleading_numbers():
         att = app.query_one(AttentionPane)
         await pilot.press("2")
         text = str(att.render())
-        assert "layer 0 of 0–3" in text and "each row scaled to its own" in text
+        assert "layer 0 of 0–3" in text and "each row's own max" in text
         assert att.flash.layer == 0                # the fake engine traces layer 0
         await pilot.press("right_square_bracket")
         assert "flash tiles are traced in layer 0 only" in str(att.render())
@@ -248,7 +248,7 @@ async def test_9_paged_grid_heatmap_scale_and_latency_colours_explain_themselves
         swatch = [span for span in legend.spans if legend.plain[span.start:span.end] == "██"]
         assert swatch and swatch[0].style != kv.get_component_rich_style("kv--label")
         att = app.query_one(AttentionPane)
-        assert "0 " in str(att.render()) and "its row's max" in str(att.render())
+        assert "0 " in str(att.render()) and "each row's own max" in str(att.render())
         stream = app.query_one(TokenStream)
         await pilot.press("1", "c")
         assert "fast ≤" in str(stream.border_subtitle) and seen.said("latency")
@@ -320,3 +320,11 @@ async def test_zoom_any_pane_full_screen_with_larger_cells():
         assert app.screen.maximized is latency and plot.size.height >= 24 - 2 - 6
         await pilot.press("delete")              # clear the chart's history
         assert latency.series == [] and seen.said("cleared")
+
+
+def test_a_race_before_the_model_is_ready_is_refused_with_the_reason():
+    """Which backends and fast paths race depends on what runs here, known once loaded."""
+    from engine.config import ConfigError
+    from tui.settings import Settings
+    with pytest.raises(ConfigError, match="still loading"):
+        Settings().race(1, iter(range(2, 20)), None)

@@ -59,7 +59,7 @@ def verdict(race: RaceFinished) -> str:
     differ = [r for r in rows if not r.same_tokens]
     unexpected = [r for r in differ if not lossy(r)]
     if not differ:
-        return f"✓ all {len(rows) + 1} contestants produced identical tokens{partial}{d}"
+        return f"✓ all {len(rows) + 1} contestants that ran produced identical tokens{partial}{d}"
     if not unexpected:
         where = ", ".join(f"{r.label} from token {r.first_difference}" for r in differ)
         return (f"✓ every exact contestant produced identical tokens; the lossy ones differ, "
@@ -133,7 +133,8 @@ class RaceScreen(ModalScreen[None]):
                        if naive is not None and r.tokens_per_s > 0 else "—")
             delta = "—" if r.max_logit_delta is None else f"{r.max_logit_delta:.2e}"
             backend = r.backend + (f" +{r.fast}" if r.fast else "")
-            table.add_row(r.strategy, backend, r.error or finish_text(r.reason), _ms(r.ttft_s),
+            result = r.error if not r.error or len(r.error) <= 30 else r.error[:29] + "…"
+            table.add_row(r.strategy, backend, result or finish_text(r.reason), _ms(r.ttft_s),
                           _ms(r.tpot_s), _num(r.tokens_per_s), speedup,
                           human_bytes(r.kv_bytes), same_cell(r, reference), delta)
         table.focus()

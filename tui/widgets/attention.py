@@ -208,7 +208,7 @@ class AttentionPane(Widget, can_focus=True):
         for i in range(12):
             ch, st = self._cell_style(i / 11)
             out.append(ch, st)
-        out.append(f" its row's max (each row scaled to its own) · {self.depth}\n", muted)
+        out.append(f" = each row's own max · {self.depth}\n", muted)
 
     def _render_flash_below(self, out: Text, width: int, muted: Style) -> None:
         f = self.flash

@@ -165,7 +165,7 @@ class LatencyPane(Vertical, can_focus=True):
         plt.ylim(0, top)
         plt.yticks([0, top / 2, top], ["0", f"{top / 2:.0f}", f"{top:.0f}"])
         plt.xticks(sorted({1, *(max(1, round(last * k / 4)) for k in range(1, 5))}))
-        plt.xlabel("generated token (the first, with the prefill, is the TTFT below)")
+        plt.xlabel("generated token")
         plot.refresh()
         self.query_one("#legend", Static).update(legend)
 
