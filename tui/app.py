@@ -182,8 +182,8 @@ class MiniLLMApp(App[int]):
         for run_id, item in split(envelopes):
             if run_id is not None:
                 self.draw_run(run_id, item)
-            else:                          # loading, ready, failed, race_started, race_finished
-                getattr(self, TYPE_NAMES[type(item.event)])(item)
+            else:       # loading, ready, failed, race_started, race_finished (a batch's: later)
+                getattr(self, TYPE_NAMES[type(item.event)], lambda env: None)(item)
 
     def loading(self, env: Envelope) -> None:
         self.main.loading(env.event.text, env.event.fraction)

@@ -257,3 +257,20 @@ async def test_record_key_writes_a_replayable_file(tmp_path, monkeypatch):
     rec = read_recording(str(path))
     assert rec.notice is None and rec.header["command"] == "app"
     assert [type(e.event).__name__ for e in rec.envelopes][:3] == ["Ready", "Started", "Prefill"]
+
+
+async def test_events_the_app_does_not_draw_yet_are_passed_over(tmp_path):
+    """A recording may hold event types the app has no pane for yet (a batch's, from the
+    continuous-batching engine): they are skipped, and everything else still plays."""
+    import json
+    from engine.events import BatchStarted, Envelope
+    lines = FIXTURE.read_text(encoding="utf-8").splitlines(keepends=True)
+    extra = Envelope(0, 1e9, BatchStarted("m", "cpu", "float32", "sdpa", 4, 64, 16, 8, 1024,
+                                          True))
+    path = tmp_path / "with_batch.jsonl"
+    path.write_text("".join(lines) + json.dumps(extra.to_json()) + "\n", encoding="utf-8")
+    app = replay_app(path, speed=4.0)
+    async with drive(app) as (pilot, seen):
+        await pilot.press("end")
+        await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="the end")
+        assert app.source.state.at_end and app.query_one(TokenStream).generated_text
