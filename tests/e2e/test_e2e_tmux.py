@@ -105,7 +105,8 @@ def test_real_app_generates_and_fills_the_panes(tmux):
 def test_real_race_shows_lanes_table_and_flash_tiles(tmux):
     tmux.start(f"{sys.executable} main.py --max-new-tokens 6 --backend flash --flash-tile 4 "
                "--prompt 'Deep learning is'")
-    tmux.wait(lambda s: "SmolLM2" in s, 120, "the model to load")
+    # ready: the status bar names the device (a race needs to know what runs here)
+    tmux.wait(lambda s: "SmolLM2" in s and "· cpu ·" in s, 120, "the model to load")
     tmux.keys("R")                                        # race every combination, in lanes
     tmux.wait(lambda s: "naive/sdpa" in s and "waiting" in s, 30, "the race lanes")
     screen = tmux.wait(lambda s: "identical tokens" in s or "tokens differ" in s, 300,

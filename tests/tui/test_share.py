@@ -172,3 +172,11 @@ def test_web_serves_the_app_page_over_http():
         proc.terminate()
         proc.wait(10)
     assert "replay" in proc.communicate()[1]            # the command it serves, said on stderr
+
+
+def test_a_bad_share_address_is_one_line_on_stderr(capsys):
+    from engine.cli import main
+    assert main(["--share", "nowhere"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip() == (
+        "error: --share wants HOST:PORT (e.g. 127.0.0.1:8765), got 'nowhere'")
