@@ -135,9 +135,27 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     replay.add_argument("--speed", type=float, default=1.0, choices=SPEEDS,
                         help="playback speed (default 1: the recorded pace)")
     replay.add_argument("--paused", action="store_true", help="start paused at the beginning")
-    replay.add_argument("--theme", default="dark", help="dark, light or projector")
-    replay.add_argument("--truecolor", action="store_true",
-                        help="force 24-bit colour (COLORTERM is often lost over SSH)")
+    add_look_args(replay)
+
+    watch = sub.add_parser("watch", help="follow a session shared with --share, read-only",
+                           description="Open the app on a session another app shares with "
+                                       "--share: every pane as the presenter's, and your own "
+                                       "layer, head, view and zoom. Needs neither torch nor "
+                                       "the model.")
+    watch.add_argument("url", help="the sharer's address, e.g. http://127.0.0.1:8765")
+    add_look_args(watch)
+
+    web = sub.add_parser("web", help="serve the app to browsers (textual-serve)",
+                         description="Serve the app on a web page: each browser tab runs its "
+                                     "own app. Anything after the options is passed to the "
+                                     "app: `web -- --theme projector`, `web -- replay FILE`, "
+                                     "`web -- watch URL`.")
+    web.add_argument("--host", default="localhost",
+                     help="interface to listen on (default localhost: this machine only)")
+    web.add_argument("--port", type=int, default=8000)
+    web.add_argument("--public-url", default=None,
+                     help="the address browsers use, when it differs (a proxy, a tunnel)")
+    web.add_argument("app_args", nargs=argparse.REMAINDER, help="the app's own arguments")
 
     ui = sub.add_parser("ui", help="start the Textual app (the default)")
     add_ui_args(ui)
@@ -147,15 +165,28 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def add_look_args(p: argparse.ArgumentParser) -> None:
+    """How the app looks and where its screenshots go (the app, replay, watch)."""
+    p.add_argument("--theme", default="dark", help="dark, light or projector")
+    p.add_argument("--truecolor", action="store_true",
+                   help="force 24-bit colour (COLORTERM is often lost over SSH)")
+    p.add_argument("--shots", default=None, metavar="DIR",
+                   help="where `S` saves SVG screenshots (default: screenshots/ in the cache "
+                        "folder, $MINILLM_CACHE or ~/.cache/minillm)")
+
+
 def add_ui_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--strategy", default="kv", help=f"one of: {', '.join(STRATEGIES)}")
     p.add_argument("--backend", default="sdpa", help="attention backend")
     p.add_argument("--prompt", default="Deep learning is", help="initial prompt")
     p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--theme", default="dark", help="dark, light or projector")
-    p.add_argument("--truecolor", action="store_true",
-                   help="force 24-bit colour (COLORTERM is often lost over SSH)")
+    add_look_args(p)
+    p.add_argument("--share", nargs="?", const="127.0.0.1:8765", default=None,
+                   metavar="HOST:PORT",
+                   help="let others follow this session read-only with `watch URL` "
+                        "(default 127.0.0.1:8765: this machine only; 0.0.0.0:PORT for every "
+                        "network)")
     p.add_argument("--fast", default="", metavar="OPTS",
                    help="fast-path options for the runs, words joined by + as in the bench: "
                         "c, c+gguf, gguf, fuse+cols, c+int8, int8, fp16 (default: the plain "
@@ -196,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(argv: list[str]) -> int:
-    parser = build_parser(with_bench=argv[:1] != ["replay"])
+    parser = build_parser(with_bench=argv[:1] not in (["replay"], ["watch"], ["web"]))
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["ui", *argv]           # no sub-command: the app
     args = parser.parse_args(argv)
@@ -215,6 +246,8 @@ def dispatch(argv: list[str]) -> int:
         return cmd_ui(args)
     if args.command == "replay":
         return cmd_replay(args)
+    if args.command in ("watch", "web"):
+        return cmd_app(args.command, args)
     parser.print_help()
     return EXIT_USAGE
 
@@ -289,13 +322,18 @@ def _reopen_closed_std_streams() -> None:
 
 
 def cmd_ui(args) -> int:
+    return cmd_app("ui", args)
+
+
+def cmd_app(command: str, args) -> int:
+    """The app (ui), following a shared session (watch), or served to browsers (web)."""
     try:
-        from tui.app import run_app
+        from tui import launch
     except ImportError as exc:
         print(f"error: the app needs textual and plotext ({exc}); "
               f"`python main.py run PROMPT` works without them", file=sys.stderr)
         return EXIT_RUNTIME
-    return run_app(args)
+    return {"ui": launch.run_app, "watch": launch.run_watch, "web": launch.run_web}[command](args)
 
 
 def _progress_printer(enabled: bool):
@@ -432,7 +470,7 @@ def cmd_replay(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        from tui.app import run_replay
+        from tui.launch import run_replay
     except ImportError as exc:
         print(f"error: replay needs textual and plotext ({exc})", file=sys.stderr)
         return EXIT_RUNTIME

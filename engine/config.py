@@ -271,6 +271,9 @@ class SamplingConfig:
 MAX_LOGPROBS = 20       # alternatives per token, as OpenAI's top_logprobs (and vLLM's default)
 
 FAST_WEIGHTS = ("same", "bfloat16", "float16", "int8", "int8-dequant", "gguf")
+# Weight formats that keep the model's numbers: the plain weights, and a GGUF file's own blocks
+# decoded exactly.
+EXACT_WEIGHTS = ("same", "gguf")
 LAYOUTS = ("rows", "cols")
 KERNELS = ("torch", "c")
 
@@ -333,6 +336,12 @@ class FastPathConfig:
     def own_step(self) -> bool:
         """Decode steps go through a decoder object (fast.make_decoder), not the model's forward."""
         return self.static_step or self.kernel == "c"
+
+    @property
+    def lossy(self) -> bool:
+        """Weights in fewer bits: the tokens may differ from the plain model's (a race marks
+        such a contestant "expected to differ"). Every other option is exact."""
+        return self.weights not in EXACT_WEIGHTS
 
     @property
     def changes_model(self) -> bool:

@@ -175,10 +175,12 @@ class Failed:
 # --------------------------------------------------------------------------- race events
 @dataclass(frozen=True, slots=True)
 class RaceStarted:
-    """A race begins: the same prompt through each contestant, one after another."""
+    """A race begins: the same prompt through each contestant, one after another, each after
+    `warmup_tokens` untimed tokens of its own (0: no warm-up)."""
     prompt: str
     contestants: tuple[Contestant, ...]
     max_new_tokens: int
+    warmup_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

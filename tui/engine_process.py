@@ -1,7 +1,7 @@
 """The engine side of the app: a thin transport over an `engine.session.Session`.
 
 The app never runs the model in its own process. Textual draws from the same Python process,
-and the GIL makes a model thread and the UI slow each other down (see ../shared/STYLE.md: a
+and the GIL makes a model thread and the UI slow each other down (measured here: a
 665 tok/s producer fell to ~110 tok/s when it fed the UI token by token). So the model lives in a
 child process started with "spawn" (a fresh interpreter: no inherited threads or CUDA state),
 and this module is all that child runs. It imports no Textual, and nothing heavy until the
@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-from engine.events import Envelope, Failed, Finished, Loading
+from engine.events import Envelope, Failed, Finished, Loading, RaceFinished
 
 FLUSH_INTERVAL_S = 1 / 12
 # Events that are sent at once: a run or race starting or ending should not wait for a batch.
@@ -74,11 +74,11 @@ class EngineLoop:
             if cmd is None:
                 return
             kind, request = cmd
-            if self.session is None:
-                runs = request.runs if kind == "race" else (request,)
-                for r in runs:
-                    self.say(r.run_id, Finished(reason="error", tokens=(), text="",
-                                                error="no model is loaded"))
+            if self.session is None:       # said once; a race is closed, not left open
+                run_id = request.race_id if kind == "race" else request.run_id
+                self.say(run_id, RaceFinished(prompt=request.prompt, cancelled=True)
+                         if kind == "race" else
+                         Finished(reason="error", tokens=(), text="", error="no model is loaded"))
                 continue
             self.pump(self.session.race(request) if kind == "race" else self.session.run(request))
 

@@ -52,12 +52,12 @@ def flash_tiles(scores: np.ndarray, tile: int) -> tuple[tuple[float, ...], tuple
 
 def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay: float = 0.0,
                   diverge: dict[str, int] | None = None, flash_tile: int | None = None):
-    """diverge: {"strategy/backend": index}, that contestant's tokens differ from `index` on
+    """diverge: {run label: index}, that contestant's tokens differ from `index` on
     (to show a race that disagrees); flash_tile: a tile size for the flash events other than
     cfg.flash_tile (64 keys make one tile for a short demo)."""
     from engine.config import ConfigError
     from engine.events import (AttentionRow, CacheSnapshot, CacheStats, Finished, FlashTiles,
-                               Prefill, SequenceBlocks, Started, Token)
+                               Prefill, SequenceBlocks, Started, Token, run_label)
     from engine.metrics import RunMetrics
 
     if cfg.backend not in BACKENDS:
@@ -76,7 +76,7 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay:
     rng = np.random.default_rng(0)
     tokens, latencies = [], []
     reason = "length"
-    split = (diverge or {}).get(f"{cfg.strategy}/{cfg.backend}")
+    split = (diverge or {}).get(run_label(cfg.strategy, cfg.backend, cfg.fast.spec()))
     tile = flash_tile or cfg.flash_tile
     # the newest query's scores against every key (its own generator: the attention rows'
     # noise above stays as it was)

@@ -45,8 +45,10 @@ async def main_async(args) -> dict[str, list[float]]:
     from engine.loader import load_model
     from engine.events import Finished, Ready
     from engine.requests import RunRequest
-    from tui.app import MiniLLMApp, Settings
+    from tui.app import MiniLLMApp
     from tui.bridge import ProcessSource
+    from tui.messages import EngineEvents
+    from tui.settings import Settings
 
     prompt = args.prompt
     from engine.config import FastPathConfig
@@ -77,7 +79,13 @@ async def main_async(args) -> dict[str, list[float]]:
         results[f"engine@{app_threads}"] = []
     app = MiniLLMApp(Settings(max_new_tokens=args.tokens, strategy=args.strategy,
                               backend=args.backend, prompt=prompt, fast=args.fast))
-    async with app.run_test(size=(160, 48)) as pilot:
+    finished: list = []                  # the Finished events the app drew
+
+    def hook(message) -> None:
+        if isinstance(message, EngineEvents):
+            finished.extend(e.event for e in message.envelopes if isinstance(e.event, Finished))
+
+    async with app.run_test(size=(160, 48), message_hook=hook) as pilot:
         while app.info is None:
             await asyncio.sleep(0.1)
         while True:                      # the bare client's model too
@@ -87,9 +95,9 @@ async def main_async(args) -> dict[str, list[float]]:
             await asyncio.sleep(0.1)
         engine_runs(lm, cfg, prompt)     # warm-up, all three
         await bare_run(0)
-        n = len(app.finished)
+        n = len(finished)
         await pilot.press("enter")
-        while len(app.finished) == n:
+        while len(finished) == n:
             await asyncio.sleep(0.05)
         for r in range(args.rounds):
             results["engine"].append(engine_runs(lm, cfg, prompt))
@@ -98,11 +106,11 @@ async def main_async(args) -> dict[str, list[float]]:
                 results[f"engine@{app_threads}"].append(engine_runs(lm, cfg, prompt))
                 apply_threads(default_threads)
             results["process"].append(await bare_run(r + 1))
-            n = len(app.finished)
+            n = len(finished)
             await pilot.press("enter")
-            while len(app.finished) == n:
+            while len(finished) == n:
                 await asyncio.sleep(0.05)
-            results["app"].append(app.finished[-1].metrics.decode_tokens_per_s)
+            results["app"].append(finished[-1].metrics.decode_tokens_per_s)
             print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()),
                   flush=True)
     bare.stop()

@@ -10,22 +10,31 @@ import asyncio
 
 
 async def shoot(path: str, tokens: int, strategy: str, prompt: str) -> str:
-    from tui.app import MiniLLMApp, Settings
+    from engine.events import Finished
+    from tui.app import MiniLLMApp
+    from tui.messages import EngineEvents
+    from tui.settings import Settings
     from tui.widgets.latency import LatencyPane
     app = MiniLLMApp(Settings(max_new_tokens=tokens, strategy=strategy, prompt=prompt),
                      color_depth="truecolor")
-    async with app.run_test(size=(140, 42)) as pilot:
+    done: list = []                       # the run's Finished event, once drawn
+
+    def hook(message) -> None:
+        if isinstance(message, EngineEvents):
+            done.extend(e.event for e in message.envelopes if isinstance(e.event, Finished))
+
+    async with app.run_test(size=(140, 42), message_hook=hook) as pilot:
         while app.info is None:
             await asyncio.sleep(0.2)
         await pilot.press("enter")
-        while not app.finished:
+        while not done:
             await asyncio.sleep(0.2)
         await pilot.pause(0.5)
         app.query_one(LatencyPane).redraw()
         app.clear_notifications()
         await pilot.pause(0.3)
         app.save_screenshot(path)
-        return app.finished[-1].text
+        return done[-1].text
 
 
 def main() -> None:

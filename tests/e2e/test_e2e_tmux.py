@@ -81,8 +81,8 @@ def test_real_app_generates_and_fills_the_panes(tmux):
     flat = " ".join(screen.split())
     assert "Deep learning is a mindset that prioritizes" in flat     # the golden continuation
     assert "preallocated buffer" in screen                # KV cache pane
-    assert "layer 0/29" in screen                         # attention pane (30 layers)
-    assert "latency per token" in screen                  # latency chart
+    assert "layer 0 of 0–29" in screen                    # attention pane (30 layers)
+    assert "ms per generated token" in screen             # latency chart
     assert "kv/sdpa" in screen                            # status bar
     tmux.keys("f")                                        # fast path: the decode step in C
     tmux.wait(lambda s: "kv/sdpa +c" in s, 10, "the fast path to change")
@@ -105,7 +105,8 @@ def test_real_app_generates_and_fills_the_panes(tmux):
 def test_real_race_shows_lanes_table_and_flash_tiles(tmux):
     tmux.start(f"{sys.executable} main.py --max-new-tokens 6 --backend flash --flash-tile 4 "
                "--prompt 'Deep learning is'")
-    tmux.wait(lambda s: "SmolLM2" in s, 120, "the model to load")
+    # ready: the status bar names the device (a race needs to know what runs here)
+    tmux.wait(lambda s: "SmolLM2" in s and "· cpu ·" in s, 120, "the model to load")
     tmux.keys("R")                                        # race every combination, in lanes
     tmux.wait(lambda s: "naive/sdpa" in s and "waiting" in s, 30, "the race lanes")
     screen = tmux.wait(lambda s: "identical tokens" in s or "tokens differ" in s, 300,
@@ -121,10 +122,13 @@ def test_real_race_shows_lanes_table_and_flash_tiles(tmux):
     assert all("✓" in line for label, line in lanes.items() if label != "naive/sdpa"), screen
     assert "a mindset that prioritizes" in screen         # each lane keeps its text
     tmux.keys("Enter")                                    # one flash run: the tile view
-    tmux.wait(lambda s: "Token stream" in s and "online softmax" in s, 120, "a flash run")
-    tmux.keys("m", "m")                                   # attention: row → matrix → flash
+    tmux.wait(lambda s: "Token stream" in s and "flash tiles are traced in layer 29" in s,
+              120, "a flash run")
+    tmux.keys("2")                                        # the attention pane: its keys …
+    tmux.wait(lambda s: "m View" in s.splitlines()[-1], 10, "the attention pane's keys")
+    tmux.keys("m", "m")                                   # … row → matrix → flash
     screen = tmux.wait(lambda s: "keys 0–" in s, 10, "the flash tile view")
     Path(os.environ.get("MINILLM_E2E_SCREEN", os.devnull)).write_text(screen)
     # the last forward pass attends over 3 prompt + 5 fed-back tokens = 8 keys: 2 tiles of 4
-    assert "2 tiles × 4 keys" in screen and ("L29" in screen or "layer 29" in screen)
+    assert "2 tiles × 4 keys" in screen and "layer 29 head 0" in screen
     tmux.keys("q")

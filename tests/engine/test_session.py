@@ -109,3 +109,45 @@ def test_requests_round_trip_through_json_and_are_checked():
         RaceRequest(1, (run, run))
     with pytest.raises(ConfigError, match="unknown generation setting"):
         RunRequest.from_json({"prompt": "x", "config": {"warp": 9}})
+
+
+def test_each_race_contestant_warms_up_untimed_first(session):
+    """The first run of a kind pays one-off costs (threads, kernels, converted weights): each
+    contestant runs WARMUP_TOKENS tokens first, whose events are not sent, then its timed run."""
+    from engine.session import WARMUP_TOKENS
+    calls = []
+
+    def counting(model, tokenizer, prompt, config, **kw):
+        calls.append(config.max_new_tokens)
+        return session.generate(model, tokenizer, prompt, config, **kw)
+
+    racing = Session(session.lm, generate=counting)
+    runs = tuple(RunRequest("The cat", cfg(strategy=s), i) for i, s in ((1, "naive"), (2, "kv")))
+    envs = list(racing.race(RaceRequest(9, runs)))
+    assert calls == [WARMUP_TOKENS, 6, WARMUP_TOKENS, 6]
+    assert envs[0].event.warmup_tokens == WARMUP_TOKENS
+    assert sum(isinstance(e.event, Started) for e in envs) == 2        # the warm-ups say nothing
+    assert [len(r.tokens) for r in envs[-1].event.rows] == [6, 6]
+    assert list(racing.race(RaceRequest(9, runs), warmup=0))[0].event.warmup_tokens == 0
+
+
+def test_a_contestant_stopped_part_way_is_compared_on_its_tokens(session):
+    runs = tuple(RunRequest("The cat", cfg(max_new_tokens=30), i) for i in (1, 2, 3))
+    envs = []
+    for env in session.race(RaceRequest(5, runs), warmup=0):
+        envs.append(env)
+        if isinstance(env.event, Token) and env.run == 2 and env.event.index == 4:
+            session.cancel()
+    session.clear_cancel()
+    race = envs[-1].event
+    assert race.cancelled and [r.reason for r in race.rows] == ["length", "cancelled"]
+    stopped = race.rows[1]
+    assert len(stopped.tokens) == 5 and stopped.same_tokens is True      # its 5 tokens agree
+    assert stopped.first_difference is None and race.identical is True
+
+
+def test_lossy_fast_paths_are_the_weights_in_fewer_bits():
+    lossy = {spec: FastPathConfig.from_spec(spec).lossy
+             for spec in ("", "c", "fuse+cols", "c+int8", "int8", "fp16", "bf16")}
+    assert lossy == {"": False, "c": False, "fuse+cols": False, "c+int8": True, "int8": True,
+                     "fp16": True, "bf16": True}

@@ -1,15 +1,27 @@
-"""Helpers for the app tests: the app on a fake engine, and waiting for things to happen."""
+"""Helpers for the app tests: the app on a fake engine, what it said, and waiting for things.
+
+`drive(app, size)` runs the app headless and records, through Textual's public message hook,
+every notification it showed (`seen.notes`) and every batch of engine events it drew
+(`seen.batches`) — the tests read what the user saw, not the app's private state.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
+from dataclasses import dataclass, field
 
 import pytest
+from textual.notifications import Notify
 
-from tui.app import MiniLLMApp, Settings
+from tui.app import MiniLLMApp
 from tui.fake_engine import FakeSource
+from tui.messages import EngineEvents
+from tui.settings import Settings
+
+SIZE = (150, 45)
 
 
 def make_app(delay: float = 0.0, load_error: str | None = None, depth: str = "truecolor",
@@ -19,6 +31,30 @@ def make_app(delay: float = 0.0, load_error: str | None = None, depth: str = "tr
     s = Settings(**settings)
     source = FakeSource(delay=delay, load_error=load_error, diverge=diverge)
     return MiniLLMApp(s, source=source, color_depth=depth)
+
+
+@dataclass
+class Seen:
+    notes: list[str] = field(default_factory=list)
+    batches: list[EngineEvents] = field(default_factory=list)
+
+    def said(self, *words: str) -> bool:
+        """Did a notification contain all these words?"""
+        return any(all(w in n for w in words) for n in self.notes)
+
+
+@contextlib.asynccontextmanager
+async def drive(app: MiniLLMApp, size=SIZE):
+    seen = Seen()
+
+    def hook(message) -> None:
+        if isinstance(message, Notify):
+            seen.notes.append(message.notification.message)
+        elif isinstance(message, EngineEvents):
+            seen.batches.append(message)
+
+    async with app.run_test(size=size, message_hook=hook) as pilot:
+        yield pilot, seen
 
 
 async def wait_for(pilot, condition, timeout: float = 10.0, what: str = "condition"):
@@ -34,6 +70,17 @@ async def wait_for(pilot, condition, timeout: float = 10.0, what: str = "conditi
 
 async def ready(pilot):
     await wait_for(pilot, lambda: pilot.app.info is not None, what="the engine to be ready")
+
+
+async def finished(pilot, seen: Seen, n: int = 1, timeout: float = 10.0):
+    """Wait until n runs have finished (their Finished events drawn); return the last one."""
+    from engine.events import Finished
+
+    def done():
+        return [e.event for b in seen.batches for e in b.envelopes
+                if isinstance(e.event, Finished)]
+    await wait_for(pilot, lambda: len(done()) >= n, timeout, f"{n} finished runs")
+    return done()[-1]
 
 
 @pytest.fixture

@@ -14,9 +14,7 @@ from engine.compare import first_difference
 from tui.widgets.race_lanes import RaceLanes
 from tui.widgets.token_stream import TokenStream
 
-from .conftest import make_app, ready, wait_for
-
-SIZE = (150, 45)
+from .conftest import drive, finished, make_app, ready, wait_for
 
 
 def lanes_text(app) -> str:
@@ -33,13 +31,13 @@ def test_first_difference():
 
 async def test_race_lanes_stream_side_by_side_and_end_in_the_table():
     app = make_app(delay=0.03, max_new_tokens=12, diverge={"paged/sdpa": 5})
-    async with app.run_test(size=SIZE) as pilot:
+    async with drive(app) as (pilot, seen):
         await ready(pilot)
         await pilot.press("R")                  # race: the lanes take the token stream's place
         lanes = app.query_one(RaceLanes)
-        combos = app.race_combos()
-        assert [lane.label for lane in lanes.lanes] == [
-            f"{a}/{b}" + (f" +{f}" if f else "") for a, b, f in combos]
+        combos = [lane.label for lane in lanes.lanes]
+        assert combos == ["naive/sdpa", "kv/sdpa", "paged/sdpa", "kv/naive", "kv/flash",
+                          "kv/sdpa +c", "kv/sdpa +fuse+cols"]
         assert lanes.display and not app.query_one(TokenStream).display
         # While the third contestant runs, the first two keep their text and numbers.
         third = lanes.lanes[2]
@@ -73,7 +71,7 @@ async def test_race_lanes_stream_side_by_side_and_end_in_the_table():
 
 async def test_race_lanes_fit_an_80x24_terminal():
     app = make_app(max_new_tokens=8, diverge={"kv/flash": 2})
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with drive(app, size=(80, 24)) as (pilot, seen):
         await ready(pilot)
         await pilot.press("R")
         await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="race table")
@@ -91,7 +89,7 @@ async def test_race_lanes_fit_an_80x24_terminal():
 async def test_stopping_a_race_marks_the_lanes_that_never_ran():
     # 300 tokens × 30 ms: the first lane cannot finish before the stop, even on a slow machine
     app = make_app(delay=0.03, max_new_tokens=300)
-    async with app.run_test(size=SIZE) as pilot:
+    async with drive(app) as (pilot, seen):
         await ready(pilot)
         await pilot.press("R")
         lanes = app.query_one(RaceLanes)
@@ -99,16 +97,18 @@ async def test_stopping_a_race_marks_the_lanes_that_never_ran():
         await pilot.press("x")
         await wait_for(pilot, lambda: lanes.finished, what="the race to stop")
         assert lanes.lanes[0].state == "stopped"
-        assert all(lane.state == "stopped" and not lane.ids for lane in lanes.lanes[1:])
-        assert "stopped" in lanes_text(app)
+        assert all(lane.state == "skipped" and not lane.ids for lane in lanes.lanes[1:])
+        lines = lanes_text(app).splitlines()[1:]
+        assert "stopped" in lines[0] and "not run" in lines[-1]
+        assert not any(line.startswith(("✓", "ref")) for line in lines)   # nothing ran to compare
 
 
 async def test_flash_tiles_animate_with_running_max_and_sum():
     app = make_app(max_new_tokens=40, backend="flash")
-    async with app.run_test(size=SIZE) as pilot:
+    async with drive(app) as (pilot, seen):
         await ready(pilot)
         await pilot.press("enter")
-        await wait_for(pilot, lambda: app.finished, what="the run to finish")
+        await finished(pilot, seen)
         att = app.query_one(AttentionPane)
         f = att.flash
         n = len(f.running_max)
@@ -121,6 +121,7 @@ async def test_flash_tiles_animate_with_running_max_and_sum():
             await pilot.pause(0.1)
             seen.add(att.flash_tile)
         assert len(seen) >= 3
+        await pilot.press("2")                  # the attention pane has the tile keys
         await pilot.press("p")                  # pause: the frame holds still
         held = att.flash_tile
         await pilot.pause(0.4)
@@ -139,23 +140,23 @@ async def test_flash_tiles_animate_with_running_max_and_sum():
         assert f"m {f.running_max[rise - 1]:.3f} → {f.running_max[rise]:.3f}" in text
         assert f"= {f.running_sum[rise]:.3f}" in text
         await pilot.press("m", "m")             # row → matrix → the full flash view
-        assert att.mode == "flash"
+        assert att.mode == "flash" and att.shown_layer == f.layer
         text = str(att.render())
-        assert "keys " in text and "layer 0/3 · row" not in text
+        assert "keys " in text and "row view" not in text
         await pilot.press("m")                  # and back to the heatmap rows
         assert att.mode == "row"
 
 
 async def test_flash_view_restarts_for_each_run_and_row_view_without_tiles():
     app = make_app(max_new_tokens=20, backend="flash")
-    async with app.run_test(size=SIZE) as pilot:
+    async with drive(app) as (pilot, seen):
         await ready(pilot)
         await pilot.press("enter")
-        await wait_for(pilot, lambda: app.finished, what="the first run")
+        await finished(pilot, seen)
         att = app.query_one(AttentionPane)
-        await pilot.press("m", "m")             # the flash view
+        await pilot.press("2", "m", "m")        # the attention pane, its flash view
         assert att.view == "flash"
         await pilot.press("b", "enter")         # flash → naive backend: no tiles
-        await wait_for(pilot, lambda: len(app.finished) == 2, what="the second run")
+        await finished(pilot, seen, 2)
         assert att.flash is None and att.view == "row"
-        assert "row: heads × positions" in str(att.render())
+        assert "row view: one row per head" in str(att.render())

@@ -20,7 +20,7 @@ import pytest
 
 from tui.widgets.latency import LatencyPane
 
-from .conftest import make_app, ready, wait_for
+from .conftest import drive, finished, make_app, ready
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 UPDATE = os.environ.get("MINILLM_UPDATE_SNAPSHOTS", "") not in ("", "0")
@@ -34,10 +34,10 @@ def normalise(svg: str) -> str:
 
 async def finished_run_screenshot(size, **settings) -> str:
     app = make_app(max_new_tokens=24, **settings)
-    async with app.run_test(size=size) as pilot:
+    async with drive(app, size) as (pilot, seen):
         await ready(pilot)
         await pilot.press("enter")              # run the default prompt
-        await wait_for(pilot, lambda: app.finished, what="the run to finish")
+        await finished(pilot, seen)
         app.query_one(LatencyPane).redraw()     # the chart timer may not have fired yet
         app.clear_notifications()
         await pilot.pause()

@@ -60,26 +60,34 @@ Model, device, dtype, strategy/backend, sampling, and whether the last compared 
 that changes the output is a bug, not a speed-up.
 
 ## Keys
-`/` edit the prompt · `enter` run · `x` stop ·
-`s` / `b` / `f` cycle strategy / backend / fast path ·
+`/` edit the prompt (`enter` runs it, `escape` leaves it) · `enter` run · `x` stop ·
+`s` / `b` / `f` cycle strategy / backend / fast path · `o` sampling settings ·
 `R` race (the same prompt through every strategy/backend) · `t` last race table ·
-`l` race lanes ↔ token stream · `m` row / matrix / flash tiles · `p` `.` pause / step the tiles ·
-`o` sampling settings · `T` theme · `C` colour depth (truecolor/256/16) · `ctrl+p` commands ·
-`r` record to a file (again: stop) · `?` this help · `q` quit.
+`l` race lanes ↔ token stream · `r` record to a file (again: stop) · `S` screenshot (SVG) ·
+`T` theme · `C` colour depth (truecolor/256/16) · `ctrl+p` commands · `?` this help · `q` quit.
 
-## Replay
+**Panes own their keys**: `Tab` (or `1` text, `2` attention, `3` KV cache, `4` latency) moves
+the focus, and the footer shows the focused pane's keys. `z` zooms the focused pane to the
+whole screen (`z` or `escape` again to go back).
+Token stream: `k` token shades · `c` colour by latency. Attention: `[` `]` layer · `{` `}` head ·
+`m` row / matrix / flash tiles · `p` `.` pause / step the tiles. Latency: `delete` clears the
+chart.
+
+## Replay, watch
 `python main.py replay FILE` plays a recording (`r`, `--record FILE`, or `run … --record FILE`)
 with every pane as it was live — no model, no torch. `space` pause / play · `←` `→` one token
 back / forward (the panes show that moment) · `−` `+` speed ×0.5 … ×4 · `home` `end` jump.
-The layer, head and view keys work on the recorded rows.
+`python main.py watch URL` follows a session shared with `--share`, read-only. In both, the
+pane keys work on what arrives: pick your own layer, head, view and zoom.
 
 Press `escape` to close.
 """
 
 
 class HelpScreen(ModalScreen[None]):
-    """Why each pane matters."""
+    """Why each pane matters. Opens focused on the text, so the arrow and page keys scroll."""
 
+    AUTO_FOCUS = "VerticalScroll"
     BINDINGS = [("escape", "app.pop_screen", "Close"), ("q", "app.pop_screen", "Close"),
                 ("question_mark", "app.pop_screen", "Close")]
 

@@ -43,17 +43,23 @@ def parse(values: dict[str, str]) -> tuple[dict, int]:
 
 
 class SettingsScreen(ModalScreen[tuple[dict, int] | None]):
-    """Edit sampling and length; returns (sampling kwargs, max_new_tokens) or None."""
+    """Edit sampling and length; returns (sampling kwargs, max_new_tokens) or None.
 
+    It opens with the first field focused (typing and enter work at once) and fits in an
+    80×24 terminal: one line per field, Save and Cancel included.
+    """
+
+    AUTO_FOCUS = "#temperature"
     BINDINGS = [("escape", "cancel", "Cancel")]
 
     DEFAULT_CSS = """
     SettingsScreen { align: center middle; }
-    SettingsScreen > Vertical { width: 64; height: auto; background: $surface;
-                                border: thick $primary; padding: 1 2; }
-    SettingsScreen Grid { grid-size: 2; grid-columns: 30 1fr; height: auto; grid-gutter: 0 1; }
-    SettingsScreen Label { padding: 1 0 0 0; }
-    SettingsScreen Horizontal { height: auto; align: right middle; margin-top: 1; }
+    SettingsScreen > Vertical { width: 64; max-width: 100%; height: auto; max-height: 100%;
+                                background: $surface; border: thick $primary; padding: 0 1; }
+    SettingsScreen Grid { grid-size: 2; grid-columns: 30 1fr; height: auto; grid-gutter: 1 1;
+                          margin: 1 0; }
+    SettingsScreen Horizontal { height: auto; align: right middle; }
+    SettingsScreen Button { margin-left: 1; }
     """
 
     def __init__(self, sampling: dict, max_new_tokens: int) -> None:
@@ -67,10 +73,10 @@ class SettingsScreen(ModalScreen[tuple[dict, int] | None]):
                 for key, text in FIELDS:
                     value = self.initial.get(key)
                     yield Label(text)
-                    yield Input("" if value is None else str(value), id=key)
+                    yield Input("" if value is None else str(value), id=key, compact=True)
             with Horizontal():
-                yield Button("Save", variant="primary", id="save")
-                yield Button("Cancel", id="cancel")
+                yield Button("Save", variant="primary", id="save", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
 
     def _save(self) -> None:
         from engine.config import ConfigError

@@ -1,90 +1,179 @@
-"""The latency pane: per-token latency against position, this run over the previous ones."""
+"""The latency pane: ms per generated token, this run beside the others, and its numbers."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
+from rich.style import Style
+from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.color import Color
 from textual.containers import Vertical
+from textual.reactive import reactive
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
+from engine.events import Finished, Started, Token, run_label
+
 from .kv_cache import human_bytes
 
-KEEP_RUNS = 6      # a race of every strategy and backend still fits
+KEEP_SERIES = 10     # a race of every strategy, backend and fast path still fits
+CHART_HZ = 4         # chart redraws a second at most
+FINISH_REASONS = {
+    "length": "reached max tokens",
+    "eos": "the model ended it (end-of-sequence token)",
+    "stop": "hit a stop string",
+    "cancelled": "stopped before the end",
+    "error": "failed",
+}
 
 
-def fmt_ms(seconds: float) -> str:
+def fmt_ms(seconds: float | None) -> str:
     return "—" if seconds is None or math.isnan(seconds) else f"{seconds * 1e3:.0f} ms"
 
 
-def fmt_num(x: float) -> str:
+def fmt_num(x: float | None) -> str:
     return "—" if x is None or math.isnan(x) else f"{x:.1f}"
 
 
-class LatencyPane(Vertical):
-    """A plotext chart (naive climbs with position, kv stays flat) and the run's numbers.
+def finish_text(reason: str) -> str:
+    """A run's end in words: "reached max tokens" rather than "length"."""
+    return FINISH_REASONS.get(reason, reason)
 
-    The chart is redrawn by `redraw()` a few times a second at most (plotext takes ~9 ms per
-    chart), never per token.
+
+@dataclass
+class Series:
+    """One run on the chart: its name and (generated-token index, ms) points."""
+    label: str
+    xs: list[int] = field(default_factory=list)
+    ys: list[float] = field(default_factory=list)
+
+
+class LatencyPane(Vertical, can_focus=True):
+    """A plotext chart of ms per generated token (naive climbs, kv stays flat) and the run's
+    numbers underneath.
+
+    One line per run name: running kv/sdpa again replaces the older kv/sdpa line, so a race's
+    contestants all stay and no name appears twice. The y-axis starts at zero (a flat line
+    looks flat, whatever its noise) and the x-axis counts generated tokens (a long prompt does
+    not push the points to the right edge); the first token, which carries the whole prefill,
+    is left out — it is the TTFT below. The legend is a line under the chart, in the series'
+    colours, never over the plot. The chart is redrawn by `redraw()` a few times a second at
+    most (plotext takes ~9 ms a chart), never per token.
     """
+
+    BINDINGS = [Binding("delete,backspace", "clear_history", "Clear chart")]
 
     DEFAULT_CSS = """
     LatencyPane { background: $surface; height: 1fr; }
     LatencyPane > PlotextPlot { height: 1fr; }
+    LatencyPane > #legend { height: auto; padding: 0 1; color: $text-muted; }
     LatencyPane > #metrics { height: auto; padding: 0 1; color: $text; }
     """
 
+    metrics: reactive[str] = reactive("no run yet")
+    """The numbers of the run drawn last, or of the run under way so far."""
+
     def __init__(self, *, name=None, id=None, classes=None) -> None:
         super().__init__(name=name, id=id, classes=classes)
-        self.runs: list[tuple[str, list[int], list[float]]] = []   # (label, positions, ms)
-        self.dirty = False
+        self.series: list[Series] = []
+        self._dirty = False
+        self._ttft: float | None = None          # the run under way: its first token's time
 
     def compose(self) -> ComposeResult:
         yield PlotextPlot()
-        yield Static("TTFT — · TPOT — · — tok/s · peak —", id="metrics")
+        yield Static(id="legend")
+        yield Static(id="metrics")
 
-    def reset(self) -> None:
+    def on_mount(self) -> None:
+        self.set_interval(1 / CHART_HZ, self.redraw)
+
+    # ------------------------------------------------------------------ data
+    def feed(self, events) -> None:
+        """A batch of one run's events."""
+        for ev in events:
+            if isinstance(ev, Started):
+                self._start(run_label(ev.strategy, ev.backend, ev.fast))
+            elif isinstance(ev, Token):
+                if ev.index == 0:
+                    self._ttft = ev.latency_s
+                elif self.series:
+                    self.series[-1].xs.append(ev.index)
+                    self.series[-1].ys.append(ev.latency_s * 1e3)
+                self._dirty = True
+            elif isinstance(ev, Finished):
+                self._finish(ev)
+        if self.series and not isinstance(events[-1], Finished):
+            s = self.series[-1]
+            tpot = sum(s.ys) / len(s.ys) / 1e3 if s.ys else math.nan
+            self.metrics = (f"running {s.label} · {len(s.xs) + (self._ttft is not None)} tokens "
+                            f"· TTFT {fmt_ms(self._ttft)} · TPOT so far {fmt_ms(tpot)}")
+
+    def _start(self, label: str) -> None:
+        self.series = [s for s in self.series if s.label != label][-(KEEP_SERIES - 1):]
+        self.series.append(Series(label))
+        self._ttft, self._dirty = None, True
+        self.metrics = f"running {label} …"
+
+    def _finish(self, ev: Finished) -> None:
+        m = ev.metrics
+        if m is None:
+            self.metrics = f"{finish_text(ev.reason)}: {ev.error or ''}".rstrip(": ")
+            return
+        self.metrics = (f"TTFT {fmt_ms(m.ttft_s)} · TPOT {fmt_ms(m.tpot_s)} · "
+                        f"{fmt_num(m.decode_tokens_per_s)} tok/s · {m.new_tokens} tokens, "
+                        f"{finish_text(ev.reason)} · process peak "
+                        f"{human_bytes(m.peak_memory_bytes)}")
+
+    def clear(self) -> None:
         """No runs drawn (a replay starting over)."""
-        self.runs.clear()
-        self.dirty = True
-        self.query_one("#metrics", Static).update("TTFT — · TPOT — · — tok/s · peak —")
+        self.series, self._ttft, self._dirty = [], None, True
+        self.metrics = "no run yet"
 
-    def start_run(self, label: str) -> None:
-        self.runs.append((label, [], []))
-        del self.runs[:-KEEP_RUNS]
-        self.dirty = True
+    # ------------------------------------------------------------------ drawing
+    def colours(self) -> list[Color]:
+        """A colour per series, from the theme: its accents first, then lighter ones."""
+        theme = self.app.current_theme
+        base = [Color.parse(c) for c in (theme.primary, theme.accent, theme.success,
+                                         theme.secondary, theme.warning, theme.error) if c]
+        return base + [c.lighten(0.25) for c in base]
 
-    def add_points(self, points: list[tuple[int, float]]) -> None:
-        if not self.runs:
-            self.start_run("run")
-        _, xs, ys = self.runs[-1]
-        for x, y in points:
-            xs.append(x)
-            ys.append(y * 1e3)
-        self.dirty = True
-
-    def show_metrics(self, m, reason: str = "") -> None:
-        text = (f"TTFT {fmt_ms(m.ttft_s)} · TPOT {fmt_ms(m.tpot_s)} · "
-                f"{fmt_num(m.decode_tokens_per_s)} tok/s · {m.new_tokens} tokens · "
-                f"peak {human_bytes(m.peak_memory_bytes)}")
-        if reason:
-            text += f" · {reason}"
+    def watch_metrics(self, text: str) -> None:
         self.query_one("#metrics", Static).update(text)
 
     def redraw(self) -> None:
         """Rebuild the chart if anything changed since the last call."""
-        if not self.dirty:
+        if not self._dirty:
             return
-        self.dirty = False
+        self._dirty = False
         plot = self.query_one(PlotextPlot)
         plt = plot.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title("latency per token (ms) vs position")
-        for label, xs, ys in self.runs:
-            # The first token carries the prefill; it would flatten everything else.
-            if len(xs) > 1:
-                plt.plot(xs[1:], ys[1:], label=label, marker="braille")
-        plt.xlabel("position")
+        plt.title("ms per generated token")
+        colours, top, last, legend = self.colours(), 0.0, 1, Text()
+        for i, s in enumerate(self.series):
+            colour = colours[i % len(colours)]
+            if s.xs:
+                plt.plot(s.xs, s.ys, marker="braille", color=colour.rgb)
+                top, last = max(top, max(s.ys)), max(last, s.xs[-1])
+            legend.append("━━ ", Style(color=colour.rich_color))
+            legend.append(f"{s.label}   ")
+        top = top * 1.1 if top > 0 else 1.0
+        plt.ylim(0, top)
+        plt.yticks([0, top / 2, top], ["0", f"{top / 2:.0f}", f"{top:.0f}"])
+        plt.xticks(sorted({1, *(max(1, round(last * k / 4)) for k in range(1, 5))}))
+        plt.xlabel("generated token")
         plot.refresh()
+        self.query_one("#legend", Static).update(legend)
+
+    # ------------------------------------------------------------------ actions
+    def action_clear_history(self) -> None:
+        """Forget every line on the chart (the numbers of the last run stay)."""
+        metrics = self.metrics
+        self.clear()
+        self.metrics = metrics
+        self.redraw()
+        self.notify("latency chart cleared", timeout=2)

@@ -1,4 +1,8 @@
-"""The race lanes: every contestant of a race stacked one above the other, text and numbers live."""
+"""The race lanes: N runs stacked one above the other, text and numbers live.
+
+A race's contestants today; any set of labelled runs tomorrow (a server's requests, remote
+endpoints): a lane is a run id and a label, fed that run's events.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from rich.text import Text
 from textual.widget import Widget
 
 from engine.compare import first_difference
+from engine.config import ConfigError, FastPathConfig
+from engine.events import Finished, Started, Token
 
 BAR_MIN, BAR_MAX = 6, 24
 
@@ -19,9 +25,10 @@ BAR_MIN, BAR_MAX = 6, 24
 class Lane:
     """One contestant as the lanes see it: its tokens so far and its numbers."""
     run_id: int
-    label: str                                       # "strategy/backend"
+    label: str                                       # "kv/sdpa +c", or any name
     max_tokens: int
-    state: str = "waiting"                           # waiting | running | done | stopped | error
+    lossy: bool = False                              # expected to differ (lossy weights)
+    state: str = "waiting"               # waiting | running | done | stopped | skipped | error
     pieces: list[str] = field(default_factory=list)  # text of each generated token
     ids: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
@@ -42,6 +49,14 @@ class Lane:
             self.tokens_per_s = 1 / self.tpot_s if self.tpot_s > 0 else math.nan
 
 
+def lossy_label(label: str) -> bool:
+    """Is a run named "kv/sdpa +c+int8" expected to differ (a fast path with lossy weights)?"""
+    try:
+        return FastPathConfig.from_spec(label.partition(" +")[2]).lossy
+    except ConfigError:
+        return False
+
+
 def _fmt(x: float, spec: str) -> str:
     return "—" if x is None or math.isnan(x) else format(x, spec)
 
@@ -49,8 +64,9 @@ def _fmt(x: float, spec: str) -> str:
 class RaceLanes(Widget, can_focus=True):
     """One lane per contestant of a race, stacked so they compare at a glance.
 
-    Each lane: ✓ (same tokens as the reference, the first contestant, so far) or ✗ @i (the first
-    index where they differ, with the differing tokens drawn as errors), the strategy/backend,
+    Each lane: ✓ (same tokens as the reference, the first contestant, so far) or ✗@i (the first
+    index where they differ, with the differing tokens drawn as errors; ≈@i for a lane that is
+    expected to differ, a lossy fast path), its label,
     a progress bar of tokens done out of max, tok/s and TPOT as they come, and the tail of its
     text clipped to the lane. Finished lanes keep their text and numbers, so the last lane ends
     next to all the others.
@@ -70,6 +86,7 @@ class RaceLanes(Widget, can_focus=True):
     RaceLanes > .lanes--running { color: $accent; text-style: bold; }
     RaceLanes > .lanes--same { color: $success; text-style: bold; }
     RaceLanes > .lanes--differ { color: $error; text-style: bold; }
+    RaceLanes > .lanes--lossy { color: $warning; text-style: bold; }
     RaceLanes > .lanes--bar-done { color: $primary; }
     RaceLanes > .lanes--bar-todo { color: $block-free; }
     RaceLanes > .lanes--even { color: $token-even; }
@@ -77,7 +94,8 @@ class RaceLanes(Widget, can_focus=True):
     """
 
     COMPONENT_CLASSES = {"lanes--label", "lanes--name", "lanes--running", "lanes--same",
-                         "lanes--differ", "lanes--bar-done", "lanes--bar-todo", "lanes--even",
+                         "lanes--differ", "lanes--lossy",
+                         "lanes--bar-done", "lanes--bar-todo", "lanes--even",
                          "lanes--odd"}
 
     def __init__(self, *, name=None, id=None, classes=None) -> None:
@@ -86,11 +104,16 @@ class RaceLanes(Widget, can_focus=True):
         self.prompt = ""
         self.finished = False          # the race is over (RaceFinished arrived)
         self.cancelled = False
+        self.warmup = 0
 
     # ------------------------------------------------------------------ data
-    def start(self, contestants: list[tuple[int, str]], max_tokens: int, prompt: str) -> None:
-        """A new race: one waiting lane per (run_id, "strategy/backend"), in running order."""
-        self.lanes = [Lane(run_id, label, max_tokens) for run_id, label in contestants]
+    def start(self, contestants: list[tuple[int, str]], max_tokens: int, prompt: str,
+              warmup: int = 0) -> None:
+        """A new race: one waiting lane per (run_id, label), in running order; `warmup`:
+        tokens each ran untimed before its timed run."""
+        self.warmup = warmup
+        self.lanes = [Lane(run_id, label, max_tokens, lossy_label(label))
+                      for run_id, label in contestants]
         self.prompt, self.finished, self.cancelled = prompt, False, False
         self.refresh()
 
@@ -103,7 +126,6 @@ class RaceLanes(Widget, can_focus=True):
 
     def feed(self, run_id: int, events) -> None:
         """One batch of engine events for one contestant; one repaint."""
-        from engine.events import Finished, Started, Token
         lane = self.lane(run_id)
         if lane is None:
             return
@@ -148,7 +170,9 @@ class RaceLanes(Widget, can_focus=True):
             if row.error and lane.state != "error":
                 lane.state, lane.error = "error", row.error
         for lane in self.lanes:
-            if lane.state in ("waiting", "running"):
+            if lane.state == "waiting":
+                lane.state = "skipped"           # the race was stopped before its turn
+            elif lane.state == "running":
                 lane.state = "stopped"
         self.refresh()
 
@@ -163,7 +187,7 @@ class RaceLanes(Widget, can_focus=True):
         """'ref' for the reference, None while waiting or identical so far, else the first
         differing token index."""
         ref = self.reference
-        if ref is None or lane.state in ("waiting", "error"):
+        if ref is None or lane.state in ("waiting", "skipped", "error"):
             return None
         if lane is ref:
             return "ref"
@@ -199,8 +223,9 @@ class RaceLanes(Widget, can_focus=True):
         return out
 
     def _title(self, state: str, width: int) -> str:
-        title = (f"race · {state} · one contestant at a time, so each timing is its own · "
-                 f"✓/✗ vs the first · t table · l token view")
+        warm = " (each warmed up first, untimed)" if self.warmup else ""
+        title = (f"race · {state} · one contestant at a time{warm} · ✓/✗ vs the first · "
+                 f"t table · l token view")
         return title if cell_len(title) <= width else f"race · {state} · ✓/✗ vs the first"
 
     def _marker(self, lane: Lane) -> tuple[str, Style]:
@@ -208,12 +233,16 @@ class RaceLanes(Widget, can_focus=True):
         style = self.get_component_rich_style
         if lane.state == "error":
             return "error", style("lanes--differ")
-        if lane.state == "waiting":
+        if lane.state in ("waiting", "skipped"):
             return "·", style("lanes--label")
         if diff == "ref":
             return "ref", style("lanes--name")
+        if self.reference is None:               # nothing ran to the end to compare with
+            return "—", style("lanes--label")
         if diff is None:
             return "✓", style("lanes--same")
+        if lane.lossy:
+            return f"≈@{diff}", style("lanes--lossy")
         return f"✗@{diff}", style("lanes--differ")
 
     def _bar(self, out: Text, lane: Lane, width: int) -> None:
@@ -243,7 +272,8 @@ class RaceLanes(Widget, can_focus=True):
         label_width = self._label_width()
         fixed = 6 + label_width + 1
         numbers = self._numbers(lane, wide=True)
-        state = {"waiting": " waiting", "stopped": " stopped", "error": ""}.get(lane.state, "")
+        state = {"waiting": " waiting", "stopped": " stopped", "skipped": " not run",
+                 "error": ""}.get(lane.state, "")
         if fixed + BAR_MIN + cell_len(numbers + state) > width:
             numbers = self._numbers(lane, wide=False)
         bar = max(min(width - fixed - cell_len(numbers + state), BAR_MAX), BAR_MIN)
@@ -294,7 +324,8 @@ class RaceLanes(Widget, can_focus=True):
         for i in range(len(lane.pieces) - 1, -1, -1):
             piece = lane.pieces[i].replace("\n", "⏎")
             w = len(piece)
-            style = bad if isinstance(diff, int) and i >= diff else (odd if i % 2 else even)
+            style = bad if isinstance(diff, int) and i >= diff and not lane.lossy else (
+                odd if i % 2 else even)
             if used + w > cells:
                 if used < cells:
                     parts.append(("…" + piece[len(piece) - (cells - used) + 1:], style))

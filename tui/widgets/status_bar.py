@@ -8,8 +8,13 @@ from textual.widget import Widget
 
 
 class StatusBar(Widget):
-    """One line: [replay position │] [● rec] model · device · dtype │ strategy/backend +fast path
-    │ sampling │ identical-tokens badge."""
+    """One line: [replay position │] [● rec] [sharing │] model · device · dtype │
+    strategy/backend +fast path │ sampling │ identical-tokens badge.
+
+    When the line does not fit, the least useful parts go first (device and dtype, then the
+    model's name, then the sampling); the strategy and the badge always stay, the badge in
+    short (" ✓ same " / " ✗ differ ") on a narrow terminal.
+    """
 
     DEFAULT_CSS = """
     StatusBar { height: 1; background: $panel; color: $foreground; padding: 0 1; }
@@ -40,8 +45,19 @@ class StatusBar(Widget):
     """Where a replay stands ("▶ replay 1× · token 12/50 · …"); empty when live."""
     recording: reactive[bool] = reactive(False)
     """The app is writing a recording."""
+    link: reactive[str] = reactive("")
+    """Sharing or watching a session ("shared on 127.0.0.1:8765 · 2 watching")."""
 
     def render(self) -> Text:
+        width = self.content_region.width or self.size.width
+        for level in range(5):
+            line = self._line(level)
+            if line.cell_len <= width:
+                return line
+        return line
+
+    def _line(self, level: int) -> Text:
+        """The bar at a level of detail: 0 everything … 4 the least that must stay."""
         key = self.get_component_rich_style("status--key")
         muted = self.get_component_rich_style("status--muted")
         t = Text(no_wrap=True, overflow="ellipsis")
@@ -50,21 +66,45 @@ class StatusBar(Widget):
             t.append(" │ ")
         if self.recording:
             t.append("● rec ", self.get_component_rich_style("status--rec"))
-        t.append(f"{self.model} · {self.device} · {self.dtype}", muted)
-        t.append(" │ ")
+        if self.link:
+            t.append(self.link if level < 3 else self.link.split(" ·")[0], key)
+            t.append(" │ ")
+        if level == 0:
+            t.append(f"{self.model} · {self.device} · {self.dtype}", muted)
+            t.append(" │ ")
+        elif level == 1:
+            t.append(self.model, muted)
+            t.append(" │ ")
         t.append(self.strategy, key)
         t.append("/")
         t.append(self.backend, key)
         if self.fast:
             t.append(" +")
             t.append(self.fast, key)
-        t.append(f" │ {self.sampling} │ ")
+        if level < 3:
+            t.append(f" │ {self.sampling}")
+        t.append(" │ ")
+        t.append_text(self._badge(short=level >= 2))
+        return t
+
+    def _badge(self, short: bool) -> Text:
         if self.identical is None:
-            t.append(" no comparison yet ", muted)
+            return Text(" no comparison " if short else " no comparison yet ",
+                        self.get_component_rich_style("status--muted"))
+        if short:
+            badge = " ✓ same " if self.identical else " ✗ differ "
         else:
             badge = " identical tokens ✓ " if self.identical else " tokens differ ✗ "
             if self.delta is not None:
                 badge = badge.rstrip() + f" · max|Δlogits| {self.delta:.2g} "
-            t.append(badge, self.get_component_rich_style(
-                "status--same" if self.identical else "status--differ"))
-        return t
+        return Text(badge, self.get_component_rich_style(
+            "status--same" if self.identical else "status--differ"))
+
+
+def replay_text(state, short: bool) -> str:
+    """Where a replay stands (engine/player.py's PlayerState), for the status bar."""
+    mark = "■" if state.at_end else ("▶" if state.playing else "⏸")
+    if short:
+        return f"{mark} {state.speed:g}× · {state.token}/{state.tokens}"
+    return (f"{mark} replay {state.speed:g}× · token {state.token}/{state.tokens} · "
+            f"{state.seconds:.1f}/{state.duration:.1f} s")

@@ -5,10 +5,13 @@ from __future__ import annotations
 from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
+from textual.binding import Binding
 from textual.geometry import Size
 from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
+
+from engine.events import Finished, Prefill, Started, Token
 
 
 class TokenStream(ScrollView, can_focus=True):
@@ -17,10 +20,17 @@ class TokenStream(ScrollView, can_focus=True):
     Appending re-wraps only the last line, so a long run costs the same per frame as a short
     one (a `Static` holding the whole text slows down as it grows). Tokens alternate between
     two shades so their boundaries show; `latency_colours` colours each by its step time instead.
+    The pane's subtitle says which colouring is on, with the latency colours' legend. The
+    scrollbar's gutter is always reserved, so text never runs under it when it appears.
     """
 
+    BINDINGS = [
+        Binding("k", "toggle_boundaries", "Token shades"),
+        Binding("c", "toggle_latency", "Latency colours"),
+    ]
+
     DEFAULT_CSS = """
-    TokenStream { background: $surface; padding: 0 1; }
+    TokenStream { background: $surface; padding: 0 1; scrollbar-gutter: stable; }
     TokenStream > .token-stream--prompt { color: $token-prompt; text-style: italic; }
     TokenStream > .token-stream--even { color: $token-even; }
     TokenStream > .token-stream--odd { color: $token-odd; }
@@ -46,6 +56,24 @@ class TokenStream(ScrollView, can_focus=True):
         self._lat_lo = self._lat_hi = 0.0
 
     # ------------------------------------------------------------------ data
+    def feed(self, events) -> None:
+        """A batch of one run's events; one repaint."""
+        pieces = []
+        for ev in events:
+            if isinstance(ev, Started):
+                pieces = []
+                self.clear()
+            elif isinstance(ev, Prefill):
+                self.append(pieces)
+                pieces = []
+                self.set_prompt(ev.prompt_pieces)
+            elif isinstance(ev, Token):
+                pieces.append((ev.text, False, ev.latency_s))
+            elif isinstance(ev, Finished) and ev.tail:
+                pieces.append((ev.tail, False, 0.0))
+        if pieces:
+            self.append(pieces)
+
     @property
     def text(self) -> str:
         return "".join(p[0] for p in self._pieces)
@@ -75,6 +103,8 @@ class TokenStream(ScrollView, can_focus=True):
         self._resize()
         if at_end:
             self.scroll_end(animate=False, immediate=False)
+        if self.latency_colours:
+            self._show_colouring()
         self.refresh()
 
     # ------------------------------------------------------------------ layout
@@ -149,13 +179,27 @@ class TokenStream(ScrollView, can_focus=True):
         return Strip(segments).crop_extend(scroll_x, scroll_x + width, base)
 
     def watch_boundaries(self) -> None:
-        self.refresh()
+        self._show_colouring()
 
     def watch_latency_colours(self) -> None:
-        self.refresh()
+        self._show_colouring()
+
+    def _show_colouring(self) -> None:
+        """The subtitle: which colouring is on, and the latency colours' legend."""
+        if self.latency_colours:
+            lo, hi = self._lat_lo * 1e3, self._lat_hi * 1e3
+            self.border_subtitle = (f"c: step latency [$success]fast ≤ {lo:.0f} ms[/] · "
+                                    f"[$warning]between[/] · [$error]slow ≥ {hi:.0f} ms[/]")
+        elif self.boundaries:
+            self.border_subtitle = "k: [$token-even]one token,[/][$token-odd] the next[/]"
+        else:
+            self.border_subtitle = "k: token shades off"
 
     def action_toggle_boundaries(self) -> None:
         self.boundaries = not self.boundaries
+        self.notify(f"token shades {'on' if self.boundaries else 'off'}", timeout=2)
 
     def action_toggle_latency(self) -> None:
         self.latency_colours = not self.latency_colours
+        self.notify("tokens coloured by their step's latency" if self.latency_colours
+                    else "latency colours off", timeout=2)
