@@ -233,7 +233,7 @@ class Transformer(nn.Module):
         return self.tok_emb.weight.dtype
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, attend: Attend,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, residuals: list | None = None) -> torch.Tensor:
         """tokens: (B, T) ids at positions start_pos … start_pos+T-1. Returns float32 logits,
         (B, T, vocab), or (B, 1, vocab) with `last_only` — during generation only the last
         position's prediction is used, and the LM head is the largest matmul in a small model.
@@ -241,6 +241,11 @@ class Transformer(nn.Module):
         `start_pos` may also be a one-element integer tensor on the model's device: then no
         Python number depends on the position, which is what a captured CUDA graph or a
         compiled decode step needs to replay at every position (the caller checks the length).
+
+        `residuals`: a list to collect the residual stream after each block, (B, T, dim) each —
+        what the logit lens reads (engine/stepping.py). The blocks never modify x in place, so
+        these are references to tensors the forward makes anyway; None (the default) costs one
+        test per layer.
         """
         B, T = tokens.shape
         x = self.tok_emb(tokens)                                      # (B, T, dim)
@@ -260,9 +265,17 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[pos], self.rope_sin[pos])           # (T, hd) each
         for block in self.layers:
             x = block(x, rope, attend)
+            if residuals is not None:
+                residuals.append(x)
         if last_only:
             x = x[:, -1:, :]
-        return self.lm_head(self.norm(x)).float()                    # (B, T, vocab)
+        return self.readout(x)                                        # (B, T, vocab)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream → float32 logits: the final norm, then the LM head. Applied to the
+        last block's output it is the model's prediction; applied to an earlier block's, it is
+        that layer's "logit lens" view of what comes next."""
+        return self.lm_head(self.norm(x)).float()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
