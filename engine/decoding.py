@@ -19,6 +19,9 @@ The rungs, each a function you can find by name:
     step_events     what one step emits: Token, CacheSnapshot, AttentionRow, FlashTiles
     generate        the loop over those rungs, yielding `engine.events`
 
+Step mode and forced tokens (engine/stepping.py) hand `generate` a `pause`: called between
+choosing a token and taking it, it may show events, wait, and take another token instead.
+
 Fast-path options (engine/fast/) change the model and the decode step. This module never
 imports them: the caller passes a `StepBuilder` (engine.fast.STEPS; engine/session.py does).
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Generator, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -46,6 +49,15 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 class CancelToken(Protocol):
     def is_set(self) -> bool: ...
+
+
+class Pause(Protocol):
+    """Between choosing a token and taking it (engine/stepping.py): yields the events to show,
+    returns the token to take — `token` itself, another one (a fork), or None to stop the run
+    (cancelled while paused)."""
+
+    def __call__(self, run: "Run", logits: torch.Tensor,
+                 token: int) -> Generator[Event, None, int | None]: ...
 
 
 class StepBuilder(Protocol):
@@ -283,11 +295,15 @@ def decode_one(run: Run) -> torch.Tensor:
     return forward_step(run.model, x, len(seq) - 1, run.attn)
 
 
+def seen_tokens(run: Run) -> torch.Tensor:
+    """What the repetition penalty looks at: the whole sequence (nothing when it is off)."""
+    return (torch.tensor(run.seq) if run.cfg.sampling.repetition_penalty != 1.0
+            else torch.empty(0)).long()
+
+
 def next_token(run: Run, logits: torch.Tensor) -> int:
     """Sample (or take the argmax of) the logits; the repetition penalty sees the sequence."""
-    seen = (torch.tensor(run.seq) if run.cfg.sampling.repetition_penalty != 1.0
-            else torch.empty(0))
-    return sample(logits, run.cfg.sampling, seen.long(), run.sampler)   # .cpu() syncs the device
+    return sample(logits, run.cfg.sampling, seen_tokens(run), run.sampler)   # .cpu() syncs
 
 
 def step_events(run: Run, token: int, logits: torch.Tensor) -> list[Event]:
@@ -334,12 +350,13 @@ def finished_event(run: Run, reason: str) -> Finished:
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
              cfg: GenerationConfig, cancel: CancelToken | None = None,
              pool: BlockPool | None = None, backend: AttentionBackend | None = None,
-             steps: StepBuilder = PLAIN) -> Iterator[Event]:
+             steps: StepBuilder = PLAIN, pause: Pause | None = None) -> Iterator[Event]:
     """Generate up to cfg.max_new_tokens tokens, yielding events as they happen.
 
     Each token's latency runs from the end of the previous step's events to its sampling, so
-    the time a consumer spends on events is not the engine's. The cache is freed when the loop
-    ends for any reason — finished, cancelled, an error, or the consumer stopping iteration.
+    the time a consumer spends on events is not the engine's (nor the time a `pause` waits).
+    The cache is freed when the loop ends for any reason — finished, cancelled, an error, or
+    the consumer stopping iteration.
     """
     run = start_run(model, tokenizer, prompt, cfg, pool, backend, steps)
     reason = "length"
@@ -361,6 +378,12 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
                 logits = decode_one(run)
             token = next_token(run, logits)
             run.latencies.append(time.perf_counter() - t_prev)
+            if pause is not None:
+                token = yield from pause(run, logits, token)
+                if token is None:
+                    run.latencies.pop()            # a token never taken has no latency
+                    reason = "cancelled"
+                    break
             yield from step_events(run, token, logits)
             t_prev = time.perf_counter()   # time spent by the consumer is not the engine's
             reason = stop_reason(run, token) or reason
