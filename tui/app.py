@@ -31,9 +31,9 @@ from textual.widgets import Footer, Input, Label, ProgressBar, Static
 import themes
 from engine.config import (FAST_CHOICES, ConfigError, FastPathConfig, GenerationConfig,
                            SamplingConfig)
-from engine.events import (TYPE_NAMES, AttentionRow, CacheSnapshot, Contestant, Envelope, Failed,
-                           Finished, FlashTiles, Prefill, RaceFinished, RaceStarted, Ready,
-                           Started, Token, run_label)
+from engine.events import (STEP_EVENTS, TYPE_NAMES, AttentionRow, CacheSnapshot, Contestant,
+                           Envelope, Failed, Finished, FlashTiles, Forked, Prefill, RaceFinished,
+                           RaceStarted, Ready, Started, Token, run_label)
 from engine.player import Player
 from engine.recording import Recorder, header
 from engine.requests import RaceRequest, RunRequest
@@ -44,6 +44,7 @@ from .messages import AttentionUpdated, CacheUpdated, EngineEvents
 from .screens.help import HelpScreen
 from .screens.race import RaceScreen, verdict
 from .screens.settings import SettingsScreen
+from .screens.step import StepScreen
 from .widgets.attention import AttentionPane
 from .widgets.kv_cache import KVCachePane
 from .widgets.latency import LatencyPane
@@ -55,10 +56,11 @@ STRATEGIES = ("naive", "kv", "paged")
 DEFAULT_BACKENDS = ("naive", "sdpa", "flash", "triton")
 MIN_WIDTH, MIN_HEIGHT, NARROW_WIDTH = 60, 18, 110
 CHART_HZ = 4
-RUN_EVENTS = (Started, Prefill, Token, CacheSnapshot, AttentionRow, FlashTiles, Finished)
+RUN_EVENTS = (Started, Prefill, Token, CacheSnapshot, AttentionRow, FlashTiles, Finished,
+              *STEP_EVENTS)
 # Actions that ask the engine for something: a replay has no engine to ask.
 LIVE_ACTIONS = {"edit_prompt", "run", "stop", "cycle_strategy", "cycle_backend", "cycle_fast",
-                "race", "settings", "record"}
+                "race", "settings", "record", "step_mode"}
 
 
 @dataclass
@@ -178,6 +180,7 @@ class MiniLLMApp(App[int]):
         Binding("b", "cycle_backend", "Backend"),
         Binding("f", "cycle_fast", "Fast path"),
         Binding("R", "race", "Race"),
+        Binding("n", "step_mode", "Step mode", show=False),
         Binding("r", "record", "Record", show=False),
         # A replay is steered instead (priority: the focused pane's scroll keys come second).
         Binding("space", "replay('toggle')", "Play/pause", priority=True),
@@ -231,6 +234,7 @@ class MiniLLMApp(App[int]):
         self.recorder = None                    # engine.recording.Recorder while recording
         self.record_armed: str | None = settings.record if settings else None
         self._quiet = False                     # restoring a replay's state: no pop-ups
+        self.forked_runs: set[int] = set()      # step-mode runs with a forced token
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(themes.VARIABLE_DEFAULTS)
@@ -333,6 +337,7 @@ class MiniLLMApp(App[int]):
         try:
             with self.batch_update():
                 self._route(message.envelopes)
+            self._to_step_screen(message)
         finally:
             self._quiet = False
         if self.replaying:
@@ -548,6 +553,52 @@ class MiniLLMApp(App[int]):
          "slower": lambda: player.faster(-1), "start": player.to_start,
          "end": player.to_end}[what]()
         self._show_replay_state()
+
+    # ------------------------------------------------------------------ step mode
+    def action_step_mode(self) -> None:
+        """Run the prompt in step mode: the run stops before each token (tui/screens/step.py)."""
+        if not self._can_start():
+            return
+        prompt, config = self._prompt_text(), self._config()
+        if prompt is None or config is None:
+            return
+        request = RunRequest(prompt, config, self._next_run_id(), step=True)
+        self.current_run = request.run_id
+        self.show_lanes(False)
+        self._loading_note()
+        self.push_screen(StepScreen(request.run_id, request))
+        self.source.submit(request)
+
+    def _to_step_screen(self, message: EngineEvents) -> None:
+        """A step screen sees every batch (it keeps its own run's events); a replay opens one
+        when a step-mode run starts. A fork is no baseline for the identical-tokens badge."""
+        screen = next((s for s in self.screen_stack if isinstance(s, StepScreen)), None)
+        if screen is None and self.replaying:
+            runs = [e.run for e in message.envelopes if isinstance(e.event, Started)
+                    and e.event.step]
+            if runs:
+                screen = StepScreen(runs[-1])
+                self.push_screen(screen)
+        if screen is not None:
+            screen.post_message(message)
+        for env in message.envelopes:
+            if isinstance(env.event, Forked):
+                self.forked_runs.add(env.run)
+            elif isinstance(env.event, Finished) and env.run in self.forked_runs:
+                self.last_single = None
+
+    def on_step_screen_race_fork(self, message: StepScreen.RaceFork) -> None:
+        """Race the step screen's fork against the same request unforced."""
+        if not self._can_start():
+            return
+        race_id = self._next_run_id()
+        plain = dataclasses.replace(message.request, step=False, run_id=self._next_run_id())
+        runs = (plain, dataclasses.replace(plain, forces=message.forces,
+                                           run_id=self._next_run_id()))
+        self._begin_race(race_id, RaceStarted(
+            prompt=plain.prompt, max_new_tokens=plain.config.max_new_tokens,
+            contestants=tuple(Contestant(r.run_id, r.label) for r in runs)))
+        self.source.submit(RaceRequest(race_id, runs))
 
     # ------------------------------------------------------------------ recording
     def action_record(self) -> None:

@@ -29,7 +29,8 @@ def verdict(race: RaceFinished) -> str:
     d = f"; max |Δ logits| = {delta:.3g}" if delta is not None else ""
     if race.identical:
         return f"✓ all contestants produced identical tokens{d}"
-    differ = [r.label for r in race.rows if r.same_tokens is False]
+    differ = [r.label + (f" ({r.difference})" if r.forced is not None else "")
+              for r in race.rows if r.same_tokens is False]      # a fork says where and why
     return f"✗ tokens differ from the first contestant: {', '.join(differ)}{d}"
 
 
