@@ -88,7 +88,8 @@ async def test_step_force_and_run_to_the_end_at_80x24():
         await wait_for(pilot, lambda: screen.finished is not None, what="the run's end")
         assert screen.finished.reason == "length" and len(screen.finished.tokens) == 8
         assert screen.finished.tokens[1] == fork.token
-        assert "R races the fork" in str(screen.query_one("#step-status").render())
+        assert "done: token limit" in str(screen.query_one("#step-status").render())
+        assert screen.check_action("race_fork", ()) is True      # now offered in the footer
         assert app.query_one(TokenStream).generated_text == screen.finished.text
 
         await pilot.press("R")                                 # the fork against the unforced
@@ -111,7 +112,7 @@ async def test_stop_while_paused_and_leave():
         await pilot.press("x")                                 # stop, while it waits
         await wait_for(pilot, lambda: screen.finished is not None, what="the stop")
         assert screen.finished.reason == "cancelled" and len(screen.finished.tokens) == 1
-        assert "finished: stopped" in str(screen.query_one("#step-status").render())
+        assert "done: stopped" in str(screen.query_one("#step-status").render())
         assert not app.busy
         await pilot.press("escape")
         assert step_screen(app) is None
@@ -142,13 +143,17 @@ async def test_the_panes_keys_do_nothing_in_step_mode_and_a_digit_picks():
         candidates = screen.query_one(StepCandidates)
         await pilot.press("4")
         assert candidates.cursor == 3
+        await pilot.pause()                                    # the text previews the pick
+        assert str(screen.query_one("#step-text").render()).endswith(
+            candidates.point.candidates[3].text)
         await pilot.press("up", "up")
         assert candidates.cursor == 1
         await pilot.press("0")
         assert candidates.cursor == 9
-        await pilot.press("R")                                 # no fork yet: says so
+        assert screen.check_action("race_fork", ()) is False   # no finished fork: no R
+        await pilot.press("R")                                 # … nor the app's race below
         await pilot.pause()
-        assert any("force a token" in n.message for n in app._notifications)
+        assert step_screen(app) is screen and app.last_race is None and not app.racing
         await pilot.press("question_mark")
         await pilot.pause()
         assert type(app.screen).__name__ == "HelpScreen"
@@ -163,7 +168,7 @@ async def test_beside_a_lossy_fast_path_the_lens_says_where_it_parts():
         screen = await paused_at(pilot, 0)
         lens = screen.query_one(StepLens)
         assert lens.lens.fast == "int8" and lens.lens.parts_at == 2
-        assert screen.query_one("#lens-box").border_subtitle == "int8 parts from exact at L2"
+        assert screen.query_one("#lens-box").border_subtitle == "int8 parts at L2"
         text = lens.render().plain
         assert "exact" in text and "✗ parts" in text and lines_fit(lens)
 
@@ -171,6 +176,7 @@ async def test_beside_a_lossy_fast_path_the_lens_says_where_it_parts():
 def test_token_labels_are_visible_and_fit():
     assert token_label(" the", 8) == "' the'  "
     assert token_label("\n", 6) == "'⏎'   " and token_label("  ", 5) == "'␣␣' "
+    assert token_label("\u3000\t", 6) == "'␣⇥'  "
     assert token_label("\x07", 7) == "'\\x07' " and token_label("", 4) == "'∅' "
     assert token_label(" understanding", 8) == "' under…"
     assert cell_len(token_label("中文字符很长", 7)) == 7

@@ -13,8 +13,8 @@ The screen renders the engine's step-mode events (StepPoint, LogitLens, Forked, 
 tokens) for one run, and sends StepCommands through the app's source. Its keys: n or space the
 next token (the sampler's choice), N ten more, ↑ ↓ or a digit pick a candidate and enter takes
 it (any other than the sampler's forces it: a fork), e runs to the end without stopping, x
-stops, R races a finished fork against the unforced run, escape leaves step mode (the run goes
-on to its end). In a replay it follows the recording: the app's replay keys step through it.
+stops, R (shown once a fork has finished) races it against the unforced run, escape leaves
+step mode (the run goes on to its end). In a replay it follows the recording: the app's replay keys step through it.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class StepScreen(ModalScreen[None]):
         Binding("N", "next(10)", "Next 10", show=False),
         Binding("e", "to_end", "To the end"),
         Binding("x", "app.stop", "Stop"),
-        Binding("R", "race_fork", "Race the fork", show=False),
+        Binding("R", "race_fork", "Race the fork"),
         Binding("escape", "leave", "Leave"),
         Binding("question_mark,f1", "app.help", "Help", show=False),
     ]
@@ -214,16 +214,17 @@ class StepScreen(ModalScreen[None]):
             if len(self.forks) > 1:
                 line += f" (+{len(self.forks) - 1} more)"
         if fin is not None:
-            end = {"length": "reached the token limit", "eos": "the model ended it (EOS)",
-                   "stop": "a stop string ended it", "cancelled": "stopped",
-                   "error": f"failed: {fin.error}"}.get(fin.reason, fin.reason)
-            line = (line + " · " if line else "") + f"finished: {end}"
-            if fork is not None and self.request is not None:
-                line += " · R races the fork against the unforced run"
+            end = {"length": "token limit", "eos": "end of text (EOS)", "stop": "stop string",
+                   "cancelled": "stopped", "error": f"failed: {fin.error}"}.get(fin.reason,
+                                                                              fin.reason)
+            line = (line + " · " if line else "") + f"done: {end}"
         elif not line and self.paused:
             line = "◆ the sampler's choice · ↑↓ or a digit picks another · enter takes it"
         status.update(line)
         status.set_class(fork is not None, "-fork")
+
+    def on_step_candidates_highlighted(self, message: StepCandidates.Highlighted) -> None:
+        self._show_text()
 
     def on_step_candidates_taken(self, message: StepCandidates.Taken) -> None:
         self._send(StepCommand(self.run_id, "force", token=message.token) if message.forced
@@ -233,8 +234,9 @@ class StepScreen(ModalScreen[None]):
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action in STEP_ACTIONS:
             return self.paused and not self.app_replaying
-        if action == "race_fork":
-            return not self.app_replaying
+        if action == "race_fork":                 # shown once there is a finished fork
+            return bool(self.forks and self.finished and self.request and
+                        not self.app_replaying)
         return True
 
     def _send(self, command: StepCommand) -> None:
@@ -251,10 +253,6 @@ class StepScreen(ModalScreen[None]):
         self._send(StepCommand(self.run_id, "run"))
 
     def action_race_fork(self) -> None:
-        if self.finished is None or not self.forks or self.request is None:
-            self.notify("nothing to race yet: force a token (↑↓ or a digit, then enter) and let "
-                        "the run finish", timeout=4)
-            return
         self.app.post_message(self.RaceFork(self.request,
                                             tuple((f.index, f.token) for f in self.forks)))
         self.dismiss()

@@ -15,15 +15,15 @@ from textual.widget import Widget
 from engine.events import StepPoint
 
 EIGHTHS = " ▏▎▍▌▋▊▉"
-VISIBLE = {"\n": "⏎", "\t": "⇥", "\r": "␍", " ": "␣"}
+VISIBLE = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
 
 
 def token_label(text: str, width: int) -> str:
     """A token as one short, visible label: quoted, line breaks and tabs as symbols, control
-    characters escaped, cut to `width` cells with an ellipsis. A token that is only spaces
-    shows them as ␣ (a quoted blank would be invisible)."""
-    if text.strip(" ") == "":
-        shown = "".join(VISIBLE[" "] for _ in text) or "∅"
+    characters escaped, cut to `width` cells with an ellipsis. A token that is only white space
+    shows each space as ␣ (a quoted blank would be invisible); an empty one as ∅."""
+    if text.strip() == "":
+        shown = "".join(VISIBLE.get(ch, "␣") for ch in text) or "∅"
     else:
         shown = "".join(VISIBLE.get(ch, ch) if ch in "\n\t\r" else
                         (f"\\x{ord(ch):02x}" if ord(ch) < 32 or ord(ch) == 127 else ch)
@@ -99,6 +99,12 @@ class StepCandidates(Widget, can_focus=True):
     """Whether enter may take a candidate (not in a replay, not while the run is moving)."""
 
     @dataclass
+    class Highlighted(Message):
+        """The cursor moved to candidate `token` (its text, for a preview)."""
+        token: int
+        text: str
+
+    @dataclass
     class Taken(Message):
         """Enter on a candidate: take `token` (`forced`: not the sampler's choice)."""
         token: int
@@ -108,6 +114,14 @@ class StepCandidates(Widget, can_focus=True):
         if point is not None:
             ids = [c.id for c in point.candidates]
             self.cursor = ids.index(point.chosen) if point.chosen in ids else 0
+
+    def watch_cursor(self, cursor: int) -> None:
+        if self.point is not None and cursor < len(self.point.candidates):
+            c = self.point.candidates[cursor]
+            self.post_message(self.Highlighted(c.id, c.text))
+
+    def watch_live(self) -> None:
+        self.refresh_bindings()
 
     def render(self) -> Text:
         point = self.point
@@ -153,6 +167,9 @@ class StepCandidates(Widget, can_focus=True):
             t.append("\n")
         t.rstrip()
         return t
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        return self.live if action == "take" else True
 
     def action_move(self, delta: int) -> None:
         if self.point is not None:

@@ -50,23 +50,31 @@ class StepLens(Widget):
         final = lens.layers[-1].top if lens.layers else None
         tag = max(3, len(f"L{len(lens.layers) - 1}"))
         t = Text(no_wrap=True, overflow="ellipsis")
-        column = max(6, min(16, (width - tag - 1 - 2 * 7 - 8) // 2))     # a token's label
+        # a token's label: as wide as fits (16 at most), each followed by its percentage — two
+        # of them side by side beside a lossy path, without percentages where that is too wide
+        numbers = True
         if lens.exact:
-            t.append(f"{'':{tag}} {'exact':{column + 7}}{lens.fast or 'lossy'}\n",
+            column = (width - tag - 2 - 2 * 6 - 8) // 2
+            if column < 6:
+                numbers, column = False, (width - tag - 2 - 2) // 2
+            column = max(4, min(16, column))
+            t.append(f"{'':{tag}} {'exact':{column + 6 * numbers + 1}}{lens.fast or 'lossy'}\n",
                      style("step-lens--header"))
+        else:
+            column = max(6, min(16, width - tag - 1 - 6))
         for i, layer in enumerate(lens.layers):
             line = Text(no_wrap=True, overflow="ellipsis")
             line.append(f"L{layer.layer:<{tag - 1}} ", style("step-lens--layer"))
             if lens.exact:
                 exact = lens.exact[i] if i < len(lens.exact) else None
                 if exact is not None:
-                    self._top(line, exact, column, None)
+                    self._top(line, exact, column, None, numbers)
                 line.append(" ")
                 mine = style("step-lens--parts") if parts is not None and layer.layer >= parts \
                     and layer.top != (exact.top if exact else None) else None
-                self._top(line, layer, column, mine)
+                self._top(line, layer, column, mine, numbers)
                 if layer.layer == parts:
-                    line.append(" ✗ parts", style("step-lens--parts"))
+                    line.append(" ✗ parts" if numbers else " ✗", style("step-lens--parts"))
             else:
                 settled = settles is not None and layer.layer >= settles and layer.top == final
                 self._top(line, layer, column, style("step-lens--settled") if settled else None)
@@ -83,12 +91,13 @@ class StepLens(Widget):
         return t
 
     @staticmethod
-    def _top(line: Text, layer: LensLayer, width: int, emphasis) -> None:
+    def _top(line: Text, layer: LensLayer, width: int, emphasis, numbers: bool = True) -> None:
         if not layer.ids:
-            line.append(" " * (width + 6))
+            line.append(" " * (width + 6 * numbers))
             return
         line.append(token_label(layer.texts[0], width), emphasis)
-        line.append(percent(layer.probs[0]))
+        if numbers:
+            line.append(percent(layer.probs[0]))
 
     def summary(self) -> str:
         """One line for the pane's subtitle: where the answer settles, where a lossy path
@@ -98,6 +107,6 @@ class StepLens(Widget):
             return ""
         if lens.exact:
             parts = lens.parts_at
-            return (f"{lens.fast} parts from exact at L{parts}" if parts is not None
-                    else f"{lens.fast} agrees with exact at every layer")
+            return (f"{lens.fast} parts at L{parts}" if parts is not None
+                    else f"{lens.fast} agrees at every layer")
         return f"settles at L{lens.settles_at}"
