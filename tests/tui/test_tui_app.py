@@ -223,7 +223,7 @@ async def test_help_screen_explains_each_pane():
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         from tui.screens.help import HELP
-        assert HELP.count("**Why it matters:**") == 7
+        assert HELP.count("**Why it matters:**") == 8          # 7 panes and step mode
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
 
