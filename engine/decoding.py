@@ -54,7 +54,11 @@ class CancelToken(Protocol):
 class Pause(Protocol):
     """Between choosing a token and taking it (engine/stepping.py): yields the events to show,
     returns the token to take — `token` itself, another one (a fork), or None to stop the run
-    (cancelled while paused)."""
+    (cancelled while paused).
+
+    A pause whose `residuals` attribute is True finds, in `run.residuals`, each layer's residual
+    stream from the forward that made the logits (empty when a fast path's own decode step made
+    them: it has no Python residuals)."""
 
     def __call__(self, run: "Run", logits: torch.Tensor,
                  token: int) -> Generator[Event, None, int | None]: ...
@@ -180,10 +184,11 @@ def attention_row(q_last: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- rung 3: one step
 @torch.inference_mode()
 def forward_step(model: Transformer, tokens: torch.Tensor, start: int,
-                 attn: CachedAttention) -> torch.Tensor:
-    """Push `tokens` (1, T) at positions start… through the model; logits of the last position."""
+                 attn: CachedAttention, residuals: list | None = None) -> torch.Tensor:
+    """Push `tokens` (1, T) at positions start… through the model; logits of the last position.
+    `residuals`: a list to collect each layer's residual stream in (step mode)."""
     attn.begin(start, tokens.shape[1])
-    logits = model(tokens, start, attn, last_only=True)            # (1, 1, vocab)
+    logits = model(tokens, start, attn, last_only=True, residuals=residuals)   # (1, 1, vocab)
     attn.end(start + tokens.shape[1])
     return logits[0, -1]                                           # (vocab,)
 
@@ -222,10 +227,17 @@ class Run:
     generated: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     prefill_s: float = 0.0
+    residuals: list | None = None     # step mode's logit lens: the last forward's, per layer
 
     @property
     def seq(self) -> list[int]:
         return self.ids + self.generated
+
+    def collect(self) -> list | None:
+        """A fresh list for the next forward's residuals when they are read, else None."""
+        if self.residuals is not None:
+            self.residuals = []
+        return self.residuals
 
     def free(self) -> None:
         if self.cache is not None:
@@ -268,7 +280,7 @@ def started_event(run: Run) -> Started:
 def prefill(run: Run) -> torch.Tensor:
     """The whole prompt through the model once; the logits for the first new token."""
     x = torch.tensor([run.ids], dtype=torch.long, device=run.model.device)     # (1, T)
-    logits = forward_step(run.model, x, 0, run.attn)
+    logits = forward_step(run.model, x, 0, run.attn, run.collect())
     _sync(run.model.device)
     return logits
 
@@ -285,14 +297,14 @@ def build_decoder(run: Run) -> bool:
 
 def decode_one(run: Run) -> torch.Tensor:
     """The newest token through the model — or, for naive, the whole sequence again."""
-    seq = run.seq
+    seq, residuals = run.seq, run.collect()
     if run.cache is None:                                    # naive: recompute everything
         x = torch.tensor([seq], dtype=torch.long, device=run.model.device)
-        return forward_step(run.model, x, 0, run.attn)
+        return forward_step(run.model, x, 0, run.attn, residuals)
     if run.decoder is not None:
         return run.decoder.step(seq[-1], len(seq) - 1)
     x = torch.tensor([seq[-1:]], dtype=torch.long, device=run.model.device)   # (1, 1)
-    return forward_step(run.model, x, len(seq) - 1, run.attn)
+    return forward_step(run.model, x, len(seq) - 1, run.attn, residuals)
 
 
 def seen_tokens(run: Run) -> torch.Tensor:
@@ -359,6 +371,8 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
     the consumer stopping iteration.
     """
     run = start_run(model, tokenizer, prompt, cfg, pool, backend, steps)
+    if getattr(pause, "residuals", False):
+        run.residuals = []                 # each forward hands the pause its layers' residuals
     reason = "length"
     try:
         yield started_event(run)

@@ -23,9 +23,13 @@ What a pause shows:
                   16-bit weights) the exact model reads the same prefix beside it, and the event
                   says where their top choices part.
 
-The lens runs its own forward over the whole prefix (the reference attention, no cache), so it
-works whatever the strategy or the decode step — the C step has no Python residuals to read —
-and costs nothing outside step mode.
+The residuals come from the very forward that made the step's logits (the step pause asks
+`generate` for them), so the lens costs one batched readout of all layers, and its last layer
+is the model's prediction (up to float rounding: one matmul for 30 rows, not one for 1). Where
+there are none — a fast path's own decode step (the C
+step) has no Python residuals, and the exact model beside a lossy one decodes nothing — the
+lens runs a forward over the whole prefix instead (reference attention, no cache). Outside step
+mode nothing is collected.
 
 Waiting blocks on an *inbox* (anything with get()): in one process, the queue that
 Session.step() and Session.cancel() put into; in the app's engine process, the app's command
@@ -73,13 +77,10 @@ def step_point(run: Run, logits: torch.Tensor, chosen: int, n: int = CANDIDATES)
 
 
 @torch.inference_mode()
-def lens_layers(model: Transformer, tokens: list[int], text: Callable[[int], str],
-                top: int = LENS_TOP) -> tuple[LensLayer, ...]:
-    """Each layer's view of the next token after `tokens`: readout(residual at the last
-    position), its `top` most likely tokens."""
-    x = torch.tensor([tokens], dtype=torch.long, device=model.device)         # (1, T)
-    residuals: list[torch.Tensor] = []
-    model(x, 0, CachedAttention(get_backend("naive")), last_only=True, residuals=residuals)
+def read_lens(model: Transformer, residuals: list[torch.Tensor], text: Callable[[int], str],
+              top: int = LENS_TOP) -> tuple[LensLayer, ...]:
+    """Each layer's view of the next token: readout(its residual at the last position), the
+    `top` most likely tokens. residuals: one (1, T, dim) tensor per layer."""
     stream = torch.stack([r[0, -1] for r in residuals])                       # (n_layers, dim)
     probs = torch.softmax(model.readout(stream), dim=-1)                      # (n_layers, vocab)
     p, ids = probs.topk(min(top, probs.shape[-1]), dim=-1)                    # (n_layers, top)
@@ -89,14 +90,25 @@ def lens_layers(model: Transformer, tokens: list[int], text: Callable[[int], str
                  for layer in range(len(residuals)))
 
 
+@torch.inference_mode()
+def lens_of_prefix(model: Transformer, tokens: list[int], text: Callable[[int], str],
+                   top: int = LENS_TOP) -> tuple[LensLayer, ...]:
+    """The lens after `tokens` from a forward of its own over all of them (no cache)."""
+    x = torch.tensor([tokens], dtype=torch.long, device=model.device)         # (1, T)
+    residuals: list[torch.Tensor] = []
+    model(x, 0, CachedAttention(get_backend("naive")), last_only=True, residuals=residuals)
+    return read_lens(model, residuals, text, top)
+
+
 def logit_lens(run: Run, exact: Transformer) -> LogitLens:
-    """The lens of the run's model on its prefix — and, when the run decodes with lossy
-    weights (a transformed copy of `exact`), the exact model's on the same prefix."""
+    """The lens of the run's model at this step — and, when the run decodes with lossy weights
+    (a transformed copy of `exact`), the exact model's on the same prefix."""
     text = run.tokenizer.token_text
+    layers = (read_lens(run.model, run.residuals, text) if run.residuals
+              else lens_of_prefix(run.model, run.seq, text))
     lossy = run.cfg.fast.weights != "same"       # int8, 16-bit: the tokens may differ
-    return LogitLens(index=len(run.generated), position=len(run.seq),
-                     layers=lens_layers(run.model, run.seq, text),
-                     exact=lens_layers(exact, run.seq, text) if lossy else (),
+    return LogitLens(index=len(run.generated), position=len(run.seq), layers=layers,
+                     exact=lens_of_prefix(exact, run.seq, text) if lossy else (),
                      fast=run.cfg.fast.spec() if lossy else "")
 
 
@@ -179,4 +191,5 @@ def step_pause(stepper: Stepper, exact: Transformer) -> Pause:
             len(run.generated), len(run.seq), token,
             lambda: (step_point(run, logits, token), logit_lens(run, exact)),
             run.tokenizer.token_text, logits.shape[-1]))
+    pause.residuals = True              # generate() collects each forward's residuals for it
     return pause
