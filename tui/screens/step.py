@@ -169,8 +169,8 @@ class StepScreen(ModalScreen[None]):
         started, point, fin = self.started, self.point, self.finished
         title = "Step mode"
         if started is not None:
-            done = len(self.pieces) if fin is None else len(fin.tokens)
-            at = f"token {done + (fin is None)} of {started.max_new_tokens}"
+            at = (f"token {len(self.pieces) + 1} of {started.max_new_tokens}" if fin is None
+                  else f"{len(fin.tokens)} of {started.max_new_tokens} tokens")
             title += (f" · {at} · {run_label(started.strategy, started.backend, started.fast)}"
                       f" · {shaping(started.sampling)}")
         self.query_one("#step-title", Static).update(title)
