@@ -1,20 +1,21 @@
 """Step mode: the run stops before each token; see why the next one is what it is, or choose it.
 
-    ┌ title: step mode · token 4 of 50 · kv/sdpa · T=0.8 top-k 5 ─────────────────────────┐
-    │ the text so far, the picked candidate after it                                       │
-    │ fork / finished line                                                                 │
-    ├ Next token · 5 of 49,152 in the draw ──────────┬ Logit lens · settles at L21 ────────┤
-    │ 1◆ ' machine'  ██████████▌   42.1%  38.0%       │ L0  ' the'  3%                      │
-    │ 2  ' data'     ███▏          12.0%   9.1%       │ …                                   │
-    │ 6  ' deep'     ░             top-k   1.0%       │ L29 ' machine' 42%                  │
-    └────────────────────────────────────────────────┴─────────────────────────────────────┘
+    step mode · token 4 of 50 · kv/sdpa · T=0.8 top-k 5
+    the text so far, the picked candidate after it
+    ◆ the sampler's choice … / the fork, how the run ended
+    ╭─ Next token · 5 of 49,152 left in the draw ─╮╭─ Logit lens ───────────────╮
+    │ 1◆ ' machine'  ██████████▌   42.1%  38.0%    ││ L20 ' the'    31.0%        │
+    │ 2  ' data'     ███▏          12.0%   9.1%    ││ L21 ' machine' 40.2%       │
+    │ 6  ' deep'     ▏             top-k   1.0%    ││ L29 ' machine' 42.1%       │
+    ╰─────────────────────────────────────────────╯╰────── settles at L21 ─────╯
 
 The screen renders the engine's step-mode events (StepPoint, LogitLens, Forked, and the run's
 tokens) for one run, and sends StepCommands through the app's source. Its keys: n or space the
 next token (the sampler's choice), N ten more, ↑ ↓ or a digit pick a candidate and enter takes
 it (any other than the sampler's forces it: a fork), e runs to the end without stopping, x
 stops, R (shown once a fork has finished) races it against the unforced run, escape leaves
-step mode (the run goes on to its end). In a replay it follows the recording: the app's replay keys step through it.
+step mode (the run goes on to its end). In a replay it follows the recording: the app's replay
+keys step through it.
 """
 
 from __future__ import annotations
