@@ -112,6 +112,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
             bench.add_parser(sub)
         except ImportError:
             pass
+    from . import batch_cli          # (imports no torch: a replay still starts without it)
+    batch_cli.add_parser(sub)
 
     replay = sub.add_parser("replay", help="play a recording in the app, without the model",
                             description="Open the app on a recording (run --record, or `r` in "
@@ -192,6 +194,9 @@ def dispatch(argv: list[str]) -> int:
     if args.command == "bench":
         from . import bench
         return bench.cmd_bench(args)
+    if args.command == "batch":
+        from .batch_cli import cmd_batch
+        return cmd_batch(args)
     if args.command == "ui":
         return cmd_ui(args)
     if args.command == "replay":

@@ -7,6 +7,14 @@
     prefill tokens/s = prompt tokens / prefill time
     decode tokens/s  = (N − 1) / (total − TTFT) = 1 / TPOT — never N / wall time, which would
            mix the one-off prefill into a per-token speed
+
+Many requests served together (engine/batch.py) — `BatchMetrics`:
+    per request     TTFT from the request's *arrival* (queueing counts: the user waits), TPOT
+                    as above; reported as p50 / p99 over the requests
+    tokens/s        every new token / wall time (first arrival → last token)
+    decode tokens/s Σ (N_i − 1) / (last token of any request − first token of any request):
+                    the batch's decode throughput; for one request it is 1 / TPOT again
+    prefix hit rate prompt tokens found in the prefix cache / prompt tokens looked up
 """
 
 from __future__ import annotations
@@ -47,6 +55,11 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (idx - lo)
 
 
+def p50_p99(values: list[float]) -> tuple[float, float]:
+    """The median and the 99th percentile (nan for an empty list)."""
+    return percentile(values, 50), percentile(values, 99)
+
+
 def peak_memory_bytes(device) -> int:
     """CUDA: max allocated since the last reset. CPU: the process's peak resident set size.
     `device` is a torch.device; only a CUDA one needs torch, and it comes with it loaded."""
@@ -73,3 +86,37 @@ def compute_metrics(prompt_tokens: int, prefill_s: float, step_latencies: list[f
         decode_tokens_per_s=1.0 / tpot if n > 1 and tpot > 0 else float("nan"),
         peak_memory_bytes=peak_memory_bytes(device), kv_bytes=kv_bytes)
 
+
+@dataclass(frozen=True, slots=True)
+class BatchMetrics:
+    requests: int               # requests with at least one token
+    new_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    decode_tokens_per_s: float  # nan when no request has two tokens
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float
+    tpot_p99_s: float
+    prefix_hit_rate: float      # nan when nothing was looked up
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compute_batch_metrics(runs: list[RunMetrics], spans: list[tuple[float, float]],
+                          wall_s: float, hit_tokens: int = 0,
+                          lookup_tokens: int = 0) -> BatchMetrics:
+    """runs: each request's figures from compute_metrics, its first step latency measured from
+    its arrival; spans: each request's (first token, last token) times, on one clock."""
+    new = sum(r.new_tokens for r in runs)
+    ttft_p50, ttft_p99 = p50_p99([r.ttft_s for r in runs if r.new_tokens])
+    tpot_p50, tpot_p99 = p50_p99([r.tpot_s for r in runs if r.new_tokens > 1])
+    after_first = sum(max(r.new_tokens - 1, 0) for r in runs)
+    span = max((b for _, b in spans), default=0.0) - min((a for a, _ in spans), default=0.0)
+    return BatchMetrics(
+        requests=sum(1 for r in runs if r.new_tokens), new_tokens=new, wall_s=wall_s,
+        tokens_per_s=new / wall_s if wall_s > 0 else float("nan"),
+        decode_tokens_per_s=after_first / span if after_first and span > 0 else float("nan"),
+        ttft_p50_s=ttft_p50, ttft_p99_s=ttft_p99, tpot_p50_s=tpot_p50, tpot_p99_s=tpot_p99,
+        prefix_hit_rate=hit_tokens / lookup_tokens if lookup_tokens else float("nan"))

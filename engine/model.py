@@ -233,7 +233,8 @@ class Transformer(nn.Module):
         return self.tok_emb.weight.dtype
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, attend: Attend,
-                last_only: bool = False, residuals: list | None = None) -> torch.Tensor:
+                last_only: bool = False, positions: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None, residuals: list | None = None) -> torch.Tensor:
         """tokens: (B, T) ids at positions start_pos … start_pos+T-1. Returns float32 logits,
         (B, T, vocab), or (B, 1, vocab) with `last_only` — during generation only the last
         position's prediction is used, and the LM head is the largest matmul in a small model.
@@ -242,6 +243,12 @@ class Transformer(nn.Module):
         Python number depends on the position, which is what a captured CUDA graph or a
         compiled decode step needs to replay at every position (the caller checks the length).
 
+        A packed batch (engine/runner.py) lays several sequences' new tokens side by side in one
+        row, tokens (1, T): then `positions` (T,) gives each token its own position (start_pos
+        is ignored), and `rows` (R,) picks the tokens whose predictions are wanted — logits
+        (1, R, vocab). Everything but attention treats tokens independently, so only the
+        positions and the `attend` door need to know where one sequence ends.
+
         `residuals`: a list to collect the residual stream after each block, (B, T, dim) each —
         what the logit lens reads (engine/stepping.py). The blocks never modify x in place, so
         these are references to tensors the forward makes anyway; None (the default) costs one
@@ -249,7 +256,9 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         x = self.tok_emb(tokens)                                      # (B, T, dim)
-        if isinstance(start_pos, torch.Tensor):
+        if positions is not None:
+            pos = positions                                            # (T,) one per token
+        elif isinstance(start_pos, torch.Tensor):
             pos = start_pos + torch.arange(T, device=tokens.device)    # (T,)
         else:
             if start_pos + T > self.cfg.max_seq_len:
@@ -269,6 +278,8 @@ class Transformer(nn.Module):
                 residuals.append(x)
         if last_only:
             x = x[:, -1:, :]
+        elif rows is not None:
+            x = x[:, rows, :]                                         # (B, R, dim)
         return self.readout(x)                                        # (B, T, vocab)
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:

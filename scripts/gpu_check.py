@@ -11,7 +11,9 @@ timing does not depend on what the weights say. For each backend and cache (cont
     decode    one forward of one new token with T tokens already cached (median of a few steps)
 
 then measures one bare attention call per backend (engine.attention.measure: time and peak extra
-memory, the O(T²) against O(T) curve). Prints the tables and writes them, with the card's name
+memory, the O(T²) against O(T) curve), and continuous batching (engine/batch.py): aggregate
+decode tokens/s and per-request TPOT for 1 … 64 requests at once, with the PyTorch path (sdpa)
+and the batched Triton paged kernel. Prints the tables and writes them, with the card's name
 and the date, to --out.
 """
 
@@ -118,6 +120,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/gpu_results.md")
     ap.add_argument("--no-fast-path", action="store_true",
                     help="skip the fast-path decode table (engine.fast.gpu_timing, CUDA only)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+",
+                    help="continuous batching: requests at once (default 1 2 4 8 16 32 64; "
+                         "--quick: 1 2)")
+    ap.add_argument("--no-batch", action="store_true", help="skip the batching table")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,15 +177,39 @@ def main(argv=None) -> int:
         "memory above what was allocated before the call (output included).", "",
         attn_table, ""])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)       # written now: the optional part below may fail
+    Path(args.out).write_text(text)       # written now: the optional parts below may fail
     if device.type == "cuda" and not args.no_fast_path:
         fast = fast_path_table(model)
         if fast:
             print("\n## Fast path: decode tokens/s\n\n" + fast, flush=True)
-            Path(args.out).write_text(text + "\n## Fast path: decode tokens/s (engine.fast)\n\n"
-                                      + fast + "\n")
+            text += "\n## Fast path: decode tokens/s (engine.fast)\n\n" + fast + "\n"
+            Path(args.out).write_text(text)
+    if not args.no_batch:
+        quick = args.quick or device.type == "cpu"
+        sizes = args.batch_sizes or ([1, 2] if quick else [1, 2, 4, 8, 16, 32, 64])
+        batch = batching_table(model, sizes, [n for n in ("sdpa", "triton") if n in names],
+                               new_tokens=4 if quick else 64, prompt_tokens=16 if quick else 128)
+        if batch:
+            title = ("## Continuous batching: aggregate decode tok/s · per-request TPOT "
+                     "(engine/batch.py)")
+            print(f"\n{title}\n\n{batch}", flush=True)
+            text += (f"\n{title}\n\nB requests with random {16 if quick else 128}-token "
+                     f"prompts arrive together; decode tok/s counts every request's tokens "
+                     f"after its first (engine/metrics.py).\n\n{batch}\n")
+            Path(args.out).write_text(text)
     print(f"\nwritten to {args.out}")
     return 0
+
+
+def batching_table(model, sizes, backends, new_tokens: int, prompt_tokens: int) -> str | None:
+    """engine.bench.batching's throughput table; None if it fails (reported, not fatal)."""
+    try:
+        from engine.bench.batching import throughput_table
+        return throughput_table(model, sizes, backends, new_tokens=new_tokens,
+                                prompt_tokens=prompt_tokens)
+    except Exception as exc:      # another part of the project: report, do not lose the rest
+        print(f"batching table skipped: {type(exc).__name__}: {exc}", flush=True)
+        return None
 
 
 def fast_path_table(model) -> str | None:

@@ -53,6 +53,16 @@ class AttentionBackend:
         """
         raise NotImplementedError(f"{self.name} cannot read the paged cache directly")
 
+    def attend_paged_rows(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                          tables: torch.Tensor, row_seq: torch.Tensor,
+                          row_pos: torch.Tensor) -> torch.Tensor:
+        """A packed batch of several sequences read through their block tables (only if
+        caps.paged_native; engine/runner.py). q: (1, H, N, hd), one query row per new token;
+        tables: (n_seqs, n_blocks) int32; row t belongs to sequence row_seq[t] and sits at
+        position row_pos[t] (both (N,) int32), so it sees that sequence's keys 0 … row_pos[t].
+        """
+        raise NotImplementedError(f"{self.name} cannot read the paged cache directly")
+
     def last_info(self) -> dict:
         """Anything worth showing about the last call (e.g. which SDPA kernel ran)."""
         return {}

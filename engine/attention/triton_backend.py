@@ -7,6 +7,9 @@ triton_kernels.py), plus a PagedAttention kernel that reads K/V through the bloc
     attend_paged  the `paged` cache, read through the block table — no gathered copy of the
                   sequence's K/V is ever made (caps.paged_native): the PagedAttention kernel for
                   one decode query, the fused kernel in its paged mode for a prompt
+    attend_paged_rows
+                  a packed batch of many sequences (engine/runner.py): the PagedAttention kernel
+                  once for every row, each row following its own sequence's block table
 
 On a machine without a GPU the same kernels run under Triton's interpreter (TRITON_INTERPRET=1
 in the environment before the first call) — slowly, in NumPy, but exactly the code the GPU runs,
@@ -68,8 +71,8 @@ class TritonAttention(AttentionBackend):
             # is only a stride. (The fused kernel would fill 1 of its 16+ query rows.)
             page = self.block
             table = torch.arange(q_offset // page + 1, dtype=torch.int32, device=q.device)
-            return self._paged_decode(q, k, v, table, page, q_offset,
-                                      (page * k.stride(2), k.stride(1), k.stride(2)),
+            return self._paged_decode(q, k, v, table[None], *_one_sequence(q_offset, 1, q.device),
+                                      page, (page * k.stride(2), k.stride(1), k.stride(2)),
                                       (page * v.stride(2), v.stride(1), v.stride(2)))
         return self._fused(q, k, v, None, k.shape[2], q_offset)
 
@@ -84,7 +87,18 @@ class TritonAttention(AttentionBackend):
             # A prompt: many queries, so the fused kernel (tl.dot on query tiles) pays off; it
             # gathers each key tile through the block table.
             return self._fused(q, k_pool, v_pool, block_table, seq_len, q_offset)
-        return self._paged_decode(q, k_pool, v_pool, block_table, k_pool.shape[2], q_offset,
+        page = k_pool.shape[2]
+        table = block_table[:q_offset // page + 1]            # the blocks up to this position
+        return self._paged_decode(q, k_pool, v_pool, table[None],
+                                  *_one_sequence(q_offset, 1, q.device), page,
+                                  k_pool.stride()[:3], v_pool.stride()[:3])
+
+    def attend_paged_rows(self, q, k_pool, v_pool, tables, row_seq, row_pos) -> torch.Tensor:
+        """A packed batch: q (1, H, N, hd) holds N query rows of several sequences; row t
+        belongs to sequence row_seq[t] (its block table is tables[row_seq[t]], int32, padded
+        to the longest) and sits at position row_pos[t]. One kernel launch for all of them."""
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        return self._paged_decode(q, k_pool, v_pool, tables, row_seq, row_pos, k_pool.shape[2],
                                   k_pool.stride()[:3], v_pool.stride()[:3])
 
     # ------------------------------------------------------------------ kernel launches
@@ -108,36 +122,44 @@ class TritonAttention(AttentionBackend):
         self._kernel = "fused attention" + (" (paged)" if paged else "")
         return out
 
-    def _paged_decode(self, q, k_pool, v_pool, block_table, block_size: int, q_offset: int,
+    def _paged_decode(self, q, k_pool, v_pool, tables, row_seq, row_pos, block_size: int,
                       k_strides, v_strides) -> torch.Tensor:
-        """k_strides, v_strides: (block, head, slot) strides of the pools, in elements."""
+        """tables: (n_seqs, n_blocks) int32; row_seq, row_pos: (Tq,) int32, one per query row;
+        k_strides, v_strides: (block, head, slot) strides of the pools, in elements."""
         from .triton_kernels import kernels
         _, paged_decode = kernels()
         _, H, Tq, hd = q.shape
         n_kv = k_pool.shape[1]
         G = H // n_kv
-        # Flash-Decoding's split: enough programs to fill a GPU (n_kv × S of them), each with
-        # at least `split_blocks` blocks so the merge stays cheap; no split is left empty.
-        n_blocks = (q_offset + Tq - 1) // block_size + 1
+        # Flash-Decoding's split: enough programs to fill a GPU (n_kv × S of them per row), each
+        # with at least `split_blocks` blocks so the merge stays cheap; no split is left empty
+        # for the longest row (a shorter row's last splits are, and weigh nothing).
+        n_blocks = tables.shape[1]
         per_split = max(self.split_blocks, triton_cdiv(n_blocks, self.max_splits))
         S = triton_cdiv(n_blocks, per_split)
         acc = torch.empty(Tq, H, S, hd, dtype=torch.float32, device=q.device)  # (Tq, H, S, hd)
         m = torch.empty(Tq, H, S, dtype=torch.float32, device=q.device)        # (Tq, H, S)
         l = torch.empty_like(m)
         paged_decode[(Tq, n_kv, S)](
-            q, k_pool, v_pool, acc, m, l, block_table,
-            q.stride(1), q.stride(2), *k_strides, *v_strides,
-            H, q_offset, 1.0 / math.sqrt(hd), per_split,
+            q, k_pool, v_pool, acc, m, l, tables, row_seq, row_pos,
+            q.stride(1), q.stride(2), tables.stride(0), *k_strides, *v_strides,
+            H, 1.0 / math.sqrt(hd), per_split,
             G=G, BLOCK_G=_pow2(G, 2), HD=hd, BLOCK_D=_pow2(hd), BLOCK_SIZE=block_size,
             BLOCK_N=_pow2(block_size))
         # The merge. Split s summed exp(score − m_s); rescaled to the common max they add up:
         # out = Σ_s w_s·acc_s / Σ_s w_s·l_s with w_s = exp(m_s − max m) — the log-sum-exp merge
-        # of flash.py written with (m, l) instead of lse = m + log l. An empty split (a query
-        # earlier than the last, Tq > 1) has m = −∞, l = 0, acc = 0 and weighs nothing.
+        # of flash.py written with (m, l) instead of lse = m + log l. An empty split (past the
+        # row's position) has m = −∞, l = 0, acc = 0 and weighs nothing.
         w = torch.exp(m - m.amax(dim=-1, keepdim=True))                         # (Tq, H, S)
         out = (w[..., None] * acc).sum(2) / (w * l).sum(2)[..., None]           # (Tq, H, hd)
         self._kernel = f"paged attention ({S} split{'s' if S > 1 else ''})"
         return out.transpose(0, 1).unsqueeze(0).to(q.dtype)                     # (1, H, Tq, hd)
+
+
+def _one_sequence(q_offset: int, tq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """row_seq, row_pos for the rows of one sequence: table row 0, positions q_offset…"""
+    return (torch.zeros(tq, dtype=torch.int32, device=device),
+            torch.arange(q_offset, q_offset + tq, dtype=torch.int32, device=device))
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -4,9 +4,10 @@
                     (online softmax over K/V tiles) in one kernel. Used for prefill (K/V
                     contiguous, or gathered tile by tile through a block table) and for decode
                     when the cache is contiguous.
-    paged_decode    attention for one new query whose K/V live in the paged pool: it follows the
-                    sequence's block table, one block of keys at a time (vLLM's PagedAttention),
-                    all query heads of a K/V group together.
+    paged_decode    attention for query rows whose K/V live in the paged pool: each row follows
+                    its sequence's block table, one block of keys at a time (vLLM's
+                    PagedAttention), all query heads of a K/V group together — one new token of
+                    one sequence, or the rows of a packed batch of many (engine/runner.py).
 
 Why not `@triton.jit` on the definitions? Triton decides *when the decorator runs* whether a
 kernel is compiled for the GPU or run by its NumPy interpreter (env TRITON_INTERPRET=1). A
@@ -86,25 +87,30 @@ def attention_fwd(Q, K, V, O, table,
              out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
 
-def paged_decode(Q, K_pool, V_pool, Acc, M, L, table,
-                 s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                 H, q_offset, scale, blocks_per_split,
+def paged_decode(Q, K_pool, V_pool, Acc, M, L, table, row_seq, row_pos,
+                 s_qh, s_qt, s_tb, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                 H, scale, blocks_per_split,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program = one query × one K/V head × one *split* of the block table, with all G
-    query heads of the group, so each key block is read from memory once per group.
+    """One program = one query row × one K/V head × one *split* of that row's block table, with
+    all G query heads of the group, so each key block is read from memory once per group.
 
-    Q: (1, H, Tq, HD); K_pool, V_pool: (num_blocks, n_kv, BLOCK_SIZE, HD); table: int32.
-    A decode step has a single query, so without splits only n_kv programs would run — a few
-    of a GPU's ~100 cores, each walking the whole cache. Split like Flash-Decoding, each program
-    walks `blocks_per_split` blocks and writes its unnormalised state — acc, running max m,
-    running sum l — to Acc (Tq, H, S, HD), M and L (Tq, H, S), all float32; the caller merges
-    the S partial results."""
+    Q: (1, H, Tq, HD); K_pool, V_pool: (num_blocks, n_kv, BLOCK_SIZE, HD); table: int32
+    (n_seqs, blocks), one block table per row, row stride s_tb. Query row t belongs to sequence
+    row_seq[t] and sits at position row_pos[t], so it reads table row row_seq[t] and sees keys
+    0 … row_pos[t]. For one sequence every row uses table row 0; a packed batch of several
+    sequences (engine/runner.py) mixes them, each row following its own table.
+    A decode step has a single query per sequence, so without splits only n_kv programs per
+    sequence would run — a few of a GPU's ~100 cores, each walking a whole cache. Split like
+    Flash-Decoding, each program walks `blocks_per_split` blocks and writes its unnormalised
+    state — acc, running max m, running sum l — to Acc (Tq, H, S, HD), M and L (Tq, H, S), all
+    float32; the caller merges the S partial results."""
     t = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     S = tl.num_programs(2)
-    pos = q_offset + t                                 # this query sees keys 0 … pos
+    pos = tl.load(row_pos + t)                         # this query sees keys 0 … pos
+    row_table = table + tl.load(row_seq + t).to(tl.int64) * s_tb
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
     heads = kvh * G + offs_g                           # (BLOCK_G,) the query heads of the group
@@ -121,7 +127,7 @@ def paged_decode(Q, K_pool, V_pool, Acc, M, L, table,
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, pos // BLOCK_SIZE + 1)
     for j in range(first, last):
-        block = tl.load(table + j).to(tl.int64)        # where logical block j lives in the pool
+        block = tl.load(row_table + j).to(tl.int64)    # where logical block j lives in the pool
         kpos = j * BLOCK_SIZE + offs_n
         k_ok = (offs_n < BLOCK_SIZE) & (kpos <= pos)
         k = tl.load(K_pool + block * s_kb + kvh * s_kh + offs_n[:, None] * s_kt + offs_d[None, :],

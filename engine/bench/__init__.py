@@ -7,6 +7,7 @@ baseline in the same run, a length sweep and a bandwidth view. See docs/benchmar
     memory.py       peak memory per run (reset before each)
     bandwidth.py    copy bandwidth, bytes per step, matmul-only time, a profile of one step
     sweep.py        per-step latency against position for naive / kv / paged
+    batching.py     `--batch`: continuous batching against batch size; prefix sharing
     experiment.py   runs the stages, collects one JSON-ready dictionary
     report.py       rich tables, plotext charts, the JSON file
 """
@@ -63,6 +64,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="FILE", default=None,
                    help="also write the tables as Markdown (as in docs/benchmarks.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (without a terminal: no progress lines)")
+    p.add_argument("--batch", metavar="SIZES", default=None,
+                   help="instead of the standard experiment, measure continuous batching at "
+                        "these batch sizes, e.g. 1,2,4,8,16: aggregate decode tok/s, TPOT, "
+                        "identical tokens; and 8 requests sharing a 200-token system prompt "
+                        "with and without prefix caching (docs/batching.md); with --fast, one "
+                        "request alone is also timed with those fast paths")
     return p
 
 
@@ -77,6 +84,8 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
 
 def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
     from . import report
+    if getattr(args, "batch", None):
+        return cmd_batch_bench(args, loaded)
     settings = settings_from_args(args)          # a bad flag fails here, before loading
     mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
     with report.progress(mode) as (tick, set_total):
@@ -98,6 +107,29 @@ def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
               f"{failed[0]['error']})", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def cmd_batch_bench(args: argparse.Namespace, loaded=None) -> int:
+    """`bench --batch SIZES` (engine/bench/batching.py)."""
+    from . import batching, report
+    s = batching.BatchBenchSettings(
+        sizes=batching.parse_sizes(args.batch), block_size=args.block_size,
+        max_new_tokens=min(args.max_new_tokens, 16) if args.quick else args.max_new_tokens,
+        repeat=1 if args.quick else args.repeat, warmup=0 if args.quick else args.warmup,
+        backend=(args.backends or ("sdpa",))[0], fast=tuple(args.fast))
+    mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
+    with report.progress(mode) as (tick, set_total):
+        doc = batching.bench_document(s, args.model, args.device, args.dtype, args.threads,
+                                      tick, set_total, loaded)
+    report.render_batch(doc)
+    if args.json:
+        report.write_json(doc, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.batch_markdown(doc))
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    return EXIT_INTERRUPTED if doc["interrupted"] else 0
 
 
 __all__ = ["add_parser", "cmd_bench", "run_bench", "BenchSettings"]

@@ -360,3 +360,99 @@ def markdown(doc: dict) -> str:
                 f"{_s(cell[n]['seconds'])} · {_bytes(cell[n]['peak_bytes'])}" if n in cell
                 else "—" for n in lengths) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- bench --batch
+def batch_lines(doc: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """The batch bench's two tables as text cells: (header, rows) for batch sizes and for the
+    shared prefix. One source for the terminal and for Markdown."""
+    b = doc.get("batch") or {}
+    head = ["batch", "decode tok/s (all requests)", "× batch 1", "× alone", "TPOT p50 "
+            "(per request)", "TTFT p50", "identical"]
+    rows = []
+    for r in b.get("rows", []):
+        rows.append([str(r["batch"]),
+                     _num(r["decode_tokens_per_s"]) + (
+                         f" ±{r['decode_spread_pct']:.0f}%" if r.get("decode_spread_pct")
+                         is not None else ""),
+                     _num(r["over_batch_1"], "{:.2f}×"), _num(r.get("over_alone"), "{:.2f}×"),
+                     _s(r["tpot_p50_s"]),
+                     _s(r["ttft_p50_s"]), f"{r['identical']}/{r['requests']}"])
+    p = b.get("prefix") or {}
+    phead = ["prefix caching", "peak KV blocks", "% of no caching", "contiguous reservation",
+             "hit rate", "identical"]
+    prow = []
+    for key in ("on", "off"):
+        if key in p:
+            x = p[key]
+            prow.append([key, str(x["peak_blocks_used"]),
+                         f"{100 * x['peak_blocks_used'] / p['off']['peak_blocks_used']:.0f}%"
+                         if "off" in p else "—",
+                         f"{x['peak_contiguous_blocks']} blocks",
+                         _num(None if x["prefix_hit_rate"] is None
+                              else 100 * x["prefix_hit_rate"], "{:.0f}%"),
+                         f"{x['identical']}/{p['requests']}"])
+    return head, rows, phead, prow
+
+
+def batch_caption(doc: dict) -> str:
+    env, st = doc.get("environment", {}), (doc.get("batch") or {}).get("settings", {})
+    la = env.get("load_average_start")
+    return (f"{doc.get('model', {}).get('name', '?')} · {env.get('device_name', '?')} "
+            f"({env.get('device', '?')}, {st.get('threads', '?')} threads) · "
+            f"{env.get('dtype', '?')} · {st.get('max_new_tokens')} new tokens, greedy · "
+            f"{st.get('warmup')} warm-up + {st.get('repeat')} timed passes, interleaved · "
+            f"backend {st.get('backend')} · load average {la[0] if la else '?'} at the start")
+
+
+def batch_alone_lines(doc: dict) -> list[str]:
+    """One request alone through generate(), timed in every pass (plain, then fast paths)."""
+    b = doc.get("batch") or {}
+    out = []
+    if b.get("alone_decode_tokens_per_s"):
+        out.append(f"one request alone through generate() (kv/sdpa), timed in every pass: "
+                   f"{b['alone_decode_tokens_per_s']:.1f} decode tok/s")
+    for spec, v in (b.get("alone_fast_decode_tokens_per_s") or {}).items():
+        out.append(f"… the same with the fast path +{spec}: {_num(v)} decode tok/s")
+    return out
+
+
+def batch_titles(doc: dict) -> tuple[str, str]:
+    system = ((doc.get("batch") or {}).get("prefix") or {}).get("system_tokens", 200)
+    return ("continuous batching: B requests at once (median of the passes)",
+            f"8 requests sharing a {system}-token system prompt")
+
+
+def render_batch(doc: dict, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    file = file or sys.stdout
+    console = Console(file=file, width=None if file.isatty() else 200)
+    console.print(f"[bold]{batch_caption(doc)}[/]")
+    if doc.get("interrupted"):
+        console.print("[bold yellow]interrupted: showing what was measured so far[/]")
+    head, rows, phead, prow = batch_lines(doc)
+    for line in batch_alone_lines(doc):
+        console.print(line)
+    for title, h, rs in zip(batch_titles(doc), (head, phead), (rows, prow)):
+        if not rs:
+            continue
+        t = Table(title=title, title_justify="left")
+        for i, name in enumerate(h):
+            t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+        for r in rs:
+            t.add_row(*r)
+        console.print(t)
+
+
+def batch_markdown(doc: dict) -> str:
+    head, rows, phead, prow = batch_lines(doc)
+    lines = [f"- {batch_caption(doc)}", f"- date: {doc.get('started_at')}",
+             *(f"- {line}" for line in batch_alone_lines(doc)), ""]
+    for title, h, rs in zip(batch_titles(doc), (head, phead), (rows, prow)):
+        if rs:
+            lines += [f"{title[0].upper()}{title[1:]}:", ""]
+            lines += ["| " + " | ".join(h) + " |", "|---|" + "---:|" * (len(h) - 1)]
+            lines += ["| " + " | ".join(r) + " |" for r in rs]
+            lines.append("")
+    return "\n".join(lines)
