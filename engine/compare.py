@@ -7,6 +7,9 @@
                        steps where both had seen the same tokens — up to and including the step
                        that first picks a different token. After it the runs continue from
                        different texts, and their logits would measure that, not the optimisation.
+    forced             for a fork (a run with forced tokens, engine/stepping.py): the token forced
+                       at the first difference — the runs differ there because someone chose
+                       another token, not because the arithmetic did.
 
 The race (engine/session.py), the bench (engine/bench/runs.py), engine/fast/measure.py and the
 app's race lanes all call these functions; none has its own copy. Logits may be NumPy arrays or
@@ -16,7 +19,7 @@ CPU tensors (anything `numpy.asarray` reads), one per generated token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -27,6 +30,7 @@ class Comparison:
     identical: bool
     first_difference: int | None
     max_logit_delta: float | None     # None when either run kept no logits
+    forced: Any = None                # engine.events.Forked at first_difference, if any
 
 
 def first_difference(tokens: Sequence[int], reference: Sequence[int], *, done: bool = True,
@@ -56,13 +60,19 @@ def max_logit_delta(logits: Sequence, reference: Sequence, steps: int | None = N
                             np.asarray(b, dtype=np.float32)).max()) for a, b in pairs)
 
 
+def forced_at(index: int | None, forks: Sequence) -> Any:
+    """The fork (anything with an .index: engine.events.Forked) at token `index`, or None."""
+    return next((f for f in forks if f.index == index), None) if index is not None else None
+
+
 def compare(tokens: Sequence[int], reference: Sequence[int], logits: Sequence | None = None,
-            reference_logits: Sequence | None = None) -> Comparison:
-    """Two finished runs: same tokens? where do they first differ? max |Δ logits| while their
-    inputs were the same?"""
+            reference_logits: Sequence | None = None, forks: Sequence = ()) -> Comparison:
+    """Two finished runs: same tokens? where do they first differ — and was a token forced
+    there (`forks`: the run's Forked events)? max |Δ logits| while their inputs were the same?"""
     first = first_difference(tokens, reference)
     delta = None
     if logits is not None and reference_logits is not None:
         same_inputs = min(len(tokens), len(reference)) if first is None else first + 1
         delta = max_logit_delta(logits, reference_logits, same_inputs)
-    return Comparison(identical=first is None, first_difference=first, max_logit_delta=delta)
+    return Comparison(identical=first is None, first_difference=first, max_logit_delta=delta,
+                      forced=forced_at(first, forks))

@@ -19,6 +19,9 @@ The rungs, each a function you can find by name:
     step_events     what one step emits: Token, CacheSnapshot, AttentionRow, FlashTiles
     generate        the loop over those rungs, yielding `engine.events`
 
+Step mode and forced tokens (engine/stepping.py) hand `generate` a `pause`: called between
+choosing a token and taking it, it may show events, wait, and take another token instead.
+
 Fast-path options (engine/fast/) change the model and the decode step. This module never
 imports them: the caller passes a `StepBuilder` (engine.fast.STEPS; engine/session.py does).
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Generator, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -46,6 +49,19 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 class CancelToken(Protocol):
     def is_set(self) -> bool: ...
+
+
+class Pause(Protocol):
+    """Between choosing a token and taking it (engine/stepping.py): yields the events to show,
+    returns the token to take — `token` itself, another one (a fork), or None to stop the run
+    (cancelled while paused).
+
+    A pause whose `residuals` attribute is True finds, in `run.residuals`, each layer's residual
+    stream from the forward that made the logits (empty when a fast path's own decode step made
+    them: it has no Python residuals)."""
+
+    def __call__(self, run: "Run", logits: torch.Tensor,
+                 token: int) -> Generator[Event, None, int | None]: ...
 
 
 class StepBuilder(Protocol):
@@ -168,10 +184,11 @@ def attention_row(q_last: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- rung 3: one step
 @torch.inference_mode()
 def forward_step(model: Transformer, tokens: torch.Tensor, start: int,
-                 attn: CachedAttention) -> torch.Tensor:
-    """Push `tokens` (1, T) at positions start… through the model; logits of the last position."""
+                 attn: CachedAttention, residuals: list | None = None) -> torch.Tensor:
+    """Push `tokens` (1, T) at positions start… through the model; logits of the last position.
+    `residuals`: a list to collect each layer's residual stream in (step mode)."""
     attn.begin(start, tokens.shape[1])
-    logits = model(tokens, start, attn, last_only=True)            # (1, 1, vocab)
+    logits = model(tokens, start, attn, last_only=True, residuals=residuals)   # (1, 1, vocab)
     attn.end(start + tokens.shape[1])
     return logits[0, -1]                                           # (vocab,)
 
@@ -210,10 +227,17 @@ class Run:
     generated: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     prefill_s: float = 0.0
+    residuals: list | None = None     # step mode's logit lens: the last forward's, per layer
 
     @property
     def seq(self) -> list[int]:
         return self.ids + self.generated
+
+    def collect(self) -> list | None:
+        """A fresh list for the next forward's residuals when they are read, else None."""
+        if self.residuals is not None:
+            self.residuals = []
+        return self.residuals
 
     def free(self) -> None:
         if self.cache is not None:
@@ -256,7 +280,7 @@ def started_event(run: Run) -> Started:
 def prefill(run: Run) -> torch.Tensor:
     """The whole prompt through the model once; the logits for the first new token."""
     x = torch.tensor([run.ids], dtype=torch.long, device=run.model.device)     # (1, T)
-    logits = forward_step(run.model, x, 0, run.attn)
+    logits = forward_step(run.model, x, 0, run.attn, run.collect())
     _sync(run.model.device)
     return logits
 
@@ -273,21 +297,25 @@ def build_decoder(run: Run) -> bool:
 
 def decode_one(run: Run) -> torch.Tensor:
     """The newest token through the model — or, for naive, the whole sequence again."""
-    seq = run.seq
+    seq, residuals = run.seq, run.collect()
     if run.cache is None:                                    # naive: recompute everything
         x = torch.tensor([seq], dtype=torch.long, device=run.model.device)
-        return forward_step(run.model, x, 0, run.attn)
+        return forward_step(run.model, x, 0, run.attn, residuals)
     if run.decoder is not None:
         return run.decoder.step(seq[-1], len(seq) - 1)
     x = torch.tensor([seq[-1:]], dtype=torch.long, device=run.model.device)   # (1, 1)
-    return forward_step(run.model, x, len(seq) - 1, run.attn)
+    return forward_step(run.model, x, len(seq) - 1, run.attn, residuals)
+
+
+def seen_tokens(run: Run) -> torch.Tensor:
+    """What the repetition penalty looks at: the whole sequence (nothing when it is off)."""
+    return (torch.tensor(run.seq) if run.cfg.sampling.repetition_penalty != 1.0
+            else torch.empty(0)).long()
 
 
 def next_token(run: Run, logits: torch.Tensor) -> int:
     """Sample (or take the argmax of) the logits; the repetition penalty sees the sequence."""
-    seen = (torch.tensor(run.seq) if run.cfg.sampling.repetition_penalty != 1.0
-            else torch.empty(0))
-    return sample(logits, run.cfg.sampling, seen.long(), run.sampler)   # .cpu() syncs the device
+    return sample(logits, run.cfg.sampling, seen_tokens(run), run.sampler)   # .cpu() syncs
 
 
 def step_events(run: Run, token: int, logits: torch.Tensor) -> list[Event]:
@@ -337,14 +365,17 @@ def finished_event(run: Run, reason: str) -> Finished:
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
              cfg: GenerationConfig, cancel: CancelToken | None = None,
              pool: BlockPool | None = None, backend: AttentionBackend | None = None,
-             steps: StepBuilder = PLAIN) -> Iterator[Event]:
+             steps: StepBuilder = PLAIN, pause: Pause | None = None) -> Iterator[Event]:
     """Generate up to cfg.max_new_tokens tokens, yielding events as they happen.
 
     Each token's latency runs from the end of the previous step's events to its sampling, so
-    the time a consumer spends on events is not the engine's. The cache is freed when the loop
-    ends for any reason — finished, cancelled, an error, or the consumer stopping iteration.
+    the time a consumer spends on events is not the engine's (nor the time a `pause` waits).
+    The cache is freed when the loop ends for any reason — finished, cancelled, an error, or
+    the consumer stopping iteration.
     """
     run = start_run(model, tokenizer, prompt, cfg, pool, backend, steps)
+    if getattr(pause, "residuals", False):
+        run.residuals = []                 # each forward hands the pause its layers' residuals
     reason = "length"
     try:
         yield started_event(run)
@@ -364,6 +395,12 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int],
                 logits = decode_one(run)
             token = next_token(run, logits)
             run.latencies.append(time.perf_counter() - t_prev)
+            if pause is not None:
+                token = yield from pause(run, logits, token)
+                if token is None:
+                    run.latencies.pop()            # a token never taken has no latency
+                    reason = "cancelled"
+                    break
             yield from step_events(run, token, logits)
             t_prev = time.perf_counter()   # time spent by the consumer is not the engine's
             reason = stop_reason(run, token) or reason

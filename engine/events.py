@@ -2,7 +2,11 @@
 
 A run, in order:
 
-    Started → Prefill → (Token → CacheSnapshot → AttentionRow? → FlashTiles?)* → Finished
+    Started → Prefill → ((StepPoint → LogitLens → Forked?)? → Token → CacheSnapshot
+                         → AttentionRow? → FlashTiles?)* → Finished
+
+(the step-mode events only in step mode, at each token where the run paused; `Forked` also
+where a request forced a token)
 
 around it, what a session says about itself (`Loading`, `Ready`, `Failed`) and about a race
 (`RaceStarted` … the contestants' runs … `RaceFinished`). The batching engine's events
@@ -134,10 +138,46 @@ class RaceRow:
     fast: str = ""                   # fast-path options ("" = the plain model)
     run: int = 0                     # the contestant's run id
     first_difference: int | None = None   # first token index that differs from the reference
+    forced: Forked | None = None     # the token forced at first_difference: why it differs
 
     @property
     def label(self) -> str:
-        return run_label(self.strategy, self.backend, self.fast)
+        fork = f" fork@{self.forced.index}" if self.forced is not None else ""
+        return run_label(self.strategy, self.backend, self.fast) + fork
+
+    @property
+    def difference(self) -> str:
+        """Where (and, for a fork, why) the tokens differ from the reference; "" if they don't."""
+        if self.first_difference is None:
+            return ""
+        why = f": {self.forced.describe()}" if self.forced is not None else ""
+        return f"differs from token {self.first_difference}{why}"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One possible next token in step mode, at each stage of the sampling ladder
+    (engine/sampling.py `shape`)."""
+    id: int
+    text: str                        # the token on its own (special tokens spelled out)
+    model: float                     # softmax of the model's logits: what the model says
+    tempered: float                  # after repetition penalty and temperature
+    final: float                     # what the draw uses, after the cuts (0 if cut)
+    cut: str = ""                    # "" kept, or what removed it: top-k, top-p, min-p, greedy
+
+
+@dataclass(frozen=True, slots=True)
+class LensLayer:
+    """The logit lens at one layer: the final norm and the LM head applied to that layer's
+    residual stream, its most likely next tokens first."""
+    layer: int
+    ids: tuple[int, ...]
+    texts: tuple[str, ...]
+    probs: tuple[float, ...]
+
+    @property
+    def top(self) -> int | None:
+        return self.ids[0] if self.ids else None
 
 
 # --------------------------------------------------------------------------- session events
@@ -216,6 +256,7 @@ class Started:
     max_new_tokens: int
     fast: str = ""          # fast-path options as words ("c+int8"); "" for the plain model
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    step: bool = False      # step mode: the run pauses before each token (StepPoint, LogitLens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +349,68 @@ class FlashTiles:
     tile_size: int
     running_max: tuple[float, ...]
     running_sum: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StepPoint:
+    """Step mode: the run paused before choosing token `index` (at `position`). The candidates
+    are the most likely tokens as the sampler ranks them (after the repetition penalty), plus
+    the sampler's choice if it is not among them; `chosen` is what the sampler picked — with a
+    seed, exactly what an unstepped run picks here."""
+    index: int
+    position: int
+    candidates: tuple[Candidate, ...]
+    chosen: int
+    kept: int                          # tokens of the vocabulary the cuts left in the draw
+    vocab: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogitLens:
+    """Step mode: what each layer would predict for the token at `position`, read through the
+    final norm and the LM head. `layers` are the run's own model's (the last one is its
+    prediction); for a lossy fast path (`fast`, e.g. "int8") `exact` holds the exact model's
+    on the same prefix, so one sees where their top choices part."""
+    index: int
+    position: int
+    layers: tuple[LensLayer, ...]
+    exact: tuple[LensLayer, ...] = ()
+    fast: str = ""
+
+    @property
+    def settles_at(self) -> int | None:
+        """The first layer from which the top choice is already the final one."""
+        if not self.layers:
+            return None
+        final, at = self.layers[-1].top, self.layers[-1].layer
+        for lens in reversed(self.layers):
+            if lens.top != final:
+                break
+            at = lens.layer
+        return at
+
+    @property
+    def parts_at(self) -> int | None:
+        """The first layer where the lossy model's top choice is not the exact model's."""
+        for mine, exact in zip(self.layers, self.exact):
+            if mine.top != exact.top:
+                return mine.layer
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    """Token `index` was forced to `token` where the sampler chose `instead`: from here on the
+    run is a fork of the unforced one (it comes just before that Token)."""
+    index: int
+    position: int
+    token: int
+    text: str
+    instead: int
+    instead_text: str
+
+    def describe(self) -> str:
+        return f"forced {self.text!r} instead of {self.instead_text!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,16 +606,18 @@ class BatchSummary:
 
 
 Event = Union[Loading, Ready, Failed, RaceStarted, RaceFinished, Started, Prefill, Token,
-              CacheSnapshot, AttentionRow, FlashTiles, Finished,
+              CacheSnapshot, AttentionRow, FlashTiles, StepPoint, LogitLens, Forked, Finished,
               BatchStarted, RequestArrived, RequestAdmitted, PrefillChunk, RequestToken,
               RequestPreempted, RequestResumed, RequestFinished, StepDone, PoolSnapshot,
               BatchSummary]
+STEP_EVENTS = (StepPoint, LogitLens, Forked)
 
 TYPES: dict[str, type] = {
     "loading": Loading, "ready": Ready, "failed": Failed,
     "race_started": RaceStarted, "race_finished": RaceFinished,
     "started": Started, "prefill": Prefill, "token": Token, "cache": CacheSnapshot,
-    "attention": AttentionRow, "flash_tiles": FlashTiles, "finished": Finished,
+    "attention": AttentionRow, "flash_tiles": FlashTiles, "step_point": StepPoint,
+    "lens": LogitLens, "forked": Forked, "finished": Finished,
     "batch_started": BatchStarted, "request_arrived": RequestArrived,
     "request_admitted": RequestAdmitted, "prefill_chunk": PrefillChunk,
     "request_token": RequestToken, "request_preempted": RequestPreempted,

@@ -236,7 +236,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, attend: Attend,
                 last_only: bool = False, positions: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, residuals: list | None = None) -> torch.Tensor:
         """tokens: (B, T) ids at positions start_pos … start_pos+T-1. Returns float32 logits,
         (B, T, vocab), or (B, 1, vocab) with `last_only` — during generation only the last
         position's prediction is used, and the LM head is the largest matmul in a small model.
@@ -250,6 +250,11 @@ class Transformer(nn.Module):
         is ignored), and `rows` (R,) picks the tokens whose predictions are wanted — logits
         (1, R, vocab). Everything but attention treats tokens independently, so only the
         positions and the `attend` door need to know where one sequence ends.
+
+        `residuals`: a list to collect the residual stream after each block, (B, T, dim) each —
+        what the logit lens reads (engine/stepping.py). The blocks never modify x in place, so
+        these are references to tensors the forward makes anyway; None (the default) costs one
+        test per layer.
         """
         B, T = tokens.shape
         x = self.tok_emb(tokens)                                      # (B, T, dim)
@@ -271,11 +276,19 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[pos], self.rope_sin[pos])           # (T, hd) each
         for block in self.layers:
             x = block(x, rope, attend)
+            if residuals is not None:
+                residuals.append(x)
         if last_only:
             x = x[:, -1:, :]
         elif rows is not None:
             x = x[:, rows, :]                                         # (B, R, dim)
-        return self.lm_head(self.norm(x)).float()                    # (B, T, vocab)
+        return self.readout(x)                                        # (B, T, vocab)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream → float32 logits: the final norm, then the LM head. Applied to the
+        last block's output it is the model's prediction; applied to an earlier block's, it is
+        that layer's "logit lens" view of what comes next."""
+        return self.lm_head(self.norm(x)).float()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .events import (AttentionRow, CacheSnapshot, Envelope, Failed, Finished, FlashTiles, Loading,
-                     Ready, Token)
+                     LogitLens, Ready, StepPoint, Token)
 from .recording import Recording
 from .source import Deliver
 
@@ -37,7 +37,8 @@ TICK_S = 1 / 12        # deliveries a second while playing, like the live engine
 def token_stops(envelopes: Sequence[Envelope]) -> list[int]:
     """Where stepping token by token stops: for each Token, the index just after the events
     that belong to its step (cache snapshot, attention row, flash tiles — and the run's
-    Finished, if it is the last token)."""
+    Finished, if it is the last token). In a step-mode run the pause before the next token
+    (its StepPoint and LogitLens) comes with it: a replay stops where the run stopped."""
     stops, n = [], len(envelopes)
     for i, env in enumerate(envelopes):
         if isinstance(env.event, Token):
@@ -46,6 +47,9 @@ def token_stops(envelopes: Sequence[Envelope]) -> list[int]:
                                                             FlashTiles)):
                 j += 1
             if j < n and isinstance(envelopes[j].event, Finished):
+                j += 1
+            while j < n and isinstance(envelopes[j].event, (StepPoint, LogitLens)) \
+                    and envelopes[j].run == env.run:
                 j += 1
             stops.append(j)
     return stops

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import IO, Iterable
 
-from .events import (SCHEMA_VERSION, AttentionRow, CacheSnapshot, Envelope, Failed, Finished,
-                     FlashTiles, Loading, Prefill, RaceFinished, RaceStarted, Ready, Started,
-                     Token)
+from .events import (SCHEMA_VERSION, STEP_EVENTS, AttentionRow, CacheSnapshot, Envelope, Failed,
+                     Finished, FlashTiles, Loading, Prefill, RaceFinished, RaceStarted, Ready,
+                     Started, Token)
 
 FORMAT = "minillm-recording"
 MAX_LINE = 64 * 2**20        # one event line; the largest real one (an attention row) is < 1 MiB
@@ -227,7 +227,8 @@ class OrderCheck:
     Started, its tokens count up from 0, nothing follows its Finished; a race's runs come
     between its RaceStarted and RaceFinished."""
 
-    RUN_EVENTS = (Started, Prefill, Token, CacheSnapshot, AttentionRow, FlashTiles, Finished)
+    RUN_EVENTS = (Started, Prefill, Token, CacheSnapshot, AttentionRow, FlashTiles, Finished,
+                  *STEP_EVENTS)
 
     def __init__(self) -> None:
         self.t = None
@@ -258,9 +259,10 @@ class OrderCheck:
                 return f"run {env.run} has a {type(ev).__name__} event before it started"
             if state == -1:
                 return f"run {env.run} has a {type(ev).__name__} event after it finished"
+            if isinstance(ev, (Token, *STEP_EVENTS)) and ev.index != state:
+                return (f"run {env.run}: {type(ev).__name__} of token {ev.index} where token "
+                        f"{state} was due")
             if isinstance(ev, Token):
-                if ev.index != state:
-                    return f"run {env.run}: token {ev.index} where token {state} was due"
                 self.runs[env.run] = state + 1
             elif isinstance(ev, Finished):
                 self.runs[env.run] = -1

@@ -1,4 +1,5 @@
-"""What a session is asked to do: run one prompt, or race several settings on the same prompt.
+"""What a session is asked to do: run one prompt, or race several settings on the same prompt —
+and, to a run in step mode that has paused before a token, what to do next.
 
 A request carries `GenerationConfig` as it is (no mirror of its fields), and converts to and
 from JSON for a process boundary, a recording's header or an HTTP body. No torch: the app builds
@@ -10,27 +11,109 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import ConfigError, GenerationConfig
+from .events import run_label
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True, slots=True)
 class RunRequest:
-    """Generate from `prompt` with `config`; every event of the run carries `run_id`."""
+    """Generate from `prompt` with `config`; every event of the run carries `run_id`.
+
+    step: pause before each token (emitting StepPoint and LogitLens) until a `StepCommand`
+    for this run says what to do. forces: ((token index, token id), …) — take these tokens at
+    these indices whatever the sampler chooses, without pausing: a fork made reproducible (the
+    app races one against the unforced run)."""
     prompt: str
     config: GenerationConfig = field(default_factory=GenerationConfig)
     run_id: int = 1
+    step: bool = False
+    forces: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        pairs = tuple(tuple(p) for p in self.forces) if isinstance(self.forces, (list, tuple)) \
+            else None
+        if pairs is None or any(len(p) != 2 or not all(_is_int(x) and x >= 0 for x in p)
+                                for p in pairs):
+            raise ConfigError("forced tokens must be (token index, token id) pairs of "
+                              "non-negative integers")
+        if len({i for i, _ in pairs}) != len(pairs):
+            raise ConfigError("a token index can be forced only once")
+        if self.step and pairs:
+            raise ConfigError("a step-mode run takes its forced tokens as it goes, not in "
+                              "advance")
+        object.__setattr__(self, "forces", tuple(sorted(pairs)))
+
+    @property
+    def label(self) -> str:
+        """"kv/sdpa +c"; a fork (forced tokens) adds where it forks first: "kv/sdpa fork@3"."""
+        cfg = self.config
+        fork = f" fork@{self.forces[0][0]}" if self.forces else ""
+        return run_label(cfg.strategy, cfg.backend, cfg.fast.spec()) + fork
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "config": self.config.to_dict(), "run_id": self.run_id}
+        return {"prompt": self.prompt, "config": self.config.to_dict(), "run_id": self.run_id,
+                "step": self.step, "forces": [list(p) for p in self.forces]}
 
     @classmethod
     def from_json(cls, d: dict) -> "RunRequest":
         if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
             raise ConfigError("a run request needs a 'prompt' string")
         run_id = d.get("run_id", 1)
-        if not isinstance(run_id, int) or isinstance(run_id, bool):
+        if not _is_int(run_id):
             raise ConfigError("a run request's 'run_id' must be an integer")
+        if not isinstance(d.get("step", False), bool):
+            raise ConfigError("a run request's 'step' must be true or false")
+        forces = d.get("forces", [])
+        if not isinstance(forces, list) or not all(isinstance(p, list) for p in forces):
+            raise ConfigError("a run request's 'forces' must be a list of [index, token] pairs")
         return cls(prompt=d["prompt"], config=GenerationConfig.from_dict(d.get("config", {})),
-                   run_id=run_id)
+                   run_id=run_id, step=d.get("step", False),
+                   forces=tuple(tuple(p) for p in forces))
+
+
+STEP_ACTIONS = ("next", "force", "run", "cancel")
+WAKE_UP = -1         # the run id of a cancel that wakes any paused run (run ids are ≥ 0)
+
+
+@dataclass(frozen=True, slots=True)
+class StepCommand:
+    """What a step-mode run that paused before a token does next.
+
+    next    take the sampler's choice — `count` tokens, then pause again
+    force   take `token` instead (the run becomes a fork), then pause again
+    run     take the sampler's choices to the end without pausing
+    cancel  stop the run. Session.cancel sends one with run_id WAKE_UP (no run's id) to wake
+            whichever run is paused; it sets the cancel flag first, and the flag decides.
+    """
+    run_id: int
+    action: str = "next"
+    token: int | None = None
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.action not in STEP_ACTIONS:
+            raise ConfigError(f"unknown step action {self.action!r}; choose one of: "
+                              f"{', '.join(STEP_ACTIONS)}")
+        if not _is_int(self.run_id):
+            raise ConfigError("a step command's 'run_id' must be an integer")
+        if self.action == "force" and not (_is_int(self.token) and self.token >= 0):
+            raise ConfigError("forcing needs a token id (a non-negative integer)")
+        if not _is_int(self.count) or self.count < 1:
+            raise ConfigError(f"a step count must be a positive integer, got {self.count!r}")
+
+    def to_json(self) -> dict:
+        return {"run_id": self.run_id, "action": self.action, "token": self.token,
+                "count": self.count}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StepCommand":
+        if not isinstance(d, dict):
+            raise ConfigError("a step command must be a JSON object")
+        return cls(run_id=d.get("run_id"), action=d.get("action", "next"),
+                   token=d.get("token"), count=d.get("count", 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +130,8 @@ class RaceRequest:
             raise ConfigError("every contestant of a race runs the same prompt")
         if len({r.run_id for r in self.runs}) != len(self.runs):
             raise ConfigError("each contestant of a race needs its own run id")
+        if any(r.step for r in self.runs):
+            raise ConfigError("a race's contestants run without pausing (no step mode)")
 
     @property
     def prompt(self) -> str:

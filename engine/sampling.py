@@ -5,9 +5,15 @@
 Temperature 0 short-circuits to argmax (greedy). Sampling draws from a `torch.Generator` owned by
 the run and always on the CPU, so a seed gives the same tokens on every device, strategy and
 backend (as long as their logits agree).
+
+`shape` walks the same ladder without drawing and keeps each stage, for step mode to show how
+the settings shape the distribution: what the model said, what temperature made of it, which
+tokens each cut removed, and what the draw finally uses.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -82,3 +88,40 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, tup
     top = torch.topk(logp, k) if k else None
     alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top else ()
     return float(logp[token]), alternatives
+
+
+# What removed a token from the draw, in ladder order (0: kept). Greedy keeps only the argmax.
+CUTS = ("", "top-k", "top-p", "min-p", "greedy")
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """One step's distribution at each stage of the ladder, over the whole vocabulary."""
+    model: torch.Tensor      # softmax of the model's logits: what the model says
+    tempered: torch.Tensor   # after repetition penalty and temperature (greedy: penalty only)
+    final: torch.Tensor      # what the draw uses: the cuts applied, renormalised (greedy: one-hot)
+    cut: torch.Tensor        # int8 index into CUTS: which stage removed each token (0: kept)
+
+
+def shape(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor) -> Shaped:
+    """The ladder of `sample`, stage by stage, without drawing. A token's `cut` is the first
+    filter that set it to −∞ (a later one would have too, perhaps, but it was already gone)."""
+    logits = logits.float().cpu()
+    model = torch.softmax(logits, dim=-1)
+    logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    cut = torch.zeros(logits.shape, dtype=torch.int8)
+    if cfg.greedy:
+        tempered = torch.softmax(logits, dim=-1)
+        final = torch.zeros_like(tempered)
+        final[torch.argmax(logits)] = 1.0
+        cut[final == 0] = CUTS.index("greedy")
+        return Shaped(model, tempered, final, cut)
+    logits = logits / cfg.temperature
+    tempered = torch.softmax(logits, dim=-1)
+    for name, keep in (("top-k", lambda x: top_k_filter(x, cfg.top_k)),
+                       ("top-p", lambda x: top_p_filter(x, cfg.top_p)),
+                       ("min-p", lambda x: min_p_filter(x, cfg.min_p))):
+        after = keep(logits)
+        cut[(after == float("-inf")) & (logits != float("-inf"))] = CUTS.index(name)
+        logits = after
+    return Shaped(model, tempered, torch.softmax(logits, dim=-1), cut)

@@ -8,6 +8,10 @@
         …                                                        # RaceStarted, runs, RaceFinished
     session.cancel()                                             # from any thread
 
+    for env in session.run(RunRequest("Deep learning is", run_id=2, step=True)):   # step mode
+        …                            # StepPoint, LogitLens: the run has paused before a token
+    session.step(StepCommand(2, "next"))           # from another thread: next / force / run
+
 Everything a session does comes out as `engine.events` in an `Envelope` (run id, time), so the
 same stream feeds `python main.py run`, the app's engine process, a recording, and later an
 HTTP server. A run that fails ends in `Finished(reason="error", error=…)` instead of raising
@@ -20,24 +24,29 @@ being converted — which would otherwise land in its TTFT (387 ms instead of 10
 the first contestant in the app). Cancelling sets a flag the running request sees at its next
 token; the flag stays set until whoever sends the next request clears it (`clear_cancel`) —
 the app clears it *before* sending, so a stop pressed right after a start cannot be lost.
+
+A step-mode run (engine/stepping.py) waits on the session's `inbox` for StepCommands: by
+default a queue that `step()` fills; the app's engine process hands in its command queue
+instead. `cancel()` also puts a wake-up there, so a paused run stops at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 import time
 from typing import Callable, Iterator
 
-from . import fast
+from . import fast, stepping
 from .attention import backend_names, get_backend
 from .compare import compare
 from .config import FAST_CHOICES, FastPathConfig, GenerationConfig
 from .decoding import StepBuilder, generate
-from .events import (Contestant, Envelope, Event, Finished, RaceFinished, RaceRow, RaceStarted,
-                     Ready, Token, run_label)
+from .events import (Contestant, Envelope, Event, Finished, Forked, RaceFinished, RaceRow,
+                     RaceStarted, Ready, Started, Token)
 from .loader import load_model
-from .requests import RaceRequest, RunRequest
+from .requests import WAKE_UP, RaceRequest, RunRequest, StepCommand
 
 WARMUP_TOKENS = 2      # untimed tokens each race contestant runs first
 
@@ -57,14 +66,16 @@ class Session:
 
     generate, steps: the decoding loop and the fast path's step builder (tests hand in others).
     cancel: the flag a run checks at each token (anything with is_set/set/clear; a
-    multiprocessing Event when another process stops runs). clock: the envelopes' time source.
+    multiprocessing Event when another process stops runs). inbox: where a paused step-mode
+    run reads its StepCommands (anything with get/put). clock: the envelopes' time source.
     """
 
     def __init__(self, lm, *, generate: Callable[..., Iterator[Event]] = generate,
-                 steps: StepBuilder = fast.STEPS, cancel=None,
+                 steps: StepBuilder = fast.STEPS, cancel=None, inbox=None,
                  clock: Callable[[], float] = time.monotonic):
         self.lm, self.generate, self.steps, self.clock = lm, generate, steps, clock
         self.flag = cancel if cancel is not None else threading.Event()
+        self.inbox = inbox if inbox is not None else queue.Queue()
 
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "float32",
@@ -114,7 +125,7 @@ class Session:
         tokens it made."""
         yield self.envelope(race.race_id, RaceStarted(
             prompt=race.prompt, max_new_tokens=max(r.config.max_new_tokens for r in race.runs),
-            contestants=tuple(Contestant(r.run_id, label_of(r.config)) for r in race.runs),
+            contestants=tuple(Contestant(r.run_id, r.label) for r in race.runs),
             warmup_tokens=warmup))
         rows: list[RaceRow] = []
         reference = None                      # (tokens, logits) of the reference run
@@ -127,11 +138,13 @@ class Session:
                                       sampling=shared_seed(request.config.sampling))
             if warmup:
                 self.warm_up(dataclasses.replace(request, config=cfg), warmup)
-            logits, fin = [], None
+            logits, forks, fin = [], [], None
             for event in self._events(dataclasses.replace(request, config=cfg)):
                 if isinstance(event, Token) and event.logits is not None:
                     logits.append(event.logits)          # compared here, never sent on
                     event = dataclasses.replace(event, logits=None)
+                if isinstance(event, Forked):
+                    forks.append(event)
                 if isinstance(event, Finished):
                     fin = event
                 yield self.envelope(request.run_id, event)
@@ -142,10 +155,11 @@ class Session:
                     reference = (row.tokens, logits)
                 elif reference is not None:
                     n = len(row.tokens) if cancelled else None     # stopped: its prefix
-                    c = compare(row.tokens, reference[0][:n], logits, reference[1][:n])
+                    c = compare(row.tokens, reference[0][:n], logits, reference[1][:n], forks)
                     row = dataclasses.replace(row, same_tokens=c.identical,
                                               first_difference=c.first_difference,
-                                              max_logit_delta=c.max_logit_delta)
+                                              max_logit_delta=c.max_logit_delta,
+                                              forced=c.forced)
             rows.append(row)
             if cancelled:
                 break
@@ -160,9 +174,15 @@ class Session:
         for _ in self._events(dataclasses.replace(request, config=cfg)):
             pass
 
+    def step(self, command: StepCommand) -> None:
+        """Tell the paused step-mode run `command.run_id` what to do next (from any thread)."""
+        self.inbox.put(command)
+
     def cancel(self) -> None:
-        """Stop the current request at its next token (a race: the whole race)."""
+        """Stop the current request at its next token (a race: the whole race); a step-mode
+        run paused before a token stops at once."""
         self.flag.set()
+        self.inbox.put(StepCommand(WAKE_UP, "cancel"))
 
     def clear_cancel(self) -> None:
         self.flag.clear()
@@ -171,13 +191,29 @@ class Session:
     def _events(self, request: RunRequest, raise_errors: bool = False) -> Iterator[Event]:
         cfg = request.config
         try:
-            yield from self.generate(self.lm.model, self.lm.tokenizer, request.prompt, cfg,
-                                     cancel=self.flag, steps=self.steps,
-                                     **self._backend_options(cfg))
+            options = self._backend_options(cfg)
+            pause = self._pause(request)
+            if pause is not None:
+                options["pause"] = pause
+            for event in self.generate(self.lm.model, self.lm.tokenizer, request.prompt, cfg,
+                                       cancel=self.flag, steps=self.steps, **options):
+                if request.step and isinstance(event, Started):
+                    event = dataclasses.replace(event, step=True)   # say so to every consumer
+                yield event
         except Exception as exc:          # noqa: BLE001 — a failed run is an event, not a crash
             if raise_errors:
                 raise
             yield Finished(reason="error", tokens=(), text="", error=error_message(exc))
+
+    def _pause(self, request: RunRequest):
+        """What the run does between choosing a token and taking it: stop and wait (step
+        mode), take a forced token (a fork), or nothing."""
+        if request.step:
+            return stepping.step_pause(stepping.Stepper(request.run_id, self.inbox, self.flag),
+                                       self.lm.model)
+        if request.forces:
+            return stepping.forced_pause(request.forces)
+        return None
 
     def _backend_options(self, cfg: GenerationConfig) -> dict:
         """The flash backend records its tile-by-tile softmax state only when attention rows are
@@ -186,10 +222,6 @@ class Session:
             return {}
         return dict(backend=get_backend("flash", self.lm.model.device, tile=cfg.flash_tile,
                                         trace=True))
-
-
-def label_of(cfg: GenerationConfig) -> str:
-    return run_label(cfg.strategy, cfg.backend, cfg.fast.spec())
 
 
 def shared_seed(sampling):

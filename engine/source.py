@@ -12,7 +12,8 @@ beginning (a replay stepping back, a viewer attaching to a session mid-stream).
 A *live* source has a model behind it and also takes requests:
 
     source.submit(request)    an engine.requests.RunRequest or RaceRequest
-    source.cancel()           stop the current request at its next token
+    source.send_step(command)      an engine.requests.StepCommand for a step-mode run that paused
+    source.cancel()           stop the current request at its next token (a paused one at once)
 
 Kinds: tui.bridge.ProcessSource (a session in a child process), tui.fake_engine.FakeSource
 (synthetic events through the same transport, for tests), engine.player.Player (a recording,
@@ -39,5 +40,7 @@ class Source(Protocol):
 
 class LiveSource(Source, Protocol):
     def submit(self, request) -> None: ...
+
+    def send_step(self, command) -> None: ...
 
     def cancel(self) -> None: ...

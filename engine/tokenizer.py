@@ -73,6 +73,12 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token on its own, special tokens spelled out ("<|im_end|>"): for showing a
+        candidate (step mode), not for building text — a lone byte of a multi-byte character
+        shows as "�"."""
+        return self.backend.decode([token_id], skip_special_tokens=False)
+
     def pieces(self, ids) -> list[str]:
         """Cut the decoded text at token boundaries (a partial character joins the next token)."""
         stream = StreamDecoder(self)

@@ -14,6 +14,7 @@ torch.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from functools import partial
 from typing import Iterable
 
@@ -39,8 +40,9 @@ from .screens.main import MainScreen
 from .screens.replay import ReplayScreen
 from .screens.race import RaceScreen, exact_agree, verdict
 from .screens.settings import SettingsScreen
-from .settings import (Settings, choices, fast_description, next_choice, race_started,
-                       sampling_text)
+from .screens.step import StepScreen, to_step_screen
+from .settings import (Settings, choices, fast_description, fork_race, next_choice,
+                       race_started)
 from .shots import save_screenshot
 
 # Keys that ask the engine for something: a replay or a watched session has none to ask.
@@ -67,12 +69,11 @@ class MiniLLMApp(App[int]):
         Binding("s", "cycle('strategy')", "Strategy"),
         Binding("b", "cycle('backend')", "Backend"),
         Binding("f", "cycle('fast')", "Fast"),
-        # (n: reserved for step mode, tui/screens/step.py)
+        Binding("n", "run(True)", "Step mode", show=False),
         Binding("t", "show_race", "Race table", show=False),
         Binding("r", "record", "Record", show=False),
         Binding("S", "screenshot", "Screenshot", show=False),
         Binding("T", "cycle_theme", "Theme", show=False),
-        Binding("C", "cycle_depth", "Colour depth", show=False),
     ]
 
     def __init__(self, settings: Settings | None = None, source: Source | None = None,
@@ -89,7 +90,7 @@ class MiniLLMApp(App[int]):
         self.info: Ready | None = None             # the model, once the source says so
         self.ready_envelope: Envelope | None = None
         self.no_model: str | None = None           # why no model will come (a fatal failure)
-        self.run_counter = 0
+        self.ids = itertools.count(1)              # run and race ids, as requests need them
         self.follow = Follow(follow_every_run=not source.live)
         self.recording = RecordSwitch(self.say, self.settings.record)
         self.share = None                          # tui/share.py's ShareServer with --share
@@ -103,8 +104,7 @@ class MiniLLMApp(App[int]):
         """The panes; steered with the replay keys when the source is a recording."""
         self.main = m = (ReplayScreen(self.source, self.settings.prompt) if self.steerable else
                          MainScreen(self.settings.prompt, read_only=not self.source.live))
-        self.tokens, self.lanes, self.attention = m.tokens, m.lanes, m.attention
-        self.kv, self.latency, self.status = m.kv, m.latency, m.status
+        self.lanes, self.status = m.lanes, m.status
         return m
 
     def on_mount(self) -> None:
@@ -116,12 +116,12 @@ class MiniLLMApp(App[int]):
     def start(self) -> None:
         """The panes are there: draw for this terminal, and start the source."""
         system = self.console.color_system
-        self.attention.depth = self.forced_depth or ramps.depth_of(system)
+        self.main.attention.depth = self.forced_depth or ramps.depth_of(system)
         if system == "256" and not self.forced_depth:
             self.notify("256 colours, so heatmaps are grey; if the terminal has more "
                         "(COLORTERM is often lost over SSH): --truecolor", title="Colours",
                         timeout=10)
-        self.show_settings()
+        self.status.show(self.settings)
         if hasattr(self.source, "url"):            # tui/share.py's WatchSource
             self.main.loading(f"connecting to {self.source.url}…")
             self.status.link = f"watching {self.source.url.removesuffix('/events')}"
@@ -140,11 +140,6 @@ class MiniLLMApp(App[int]):
         self.recording.stop(quiet=True)
         if self.share is not None:
             await self.share.stop()
-
-    def show_settings(self) -> None:
-        s = self.settings
-        self.status.strategy, self.status.backend, self.status.fast = s.strategy, s.backend, s.fast
-        self.status.sampling = sampling_text(s.sampling, s.max_new_tokens)
 
     def say(self, text: str, **kw) -> None:
         """A notification — unless a replay is rebuilding its state after a step back."""
@@ -171,6 +166,7 @@ class MiniLLMApp(App[int]):
         try:
             with self.batch_update():
                 self.route(message.envelopes)
+            to_step_screen(self, message)
         finally:
             self._quiet = False
         if self.steerable:
@@ -192,13 +188,12 @@ class MiniLLMApp(App[int]):
     def ready(self, env: Envelope) -> None:
         self.info, self.ready_envelope, self.no_model = env.event, env, None
         self.main.loaded()
-        self.status.model, self.status.device, self.status.dtype = (
-            env.event.model, env.event.device, env.event.dtype)
+        self.status.show_model(env.event)
         if not self.source.live:
             return
         for text in self.settings.adopt(env.event):
             self.say(text, title="Settings", severity="error", timeout=8)
-        self.show_settings()
+        self.status.show(self.settings)
         self.say(f"{env.event.model} ready on {env.event.device}", timeout=3)
         self.recording.ready(self.settings.to_json(), env)
 
@@ -238,13 +233,13 @@ class MiniLLMApp(App[int]):
             return                         # a run we stopped following
         if in_race:
             self.lanes.feed(run_id, events)
-        for pane in (self.tokens, self.attention, self.kv, self.latency):
-            pane.feed(events)
+        self.follow.see(run_id, events)
+        self.main.feed(events)
         started = next((e for e in events if isinstance(e, Started)), None)
         if started is not None and not self.source.live and not in_race:
             self.settings.take_started(started)
             self.main.prompt.value = started.prompt
-            self.show_settings()
+            self.status.show(self.settings)
         if isinstance(events[-1], Finished):
             self.finish(events[-1], in_race)
 
@@ -266,9 +261,7 @@ class MiniLLMApp(App[int]):
         """Forget everything drawn: a replay delivers the state again from its beginning."""
         if isinstance(self.screen, RaceScreen):
             self.pop_screen()
-        for pane in (self.tokens, self.kv, self.attention, self.latency, self.lanes):
-            pane.clear()
-        self.main.show_lanes(False)
+        self.main.clear()
         self.follow.reset()
         self.status.identical, self.status.delta = None, None
 
@@ -299,25 +292,30 @@ class MiniLLMApp(App[int]):
         self.source.submit(request)       # its events come through the loop, after this turn
         return request
 
-    def action_run(self) -> None:
+    def action_run(self, step: bool = False) -> None:
+        """`enter` runs the prompt; `n` runs it in step mode, on the step screen."""
         request = self.submit(lambda: RunRequest(self.settings.prompt, self.settings.config(),
-                                                 self.next_id()))
+                                                 next(self.ids), step=step))
         if request is not None:
             self.follow.current = request.run_id
             self.main.show_lanes(False)
+            if step:
+                self.push_screen(StepScreen(request.run_id, request))
             if self.info is None:
                 self.say("the model is still loading; the run starts when it is ready")
 
     def action_race(self) -> None:
-        race = self.submit(lambda: self.settings.race(self.next_id(), iter(self.next_id, None),
-                                                      self.info))
+        self.start_race(lambda: self.settings.race(next(self.ids), self.ids, self.info))
+
+    def on_step_screen_race_fork(self, message: StepScreen.RaceFork) -> None:
+        """`R` on a finished fork: race it against the same request unforced."""
+        self.start_race(lambda: fork_race(message.request, message.forces, self.ids))
+
+    def start_race(self, build) -> None:
+        race = self.submit(build)
         if race is not None:
             self.race_started(Envelope(race.race_id, 0.0, race_started(race)))
             self.say(f"racing {len(race.runs)} combinations, one after another")
-
-    def next_id(self) -> int:
-        self.run_counter += 1
-        return self.run_counter
 
     def action_stop(self) -> None:
         if not self.follow.busy:
@@ -331,7 +329,7 @@ class MiniLLMApp(App[int]):
         if refused:
             self.say(refused, severity="error")
             return
-        self.show_settings()
+        self.status.show(self.settings)
         self.status.identical = None       # the badge compared other settings
         if name == "fast" and value:
             self.say(f"fast path: {fast_description(value)}")
@@ -347,7 +345,7 @@ class MiniLLMApp(App[int]):
     def take_sampling(self, result: tuple[dict, int] | None) -> None:
         if result is not None:
             self.settings.sampling, self.settings.max_new_tokens = result
-            self.show_settings()
+            self.status.show(self.settings)
             self.status.identical = None
 
     @on(Input.Changed, "#prompt")
@@ -377,10 +375,6 @@ class MiniLLMApp(App[int]):
     def action_cycle_theme(self) -> None:
         self.theme = next_choice([t.name for t in themes.ALL], self.theme)
         self.say(f"theme: {self.theme}", timeout=2)
-
-    def action_cycle_depth(self) -> None:
-        self.attention.depth = next_choice(["truecolor", "256", "16"], self.attention.depth)
-        self.say(f"heatmap drawn for {self.attention.depth} colours", timeout=2)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

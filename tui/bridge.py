@@ -80,8 +80,18 @@ class QueueSource:
         self.cancel_event.clear()           # clear *before* sending: a stop can't be lost
         self.commands.put(("race" if isinstance(request, RaceRequest) else "run", request))
 
+    def send_step(self, command) -> None:
+        """A StepCommand for the paused step-mode run."""
+        self.commands.put(("step", command))
+
     def cancel(self) -> None:
+        # The flag stops a running request at its next token; the wake-up reaches a step-mode
+        # run paused on the command queue (the engine drops it when nothing is paused).
         self.cancel_event.set()
+        try:
+            self.commands.put(("cancel", None))
+        except (OSError, ValueError):       # already stopped: nothing is paused
+            pass
 
 
 def log_path() -> str:

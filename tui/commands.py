@@ -20,7 +20,7 @@ def app_commands(app: "MiniLLMApp") -> Iterable[SystemCommand]:
     source takes requests (not in a replay or a watched session)."""
     yield SystemCommand("Help", "What each pane shows and why it matters", app.action_help)
     yield SystemCommand("Clear latency chart", "Forget the lines drawn so far",
-                        app.latency.action_clear_history)
+                        app.main.latency.action_clear_history)
     if not app.source.live:
         return
     yield SystemCommand("Run", "Generate from the prompt", app.action_run)

@@ -9,9 +9,17 @@ child starts: the app imports it for `child_main`, so the session (and torch wit
 imported inside the child only.
 
 Protocol (plain picklable values):
-    app → engine   ("run", engine.requests.RunRequest) | ("race", RaceRequest) | None (stop)
+    app → engine   ("run", engine.requests.RunRequest) | ("race", RaceRequest)
+                   | ("step", engine.requests.StepCommand)   to a step-mode run that paused
+                   | ("cancel", None)   a wake-up for a paused run, sent with every cancel
+                   | None (stop)
                    plus a shared cancel Event, set by the app to stop the current run or race
     engine → app   ("events", [envelope JSON, …])
+
+The child reads the command queue in one place, `Inbox`: between requests for the next request,
+while a step-mode run is paused (as the session's inbox) for its next StepCommand. It blocks on
+the queue — no polling — but wakes every few seconds to check that the app is still there, so
+an app that was killed never leaves the child waiting forever.
 
 Everything the engine says — loading progress, ready, a failure, every run's and race's events
 — is an `engine.events.Envelope` in its JSON form (`Envelope.to_json`), the same form `run
@@ -23,17 +31,87 @@ so the app receives and repaints at ~12 Hz whatever the token rate.
 from __future__ import annotations
 
 import gc
+import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
 import time
+from collections import deque
 from typing import Any, Callable, Iterable
 
 from engine.events import Envelope, Failed, Finished, Loading, RaceFinished
+from engine.requests import WAKE_UP, StepCommand
 
 FLUSH_INTERVAL_S = 1 / 12
-# Events that are sent at once: a run or race starting or ending should not wait for a batch.
-PROMPT_TYPES = ("started", "finished", "race_started", "race_finished", "ready", "failed")
+# Events that are sent at once: a run or race starting or ending should not wait for a batch,
+# nor a step-mode run that shows its lens and then waits for the app (its last event before it
+# pauses — nothing would come to flush the batch).
+PROMPT_TYPES = ("started", "finished", "race_started", "race_finished", "ready", "failed",
+                "lens")
+
+
+PARENT_CHECK_S = 2.0     # how often a waiting child checks that the app still exists
+
+
+class Inbox:
+    """The child's one reader of the app's command queue (`get(timeout=…)`).
+
+    `next_request()` is the serving loop's side: the next ("run" | "race", request), or None
+    when the app is gone. `get()` is a paused step-mode run's side (Session.inbox): the next
+    StepCommand — a ("cancel", None) wake-up becomes StepCommand(WAKE_UP, "cancel") — or None
+    when the app is gone. A request that arrives while a run is paused waits its turn; a step
+    command or wake-up that arrives with nothing paused is stale and dropped. `put` is the
+    session's own wake-up (Session.cancel), read first.
+    """
+
+    def __init__(self, get: Callable[..., Any], parent_alive: Callable[[], bool] = lambda: True,
+                 check_s: float = PARENT_CHECK_S):
+        self._get, self.parent_alive, self.check_s = get, parent_alive, check_s
+        self.requests: deque = deque()
+        self.local: deque = deque()
+        self.closed = False
+
+    def _next(self):
+        while not self.closed:
+            try:
+                item = self._get(timeout=self.check_s)
+            except queue.Empty:
+                self.closed = not self.parent_alive()
+                continue
+            except (EOFError, OSError, ValueError):     # the queue itself is gone
+                self.closed = True
+                break
+            if item is None:
+                self.closed = True
+                break
+            return item
+        return None
+
+    def get(self) -> StepCommand | None:
+        while not self.local:
+            item = self._next()
+            if item is None:
+                return None
+            kind, payload = item
+            if kind == "step":
+                return payload
+            if kind == "cancel":
+                return StepCommand(WAKE_UP, "cancel")
+            self.requests.append(item)
+        return self.local.popleft()
+
+    def put(self, command: StepCommand) -> None:
+        self.local.append(command)
+
+    def next_request(self):
+        while not self.requests:
+            item = self._next()
+            if item is None:
+                return None
+            if item[0] in ("run", "race"):
+                return item
+        return self.requests.popleft()
 
 
 class EngineLoop:
@@ -68,9 +146,14 @@ class EngineLoop:
         return True
 
     # ------------------------------------------------------------------ serving
-    def serve(self, get: Callable[[], Any]) -> None:
+    def serve(self, get: Callable[..., Any], parent_alive: Callable[[], bool] = lambda: True
+              ) -> None:
+        """Serve the requests `get(timeout=…)` reads until it says None (or the app is gone)."""
+        inbox = Inbox(get, parent_alive)
+        if self.session is not None:
+            self.session.inbox = inbox          # where a paused step-mode run waits
         while True:
-            cmd = get()
+            cmd = inbox.next_request()
             if cmd is None:
                 return
             kind, request = cmd
@@ -127,7 +210,8 @@ def child_main(spec, device, dtype, commands, results, cancel, log_path: str | N
     apply_threads(threads_beside(1))
     loop.load(lambda progress: Session.load(spec, device, dtype, progress=progress,
                                             cancel=cancel))
+    parent = mp.parent_process()
     try:
-        loop.serve(commands.get)
+        loop.serve(commands.get, lambda: parent is None or parent.is_alive())
     except (KeyboardInterrupt, EOFError, OSError):
         pass

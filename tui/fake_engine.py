@@ -6,7 +6,9 @@ real `engine.session.Session` (so races are compared by the engine's own code) w
 from a fixed text, a cache that fills like `kv`/`paged`/`naive` would, attention rows that look
 at the start and the recent past, per-token latencies that grow with position for `naive`, and
 for `flash` the online-softmax running max and sum of made-up scores, computed tile by tile as
-the real backend does.
+the real backend does. In step mode (and for forced tokens) it pauses through the engine's own
+`Stepper` (engine/stepping.py), with a made-up distribution and logit lens: the transport, the
+waiting and the forking are the real ones.
 """
 
 from __future__ import annotations
@@ -50,11 +52,73 @@ def flash_tiles(scores: np.ndarray, tile: int) -> tuple[tuple[float, ...], tuple
     return tuple(ms), tuple(ls)
 
 
+class FakeRun:
+    """What a pause (engine/stepping.py) reads of a run: the tokens so far and how to spell one."""
+
+    def __init__(self, n_prompt: int):
+        self.n_prompt = n_prompt
+        self.generated: list[int] = []
+        self.tokenizer = SimpleNamespace(token_text=lambda i: " " + WORDS[i % len(WORDS)])
+
+    @property
+    def seq(self) -> list[int]:
+        return list(range(self.n_prompt)) + self.generated
+
+
+def fake_step_events(run: FakeRun, token: int, cfg):
+    """A believable StepPoint and LogitLens for the pause before `token`: the chosen word most
+    likely, its neighbours in WORDS less and less so; temperature, top-k and greedy shape and cut
+    them as the real sampler would; the lens finds the word at layer 2 of 4 (for a lossy fast
+    path the exact model's lens agrees until layer 3)."""
+    from engine.events import Candidate, LensLayer, LogitLens, StepPoint
+    vocab = len(WORDS)
+    logits = -0.8 * ((np.arange(vocab) - token) % vocab).astype(np.float64)
+    model = np.exp(logits - logits.max())
+    model /= model.sum()
+    s = cfg.sampling
+    t = s.temperature or 1.0
+    tempered = np.exp((logits - logits.max()) / t)
+    tempered /= tempered.sum()
+    order = [int(i) for i in np.argsort(-tempered, kind="stable")]
+    cut = {}
+    for rank, i in enumerate(order):
+        if s.temperature == 0 and rank > 0:
+            cut[i] = "greedy"
+        elif s.top_k is not None and rank >= s.top_k:
+            cut[i] = "top-k"
+    final = np.where([i not in cut for i in range(vocab)], tempered, 0.0)
+    final /= final.sum()
+    text = run.tokenizer.token_text
+    candidates = tuple(Candidate(id=i, text=text(i), model=float(model[i]),
+                                 tempered=float(tempered[i]), final=float(final[i]),
+                                 cut=cut.get(i, "")) for i in order[:10])
+    index, position = len(run.generated), len(run.seq)
+    point = StepPoint(index=index, position=position, candidates=candidates, chosen=token,
+                      kept=vocab - len(cut), vocab=vocab)
+
+    def layers(found_at: int, seen: int):
+        out = []
+        for layer in range(N_LAYERS):
+            top = token if layer >= found_at else (seen + 3 * layer) % vocab
+            ids = (top, (top + 1) % vocab, (top + 2) % vocab)
+            p = 0.3 + 0.15 * layer
+            out.append(LensLayer(layer=layer, ids=ids, texts=tuple(text(i) for i in ids),
+                                 probs=(p, (1 - p) / 2, (1 - p) / 4)))
+        return tuple(out)
+    lossy = cfg.fast.weights != "same"
+    lens = LogitLens(index=index, position=position, layers=layers(2, 5),
+                     exact=layers(3, 5) if lossy else (), fast=cfg.fast.spec() if lossy else "")
+    return point, lens
+
+
 def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay: float = 0.0,
-                  diverge: dict[str, int] | None = None, flash_tile: int | None = None):
+                  diverge: dict[str, int] | None = None, flash_tile: int | None = None,
+                  pause=None):
     """diverge: {run label: index}, that contestant's tokens differ from `index` on
     (to show a race that disagrees); flash_tile: a tile size for the flash events other than
-    cfg.flash_tile (64 keys make one tile for a short demo)."""
+    cfg.flash_tile (64 keys make one tile for a short demo); pause: what engine/decoding.py's
+    `generate` takes (step mode, forced tokens) — after a forced token the text goes on from the
+    forced word."""
     from engine.config import ConfigError
     from engine.events import (AttentionRow, CacheSnapshot, CacheStats, Finished, FlashTiles,
                                Prefill, SequenceBlocks, Started, Token, run_label)
@@ -74,7 +138,9 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay:
     bpt = 2 * N_LAYERS * N_KV * HEAD_DIM * 4
     capacity = n_prompt + cfg.max_new_tokens
     rng = np.random.default_rng(0)
-    tokens, latencies = [], []
+    run = FakeRun(n_prompt)
+    tokens, latencies = run.generated, []
+    shift = 0                       # a fork moves the rest of the text along WORDS
     reason = "length"
     split = (diverge or {}).get(run_label(cfg.strategy, cfg.backend, cfg.fast.spec()))
     tile = flash_tile or cfg.flash_tile
@@ -93,14 +159,22 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay:
                           seconds=0.02)
         lat = 0.02 + (0.0004 * seq if cfg.strategy == "naive" else 0.0) + 0.001 * (index % 3)
         latencies.append(lat)
-        tok = index % len(WORDS)
+        tok = (index + shift) % len(WORDS)
         if split is not None and index >= split:
             tok = (tok + 7) % len(WORDS)
-        tokens.append(tok)
         logits = np.zeros(64, dtype=np.float32)
         logits[tok % 64] = 10.0
         if cfg.backend == "naive":
             logits = logits + np.float32(1e-6)      # a rounding-sized difference
+        if pause is not None:
+            chosen = tok
+            tok = yield from pause(run, logits, tok)
+            if tok is None:
+                latencies.pop()
+                reason = "cancelled"
+                break
+            shift += tok - chosen
+        tokens.append(tok)
         yield Token(id=tok, text=" " + WORDS[tok], position=seq, index=index, latency_s=lat,
                     logits=logits if cfg.keep_logits else None)
         held = seq + 1
@@ -159,13 +233,27 @@ def fake_ready():
 
 
 class FakeSession(Session):
-    """A real session (its race, its comparisons) over fake_generate and a made-up model."""
+    """A real session (its race, its comparisons, its stepping) over fake_generate and a
+    made-up model."""
 
     def ready(self):
         return fake_ready()
 
     def _backend_options(self, cfg):
         return {}
+
+    def _pause(self, request):
+        if not request.step:
+            return super()._pause(request)         # forced tokens: the engine's own pause
+        from engine.stepping import Stepper
+        stepper = Stepper(request.run_id, self.inbox, self.flag)
+
+        def pause(run, logits, token):
+            return (yield from stepper.pause(
+                len(run.generated), len(run.seq), token,
+                lambda: fake_step_events(run, token, request.config),
+                run.tokenizer.token_text, len(WORDS)))
+        return pause
 
 
 class FakeSource(QueueSource):
@@ -188,9 +276,9 @@ class FakeSource(QueueSource):
         self.loop = EngineLoop(self.results.put, flush_interval, freeze_gc=False)
         self._thread = threading.Thread(target=self._serve, name="fake-engine", daemon=True)
 
-    def _generate(self, model, tokenizer, prompt, cfg, cancel=None, steps=None):
+    def _generate(self, model, tokenizer, prompt, cfg, cancel=None, steps=None, pause=None):
         return fake_generate(model, tokenizer, prompt, cfg, cancel, delay=self.delay,
-                             diverge=self.diverge, flash_tile=self.flash_tile)
+                             diverge=self.diverge, flash_tile=self.flash_tile, pause=pause)
 
     def _open_session(self, progress):
         progress("loading fake model", 0.5)

@@ -7,10 +7,11 @@ events of a run the app stopped following (a run stopped, then a new one started
 
 from __future__ import annotations
 
-from engine.events import (AttentionRow, CacheSnapshot, Finished, FlashTiles, Prefill,
-                           RaceFinished, RaceStarted, Started, Token)
+from engine.events import (STEP_EVENTS, AttentionRow, CacheSnapshot, Finished, FlashTiles,
+                           Forked, Prefill, RaceFinished, RaceStarted, Started, Token)
 
-RUN_EVENTS = (Started, Prefill, Token, CacheSnapshot, AttentionRow, FlashTiles, Finished)
+RUN_EVENTS = (Started, Prefill, Token, CacheSnapshot, AttentionRow, FlashTiles, Finished,
+              *STEP_EVENTS)
 
 
 def split(envelopes):
@@ -41,6 +42,7 @@ class Follow:
         self.race: dict[int, str] = {}
         self.last_race: RaceFinished | None = None
         self.last_single: tuple | None = None      # (comparison key, tokens) of the last run
+        self.forked: set[int] = set()              # step-mode runs with a forced token
 
     @property
     def busy(self) -> bool:
@@ -62,11 +64,19 @@ class Follow:
             self.current = run_id
         return run_id == self.current
 
+    def see(self, run_id: int, events: list) -> None:
+        """Note a run that forks (a forced token): no baseline for "same tokens as before"."""
+        if any(isinstance(e, Forked) for e in events):
+            self.forked.add(run_id)
+
     def same_as_before(self, key: tuple, tokens: tuple) -> bool | None:
         """A finished single run: the same tokens as the last one with the same key (prompt,
-        sampling, length)? None when there is nothing to compare with."""
-        before, self.last_single = self.last_single, (key, tokens)
+        sampling, length)? None when there is nothing to compare with, or the run forked."""
+        forked = self.current in self.forked
+        before, self.last_single = self.last_single, None if forked else (key, tokens)
         self.current = None
+        if forked:
+            return None
         return before[1] == tokens if before is not None and before[0] == key else None
 
     def reset(self) -> None:

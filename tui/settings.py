@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.config import (FAST_CHOICES, STRATEGIES, ConfigError, FastPathConfig,
                            GenerationConfig, SamplingConfig)
-from engine.events import Contestant, RaceStarted, run_label
+from engine.events import Contestant, RaceStarted
 from engine.requests import RaceRequest, RunRequest
 
 BACKENDS = ("naive", "sdpa", "flash", "triton")     # before the model says which can run
@@ -178,11 +178,18 @@ def choices(name: str, ready) -> dict[str, str | None]:
     return known or dict.fromkeys(BACKENDS if name == "backend" else FAST_CHOICES)
 
 
+def fork_race(request: RunRequest, forces, run_ids) -> RaceRequest:
+    """A step-mode fork (`forces`: its forced (index, token) pairs) against the same request
+    unforced, neither stepping: the race shows where and why their texts part."""
+    plain = dataclasses.replace(request, step=False, run_id=next(run_ids))
+    fork = dataclasses.replace(plain, forces=tuple(forces), run_id=next(run_ids))
+    return RaceRequest(next(run_ids), (plain, fork))
+
+
 def race_started(race: RaceRequest) -> RaceStarted:
     """What the engine will say when `race` starts, for drawing its lanes at once."""
-    return RaceStarted(race.prompt, tuple(
-        Contestant(r.run_id, run_label(r.config.strategy, r.config.backend, r.config.fast.spec()))
-        for r in race.runs), max(r.config.max_new_tokens for r in race.runs))
+    return RaceStarted(race.prompt, tuple(Contestant(r.run_id, r.label) for r in race.runs),
+                       max(r.config.max_new_tokens for r in race.runs))
 
 
 def next_choice(choices, current):

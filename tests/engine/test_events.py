@@ -26,9 +26,13 @@ STATS = E.CacheStats(kind="paged", tokens=7, capacity=16, n_layers=2, bytes_per_
                      bytes_used=3584, bytes_reserved=8192, bytes_without_gqa=16384,
                      block_size=8, blocks_total=2, blocks_used=1,
                      sequences=(E.SequenceBlocks(0, (1,), 7, 1),))
+FORKED = E.Forked(index=2, position=5, token=7, text=" cat", instead=9, instead_text=" dog")
 ROW = E.RaceRow(strategy="kv", backend="sdpa", reason="length", tokens=(5, 6, 7), text=" a b",
                 ttft_s=0.1, tpot_s=0.02, tokens_per_s=50.0, peak_memory_bytes=10, kv_bytes=20,
-                same_tokens=False, max_logit_delta=2.5e-5, fast="c", run=3, first_difference=2)
+                same_tokens=False, max_logit_delta=2.5e-5, fast="c", run=3, first_difference=2,
+                forced=FORKED)
+LENS = tuple(E.LensLayer(layer=i, ids=(7, 9), texts=(" cat", "<|im_end|>"), probs=(0.5, 0.25))
+             for i in range(3))
 
 # One of every event type, with every optional field set to something other than its default.
 SAMPLES = [
@@ -42,12 +46,18 @@ SAMPLES = [
     E.RaceFinished(prompt="Deep", rows=(ROW,), cancelled=True),
     E.Started(strategy="paged", backend="flash", device="cpu", dtype="float32", prompt="Hé 🙂",
               max_new_tokens=9, fast="c+int8",
-              sampling=SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, seed=3)),
+              sampling=SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, seed=3), step=True),
     E.Prefill(prompt_tokens=(1, 2, 3), prompt_pieces=("H", "é", " 🙂"), seconds=0.01),
     E.Token(id=42, text=" wor", position=3, index=0, latency_s=0.031),
     E.CacheSnapshot(stats=STATS),
     E.AttentionRow.of(3, np.random.default_rng(0).random((2, 4, 4)).astype(np.float32)),
     E.FlashTiles(layer=1, head=0, tile_size=4, running_max=(0.5, 1.25), running_sum=(1.0, 2.5)),
+    E.StepPoint(index=2, position=5, candidates=(
+        E.Candidate(id=9, text=" dog", model=0.5, tempered=0.6, final=1.0),
+        E.Candidate(id=7, text=" cat", model=0.25, tempered=0.2, final=0.0, cut="top-k")),
+        chosen=9, kept=1, vocab=256),
+    E.LogitLens(index=2, position=5, layers=LENS, exact=LENS[:2], fast="int8"),
+    FORKED,
     E.Finished(reason="error", tokens=(42, 7), text=" world", metrics=METRICS, tail="\ufffd",
                error="boom"),
     # the batching engine's (engine/batch.py)
@@ -179,3 +189,20 @@ def test_events_import_without_torch_or_numpy():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[1.0, 0.502]"
+
+
+def test_the_step_events_say_where_the_answer_forms_and_where_a_fork_differs():
+    def layer(i, top):
+        return E.LensLayer(layer=i, ids=(top,), texts=(str(top),), probs=(0.5,))
+    lens = E.LogitLens(index=0, position=3, layers=tuple(layer(i, t) for i, t in
+                                                         enumerate((4, 7, 5, 7, 7))),
+                       exact=tuple(layer(i, t) for i, t in enumerate((4, 7, 6, 7, 7))))
+    assert lens.settles_at == 3             # 7 from layer 3 on (layer 1's 7 did not last)
+    assert lens.parts_at == 2               # the first layer whose top choices differ
+    assert dataclasses.replace(lens, exact=lens.layers).parts_at is None
+    assert dataclasses.replace(lens, layers=()).settles_at is None
+    assert ROW.label == "kv/sdpa +c fork@2"
+    assert ROW.difference == "differs from token 2: forced ' cat' instead of ' dog'"
+    plain = dataclasses.replace(ROW, forced=None)
+    assert plain.difference == "differs from token 2" and plain.label == "kv/sdpa +c"
+    assert dataclasses.replace(ROW, first_difference=None).difference == ""

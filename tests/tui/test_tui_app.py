@@ -216,6 +216,8 @@ async def test_help_opens_scrollable_at_once_and_closes():
         assert app.focused is scroll                 # no Tab needed before the keys scroll
         await pilot.press("pagedown")
         assert scroll.scroll_y > 0
+        from tui.screens.help import HELP
+        assert HELP.count("**Why it matters:**") == 8          # 7 panes and step mode
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
 

@@ -37,7 +37,7 @@ async def test_race_lanes_stream_side_by_side_and_end_in_the_table():
         lanes = app.query_one(RaceLanes)
         combos = [lane.label for lane in lanes.lanes]
         assert combos == ["naive/sdpa", "kv/sdpa", "paged/sdpa", "kv/naive", "kv/flash",
-                          "kv/sdpa +c", "kv/sdpa +fuse+cols"]
+                          "kv/sdpa +c", "kv/sdpa +c+gguf", "kv/sdpa +fuse+cols"]
         assert lanes.display and not app.query_one(TokenStream).display
         # While the third contestant runs, the first two keep their text and numbers.
         third = lanes.lanes[2]

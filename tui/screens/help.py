@@ -49,6 +49,22 @@ and `fp16` store the weights in fewer bytes — lossy, and the race shows where 
 bandwidth plus overhead; these options remove overhead or bytes, and only the lossy ones may
 change the answer (docs/fast_path.md has the numbers).
 
+## Step mode
+`n` runs the prompt one token at a time. Before each token the run stops and shows the
+candidates: a bar for each after repetition penalty and temperature, then what the draw uses
+once top-k / top-p / min-p have cut (cut ones greyed and struck through, with the cut that
+removed them) and what the model itself said; ◆ marks the sampler's choice. Beside them the
+**logit lens**: each layer's residual stream read through the final norm and the LM head —
+what the model would say if it stopped at that layer; the row where the answer settles is
+marked. With a lossy fast path (`int8`, `fp16`) the exact model's lens stands beside it, and the
+first layer where their top choices part is marked ✗.
+Keys: `n` / `space` next token · `N` ten more · `↑` `↓` or `1`…`0` pick a candidate, `enter`
+takes it — another one than ◆ *forces* it and the run becomes a **fork** · `e` to the end
+without stopping · `x` stop · `R` (after a fork has finished) races the fork against the
+unforced run: the verdict says from which token it differs and why · `escape` back to the panes.
+**Why it matters:** sampling settings only reshape one distribution per step — here you see
+them cut it; and a stepped run takes exactly the tokens of an unstepped one.
+
 ## Latency
 Milliseconds per token against position, this run over the previous ones; TTFT, TPOT, tokens/s
 and peak memory. **Why it matters:** `naive` recomputes the whole sequence each step, so its line
@@ -63,6 +79,7 @@ that changes the output is a bug, not a speed-up.
 `/` edit the prompt (`enter` runs it, `escape` leaves it) · `enter` run · `x` stop ·
 `s` / `b` / `f` cycle strategy / backend / fast path · `o` sampling settings ·
 `R` race (the same prompt through every strategy/backend) · `t` last race table ·
+`n` step mode (one token at a time) ·
 `l` race lanes ↔ token stream · `r` record to a file (again: stop) · `S` screenshot (SVG) ·
 `T` theme · `C` colour depth (truecolor/256/16) · `ctrl+p` commands · `?` this help · `q` quit.
 

@@ -38,6 +38,7 @@ class MainScreen(Screen):
         Binding("3", "focus_pane('kv')", "KV pane", show=False),
         Binding("4", "focus_pane('latency')", "Latency pane", show=False),
         Binding("l", "toggle_lanes", "Race lanes", show=False),
+        Binding("C", "cycle_depth", "Colour depth", show=False),
     ]
 
     class Ready(Message):
@@ -93,6 +94,25 @@ class MainScreen(Screen):
 
     def loaded(self) -> None:
         self.query_one("#loading").add_class("-done")
+
+    def feed(self, events: list) -> None:
+        """One run's batch of events to every pane that draws a run."""
+        for pane in (self.tokens, self.attention, self.kv, self.latency):
+            pane.feed(events)
+
+    def clear(self) -> None:
+        """Forget everything drawn (a replay delivers the state again from its beginning)."""
+        for pane in (self.tokens, self.kv, self.attention, self.latency, self.lanes):
+            pane.clear()
+        self.show_lanes(False)
+
+    def action_cycle_depth(self) -> None:
+        """`C`: draw the heatmaps for truecolor, 256 or 16 colours (over SSH the terminal's
+        depth is often misreported)."""
+        depths = ["truecolor", "256", "16"]
+        depth = self.attention.depth
+        self.attention.depth = depths[(depths.index(depth) + 1) % 3 if depth in depths else 0]
+        self.notify(f"heatmap drawn for {self.attention.depth} colours", timeout=2)
 
     def show_lanes(self, show: bool) -> None:
         """The race lanes in the token stream's place (show) or the token stream back."""

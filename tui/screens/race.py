@@ -57,12 +57,14 @@ def verdict(race: RaceFinished) -> str:
     partial = "".join(f"; {r.label} stopped, compared on its {len(r.tokens)} tokens"
                       for r in stopped)
     differ = [r for r in rows if not r.same_tokens]
-    unexpected = [r for r in differ if not lossy(r)]
+    forks = [r for r in differ if r.forced is not None]   # a forced token: says where and why
+    unexpected = [r for r in differ if not lossy(r) and r.forced is None]
     if not differ:
         return f"✓ all {len(rows) + 1} contestants that ran produced identical tokens{partial}{d}"
     if not unexpected:
-        where = ", ".join(f"{r.label} from token {r.first_difference}" for r in differ)
-        return (f"✓ every exact contestant produced identical tokens; the lossy ones differ, "
+        where = ", ".join(f"{r.label} {r.difference}" for r in differ)
+        kind = "the forks and lossy ones" if forks else "the lossy ones"
+        return (f"✓ every exact contestant produced identical tokens; {kind} differ, "
                 f"as expected: {where}{partial}{d}")
     return (f"✗ tokens differ from the first contestant: "
             f"{', '.join(f'{r.label} from token {r.first_difference}' for r in unexpected)}"

@@ -6,6 +6,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from ..settings import sampling_text
+
 
 class StatusBar(Widget):
     """One line: [replay position │] [● rec] [sharing │] model · device · dtype │
@@ -47,6 +49,15 @@ class StatusBar(Widget):
     """The app is writing a recording."""
     link: reactive[str] = reactive("")
     """Sharing or watching a session ("shared on 127.0.0.1:8765 · 2 watching")."""
+
+    def show(self, settings) -> None:
+        """The next run's settings (tui/settings.py's Settings)."""
+        self.strategy, self.backend, self.fast = settings.strategy, settings.backend, settings.fast
+        self.sampling = sampling_text(settings.sampling, settings.max_new_tokens)
+
+    def show_model(self, ready) -> None:
+        """The loaded model (engine.events.Ready)."""
+        self.model, self.device, self.dtype = ready.model, ready.device, ready.dtype
 
     def render(self) -> Text:
         width = self.content_region.width or self.size.width
