@@ -139,6 +139,11 @@ class RaceRow:
     run: int = 0                     # the contestant's run id
     first_difference: int | None = None   # first token index that differs from the reference
     forced: Forked | None = None     # the token forced at first_difference: why it differs
+    # A remote contestant (engine/remote.py): how its tokens were compared with the reference
+    # ("token ids", "token texts", "text"), or why not; and the server's own figures.
+    comparison: str = ""
+    server_timings: dict[str, float] = field(default_factory=dict)
+    server_metrics: RunMetrics | None = None
 
     @property
     def label(self) -> str:

@@ -9,6 +9,7 @@ requests in a process that never loads a model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from .config import ConfigError, GenerationConfig
 from .events import run_label
@@ -19,18 +20,42 @@ def _is_int(x) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class Remote:
+    """Run on an OpenAI-compatible server instead of the local model (engine/remote.py): its
+    URL and, if not the one it lists, its model id. The API key is not part of a request (a
+    request goes into recordings): the engine reads it from the environment."""
+    url: str
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise ConfigError("a remote run needs the server's URL")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ConfigError("a remote run's model must be a string")
+
+    @property
+    def name(self) -> str:
+        """How the lane is named: the server's host:port ("127.0.0.1:8000")."""
+        url = self.url.strip()
+        return urlsplit(url if "://" in url else "http://" + url).netloc or url
+
+
+@dataclass(frozen=True, slots=True)
 class RunRequest:
     """Generate from `prompt` with `config`; every event of the run carries `run_id`.
 
     step: pause before each token (emitting StepPoint and LogitLens) until a `StepCommand`
     for this run says what to do. forces: ((token index, token id), …) — take these tokens at
     these indices whatever the sampler chooses, without pausing: a fork made reproducible (the
-    app races one against the unforced run)."""
+    app races one against the unforced run). remote: run it on that server instead
+    (engine/remote.py) — the config's sampling and length go with it; strategy, backend and
+    fast path are the server's business."""
     prompt: str
     config: GenerationConfig = field(default_factory=GenerationConfig)
     run_id: int = 1
     step: bool = False
     forces: tuple[tuple[int, int], ...] = ()
+    remote: Remote | None = None
 
     def __post_init__(self) -> None:
         pairs = tuple(tuple(p) for p in self.forces) if isinstance(self.forces, (list, tuple)) \
@@ -45,17 +70,25 @@ class RunRequest:
             raise ConfigError("a step-mode run takes its forced tokens as it goes, not in "
                               "advance")
         object.__setattr__(self, "forces", tuple(sorted(pairs)))
+        if self.remote is not None and (self.step or pairs):
+            raise ConfigError("a remote run cannot pause or force tokens: the server samples")
 
     @property
     def label(self) -> str:
-        """"kv/sdpa +c"; a fork (forced tokens) adds where it forks first: "kv/sdpa fork@3"."""
+        """"kv/sdpa +c"; a fork (forced tokens) adds where it forks first: "kv/sdpa fork@3";
+        a remote run: "remote/127.0.0.1:8000"."""
+        if self.remote is not None:
+            return run_label("remote", self.remote.name)
         cfg = self.config
         fork = f" fork@{self.forces[0][0]}" if self.forces else ""
         return run_label(cfg.strategy, cfg.backend, cfg.fast.spec()) + fork
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "config": self.config.to_dict(), "run_id": self.run_id,
-                "step": self.step, "forces": [list(p) for p in self.forces]}
+        d = {"prompt": self.prompt, "config": self.config.to_dict(), "run_id": self.run_id,
+             "step": self.step, "forces": [list(p) for p in self.forces]}
+        if self.remote is not None:
+            d["remote"] = {"url": self.remote.url, "model": self.remote.model}
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "RunRequest":
@@ -69,9 +102,14 @@ class RunRequest:
         forces = d.get("forces", [])
         if not isinstance(forces, list) or not all(isinstance(p, list) for p in forces):
             raise ConfigError("a run request's 'forces' must be a list of [index, token] pairs")
+        remote = d.get("remote")
+        if remote is not None and not isinstance(remote, dict):
+            raise ConfigError("a run request's 'remote' must be {\"url\": …, \"model\": …}")
         return cls(prompt=d["prompt"], config=GenerationConfig.from_dict(d.get("config", {})),
                    run_id=run_id, step=d.get("step", False),
-                   forces=tuple(tuple(p) for p in forces))
+                   forces=tuple(tuple(p) for p in forces),
+                   remote=None if remote is None else Remote(remote.get("url"),
+                                                             remote.get("model")))
 
 
 STEP_ACTIONS = ("next", "force", "run", "cancel")
@@ -118,8 +156,9 @@ class StepCommand:
 
 @dataclass(frozen=True, slots=True)
 class RaceRequest:
-    """The same prompt through each run in turn; the first that finishes without an error is
-    the reference the others are compared with (engine/compare.py)."""
+    """The same prompt through each run in turn; the first local run that finishes without an
+    error is the reference the others are compared with (engine/compare.py) — a remote run
+    (`RunRequest.remote`) is compared with it, never the reference itself."""
     race_id: int
     runs: tuple[RunRequest, ...]
 
