@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import queue
 import socket
@@ -55,7 +56,7 @@ from .compare import Comparison, compare
 from .config import ConfigError, GenerationConfig
 from .events import Envelope, Failed, Finished, Ready, Started, Token
 from .metrics import compute_metrics
-from .requests import RaceRequest, RunRequest
+from .requests import REMOTE, RaceRequest, RunRequest
 from .source import Deliver
 
 API_KEY_ENV = ("MINILLM_API_KEY", "OPENAI_API_KEY")
@@ -128,6 +129,7 @@ class Connection:
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         kw = {"context": ssl.create_default_context()} if parts.scheme == "https" else {}
         self.conn = kind(parts.hostname, parts.port, timeout=endpoint.timeout, **kw)
+        self.sock = None
         self.closed = False
 
     def request(self, method: str, path: str, body: dict | None = None):
@@ -149,6 +151,8 @@ class Connection:
                                       f"is the address right, and the port open?",
                                       user_error=True) from None
                 self.conn.sock.settimeout(self.endpoint.timeout)
+                self.sock = self.conn.sock    # kept: a response that ends with the
+                                              # connection takes it from `conn`
             self.conn.request(method, self.path_prefix + path, body=data, headers=headers)
             resp = self.conn.getresponse()
         except (ConnectionRefusedError, socket.gaierror) as exc:
@@ -167,7 +171,7 @@ class Connection:
     def close(self) -> None:
         """Safe from any thread: shut the socket so a blocked read returns now."""
         self.closed = True
-        sock = self.conn.sock
+        sock = self.conn.sock or self.sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -294,7 +298,7 @@ def stream_events(endpoint: Endpoint, request: RunRequest, *, chat: bool = False
     message when the server fails mid-stream; a RemoteError before anything streamed).
     `on_connection(conn)` hands the connection to whoever may cancel (then None when done)."""
     cfg = request.config
-    yield Started(strategy="remote", backend=endpoint.model, device=endpoint.base, dtype="",
+    yield Started(strategy=REMOTE, backend=endpoint.model, device=endpoint.base, dtype="",
                   prompt=request.prompt, max_new_tokens=cfg.max_new_tokens,
                   sampling=cfg.sampling)
     conn = Connection(endpoint)
@@ -473,6 +477,20 @@ def _foreign_vocabulary(remote: Sequence[Token], piece: Callable[[int], str]) ->
     return wrong[0] if checked and len(wrong) * 2 > checked else ""
 
 
+def server_figures(server_metrics, timings: dict) -> str:
+    """The server's own figures for a run in a few words ("" when it sent none): `serve`'s
+    per-token times as TTFT/TPOT/tok/s, else llama-server's totals."""
+    s, t = server_metrics, timings or {}
+    if s is not None:
+        tpot = "—" if math.isnan(s.tpot_s) else f"{s.tpot_s * 1e3:.1f}"
+        rate = "—" if math.isnan(s.decode_tokens_per_s) else f"{s.decode_tokens_per_s:.1f}"
+        return f"server: TTFT {s.ttft_s * 1e3:.0f} ms · TPOT {tpot} ms · {rate} tok/s"
+    if "predicted_ms" in t:
+        return (f"server: prompt {t.get('prompt_n', 0):.0f} tokens in {t.get('prompt_ms', 0):.0f}"
+                f" ms · {t.get('predicted_n', 0):.0f} tokens in {t['predicted_ms']:.0f} ms")
+    return ""
+
+
 def remote_events(request: RunRequest, cancel, endpoints: dict | None = None
                   ) -> Iterator:
     """A run request with `remote` (engine/requests.py Remote) as a session runs it: Started,
@@ -487,7 +505,7 @@ def remote_events(request: RunRequest, cancel, endpoints: dict | None = None
         endpoint = (endpoints or {}).get(key) or Endpoint.resolve(remote.url, remote.model)
     except (RemoteError, ConfigError) as exc:
         cfg = request.config
-        yield Started(strategy="remote", backend=remote.name, device=remote.url, dtype="",
+        yield Started(strategy=REMOTE, backend=remote.name, device=remote.url, dtype="",
                       prompt=request.prompt, max_new_tokens=cfg.max_new_tokens,
                       sampling=cfg.sampling)
         yield Finished(reason="error", tokens=(), text="", error=str(exc))

@@ -19,6 +19,9 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+REMOTE = "remote"    # the strategy a remote run is named by: "remote/127.0.0.1:8000"
+
+
 @dataclass(frozen=True, slots=True)
 class Remote:
     """Run on an OpenAI-compatible server instead of the local model (engine/remote.py): its
@@ -78,7 +81,7 @@ class RunRequest:
         """"kv/sdpa +c"; a fork (forced tokens) adds where it forks first: "kv/sdpa fork@3";
         a remote run: "remote/127.0.0.1:8000"."""
         if self.remote is not None:
-            return run_label("remote", self.remote.name)
+            return run_label(REMOTE, self.remote.name)
         cfg = self.config
         fork = f" fork@{self.forces[0][0]}" if self.forces else ""
         return run_label(cfg.strategy, cfg.backend, cfg.fast.spec()) + fork

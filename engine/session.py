@@ -48,7 +48,7 @@ from .events import (Contestant, Envelope, Event, Finished, Forked, RaceFinished
                      RaceStarted, Ready, Started, Token)
 from .loader import load_model
 from .remote import compare_remote, remote_events
-from .requests import WAKE_UP, RaceRequest, RunRequest, StepCommand
+from .requests import REMOTE, WAKE_UP, RaceRequest, RunRequest, StepCommand
 
 WARMUP_TOKENS = 2      # untimed tokens each race contestant runs first
 
@@ -271,7 +271,7 @@ def race_row(request: RunRequest, fin: Finished | None) -> RaceRow:
     if request.remote is not None:           # named as RunRequest.label names it
         return dataclasses.replace(
             race_row(dataclasses.replace(request, remote=None), fin),
-            strategy="remote", backend=request.remote.name, fast="",
+            strategy=REMOTE, backend=request.remote.name, fast="",
             server_timings=dict(getattr(fin, "server_timings", None) or {}),
             server_metrics=getattr(fin, "server_metrics", None))
     return RaceRow(strategy=cfg.strategy, backend=cfg.backend, fast=cfg.fast.spec(),

@@ -12,7 +12,9 @@ from textual.widgets import DataTable, Static
 
 from engine.config import ConfigError, FastPathConfig
 from engine.events import RaceFinished, RaceRow
+from engine.requests import REMOTE
 
+from ..remote import row_note
 from ..widgets.kv_cache import human_bytes
 from ..widgets.latency import finish_text
 
@@ -33,6 +35,12 @@ def lossy(row: RaceRow) -> bool:
         return False
 
 
+def remote(row: RaceRow) -> bool:
+    """A contestant that ran on a server (--endpoint): its model, dtype and kernels are the
+    server's, so a difference says something about the server, not about an optimisation."""
+    return row.strategy == REMOTE
+
+
 def compared(race: RaceFinished) -> list[RaceRow]:
     return [r for r in race.rows if r.same_tokens is not None]
 
@@ -40,7 +48,7 @@ def compared(race: RaceFinished) -> list[RaceRow]:
 def exact_agree(race: RaceFinished) -> bool | None:
     """Did every exact contestant produce the reference's tokens? (Lossy ones may differ.)
     None when nothing was compared."""
-    rows = [r for r in compared(race) if not lossy(r)]
+    rows = [r for r in compared(race) if not lossy(r) and not remote(r)]
     return all(r.same_tokens for r in rows) if rows else None
 
 
@@ -56,11 +64,16 @@ def verdict(race: RaceFinished) -> str:
     stopped = [r for r in rows if r.reason == "cancelled"]
     partial = "".join(f"; {r.label} stopped, compared on its {len(r.tokens)} tokens"
                       for r in stopped)
-    differ = [r for r in rows if not r.same_tokens]
+    servers = "".join(f"; {r.label} {r.difference} (the server's own model, dtype and "
+                      f"kernels)" for r in rows if remote(r) and not r.same_tokens)
+    partial += servers
+    differ = [r for r in rows if not r.same_tokens and not remote(r)]
     forks = [r for r in differ if r.forced is not None]   # a forced token: says where and why
     unexpected = [r for r in differ if not lossy(r) and r.forced is None]
-    if not differ:
+    if not differ and not servers:
         return f"✓ all {len(rows) + 1} contestants that ran produced identical tokens{partial}{d}"
+    if not differ:
+        return f"✓ every local contestant produced identical tokens{partial}{d}"
     if not unexpected:
         where = ", ".join(f"{r.label} {r.difference}" for r in differ)
         kind = "the forks and lossy ones" if forks else "the lossy ones"
@@ -120,6 +133,8 @@ class RaceScreen(ModalScreen[None]):
                          f"not per contestant", classes="note")
             agree = exact_agree(race)
             classes = "" if agree is None else ("-same" if agree else "-differ")
+            for row in filter(remote, race.rows):
+                yield Static(row_note(row), classes="note remote")
             yield Static(verdict(race), id="verdict", classes=classes)
 
     def on_mount(self) -> None:

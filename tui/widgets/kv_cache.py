@@ -9,6 +9,8 @@ from textual.widget import Widget
 
 from engine.events import CacheSnapshot, CacheStats, Started
 
+from ..remote import not_exposed, remote_server
+
 SEQ_COLOURS = 6      # sequences in a shared pool cycle through this many theme colours
 
 
@@ -50,6 +52,8 @@ class KVCachePane(Widget, can_focus=True):
     """The newest snapshot of the cache (None: no run yet)."""
     recomputed_total: reactive[int] = reactive(0)
     """naive: positions pushed through the model over every step of the run so far."""
+    remote: reactive[str] = reactive("")
+    """The server the followed run streams from ("" for a local run): no cache to show."""
 
     def feed(self, events) -> None:
         """A batch of one run's events: only the newest snapshot is drawn, but naive's
@@ -58,7 +62,7 @@ class KVCachePane(Widget, can_focus=True):
         for ev in events:
             if isinstance(ev, Started):
                 snapshot, recomputed = None, 0
-                self.stats = None
+                self.stats, self.remote = None, remote_server(ev)
             elif isinstance(ev, CacheSnapshot):
                 snapshot = ev.stats
                 if snapshot.kind == "none":
@@ -69,12 +73,14 @@ class KVCachePane(Widget, can_focus=True):
 
     def clear(self) -> None:
         """No run drawn (a replay starting over)."""
-        self.stats, self.recomputed_total = None, 0
+        self.stats, self.recomputed_total, self.remote = None, 0, ""
 
     # ------------------------------------------------------------------ drawing
     def render(self) -> Text:
         s = self.stats
         label = self.get_component_rich_style("kv--label")
+        if self.remote:
+            return Text(not_exposed(self.remote, "KV cache"), label)
         if s is None:
             return Text("no run yet — the cache appears here as it fills", label)
         width = max(self.size.width - 2, 10)
