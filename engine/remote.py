@@ -168,8 +168,10 @@ class Connection:
                               user_error=400 <= resp.status < 500 and resp.status != 429)
         return resp
 
-    def close(self) -> None:
-        """Safe from any thread: shut the socket so a blocked read returns now."""
+    def interrupt(self) -> None:
+        """Safe from any thread: shut the socket so a blocked read returns now. (Only that:
+        closing the connection from another thread would pull the response's buffer away
+        under the reading thread — http.client is not thread-safe.)"""
         self.closed = True
         sock = self.conn.sock or self.sock
         if sock is not None:
@@ -177,6 +179,10 @@ class Connection:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def close(self) -> None:
+        """From the thread that reads: interrupt, and release the connection."""
+        self.interrupt()
         self.conn.close()
 
 
@@ -548,7 +554,7 @@ class _CancelWatch:
             if self.flag.is_set():
                 with self.lock:
                     if self.conn is not None:
-                        self.conn.close()
+                        self.conn.interrupt()
                 return
 
     def done(self) -> None:
@@ -596,7 +602,7 @@ class RemoteSource:
         self.cancel_event.set()
         with self._lock:
             if self._conn is not None:
-                self._conn.close()
+                self._conn.interrupt()
 
     def stop(self) -> None:
         self._closed.set()
