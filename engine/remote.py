@@ -39,6 +39,7 @@ The module imports neither torch nor NumPy: the app's process may use it.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import math
@@ -520,7 +521,10 @@ def remote_events(request: RunRequest, cancel, endpoints: dict | None = None
         endpoints[key] = endpoint
     watch = _CancelWatch(cancel)
     try:
-        yield from stream_events(endpoint, request, cancel=watch, on_connection=watch.hold)
+        for event in stream_events(endpoint, request, cancel=watch, on_connection=watch.hold):
+            if isinstance(event, Started):       # named as the race names it
+                event = dataclasses.replace(event, backend=remote.name)
+            yield event
     except RemoteError as exc:            # refused before anything streamed
         yield Finished(reason="error", tokens=(), text="", error=str(exc))
     finally:

@@ -153,5 +153,6 @@ class RaceScreen(ModalScreen[None]):
             result = r.error if not r.error or len(r.error) <= 30 else r.error[:29] + "…"
             table.add_row(r.strategy, backend, result or finish_text(r.reason), _ms(r.ttft_s),
                           _ms(r.tpot_s), _num(r.tokens_per_s), speedup,
-                          human_bytes(r.kv_bytes), same_cell(r, reference), delta)
+                          "—" if remote(r) else human_bytes(r.kv_bytes),
+                          same_cell(r, reference), delta)
         table.focus()

@@ -16,6 +16,9 @@ from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
 from engine.events import Finished, Started, Token, run_label
+from engine.remote import server_figures
+
+from ..remote import remote_label
 
 from .kv_cache import human_bytes
 
@@ -122,10 +125,12 @@ class LatencyPane(Vertical, can_focus=True):
         if m is None:
             self.metrics = f"{finish_text(ev.reason)}: {ev.error or ''}".rstrip(": ")
             return
+        remote = bool(self.series) and remote_label(self.series[-1].label)
+        where = (server_figures(ev.server_metrics, ev.server_timings) or "no server figures"
+                 if remote else f"process peak {human_bytes(m.peak_memory_bytes)}")
         self.metrics = (f"TTFT {fmt_ms(m.ttft_s)} · TPOT {fmt_ms(m.tpot_s)} · "
                         f"{fmt_num(m.decode_tokens_per_s)} tok/s · {m.new_tokens} tokens, "
-                        f"{finish_text(ev.reason)} · process peak "
-                        f"{human_bytes(m.peak_memory_bytes)}")
+                        f"{finish_text(ev.reason)} · {where}")
 
     def clear(self) -> None:
         """No runs drawn (a replay starting over)."""

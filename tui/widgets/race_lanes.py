@@ -43,6 +43,7 @@ class Lane:
     remote: bool = False                             # a server's run (--endpoint)
     first_difference: int | None = None              # the engine's, once the race ends
     server: str = ""                                 # the server's own figures, in words
+    server_ttft_s: float | None = None               # the server's own TTFT, if it says
 
     def live_numbers(self) -> None:
         """TTFT, TPOT and tok/s from the token latencies so far (the first carries the prefill,
@@ -164,6 +165,8 @@ class RaceLanes(Widget, can_focus=True):
             return
         lane.state = "stopped" if ev.reason == "cancelled" else "done"
         lane.server = server_figures(ev.server_metrics, ev.server_timings)
+        if ev.server_metrics is not None:
+            lane.server_ttft_s = ev.server_metrics.ttft_s
         m = ev.metrics
         if m is not None:             # the engine's own numbers replace the running estimate
             lane.ttft_s, lane.tpot_s, lane.tokens_per_s = m.ttft_s, m.tpot_s, m.decode_tokens_per_s
@@ -277,6 +280,8 @@ class RaceLanes(Widget, can_focus=True):
             text += f" · TPOT {_fmt(lane.tpot_s * 1e3, '5.1f')} ms"
             if lane.remote:                          # the network shows in the TTFT
                 text += f" · TTFT {_fmt(lane.ttft_s * 1e3, '.0f')} ms"
+                if lane.server_ttft_s is not None:
+                    text += f" (server {lane.server_ttft_s * 1e3:.0f})"
         return text
 
     def _append_name(self, out: Text, lane: Lane, label_width: int) -> None:
