@@ -273,15 +273,15 @@ class RaceLanes(Widget, can_focus=True):
         out.append("━" * filled, self.get_component_rich_style("lanes--bar-done"))
         out.append("─" * (width - filled), self.get_component_rich_style("lanes--bar-todo"))
 
-    def _numbers(self, lane: Lane, wide: bool) -> str:
+    def _numbers(self, lane: Lane, wide: bool, ttft: bool = False) -> str:
         count = f"{len(lane.ids):>{len(str(lane.max_tokens))}}/{lane.max_tokens}"
         text = f" {count} {_fmt(lane.tokens_per_s, '6.1f')} tok/s"
         if wide:
             text += f" · TPOT {_fmt(lane.tpot_s * 1e3, '5.1f')} ms"
-            if lane.remote:                          # the network shows in the TTFT
-                text += f" · TTFT {_fmt(lane.ttft_s * 1e3, '.0f')} ms"
-                if lane.server_ttft_s is not None:
-                    text += f" (server {lane.server_ttft_s * 1e3:.0f})"
+        if ttft:                                 # a remote lane: the network is in its TTFT
+            text += f" · TTFT {_fmt(lane.ttft_s * 1e3, '.0f')} ms"
+            if lane.server_ttft_s is not None:
+                text += f" (server {lane.server_ttft_s * 1e3:.0f})"
         return text
 
     def _append_name(self, out: Text, lane: Lane, label_width: int) -> None:
@@ -297,11 +297,13 @@ class RaceLanes(Widget, can_focus=True):
     def _render_header(self, out: Text, lane: Lane, width: int) -> None:
         label_width = self._label_width()
         fixed = 6 + label_width + 1
-        numbers = self._numbers(lane, wide=True)
         state = {"waiting": " waiting", "stopped": " stopped", "skipped": " not run",
                  "error": ""}.get(lane.state, "")
-        if fixed + BAR_MIN + cell_len(numbers + state) > width:
-            numbers = self._numbers(lane, wide=False)
+        # the most that fits: (a remote lane's TTFT,) TPOT, then the count and tok/s only
+        for wide, ttft in ((True, True), (False, True), (True, False), (False, False)):
+            numbers = self._numbers(lane, wide, ttft and lane.remote)
+            if fixed + BAR_MIN + cell_len(numbers + state) <= width:
+                break
         bar = max(min(width - fixed - cell_len(numbers + state), BAR_MAX), BAR_MIN)
         self._append_name(out, lane, label_width)
         self._bar(out, lane, bar)

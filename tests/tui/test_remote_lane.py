@@ -1,0 +1,89 @@
+"""The app attached to a server (`python main.py --endpoint URL`): a remote lane races beside the
+local ones, the engine compares its tokens, and a server that goes away is one line in its lane.
+
+Everything here is real: our own `serve` in its own process on a free port
+(tests/serve/conftest.py starts it), the app's engine in its spawned process, both on the tiny
+random Llama in float64 — where batching cannot flip a near-tie, so the server's greedy tokens
+must be the local engine's, id for id.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.events import RaceFinished
+from tests.serve.conftest import start_server
+from tests.tui.conftest import drive, ready, wait_for
+from tui.app import MiniLLMApp
+from tui.screens.race import RaceScreen
+from tui.settings import Settings
+
+pytestmark = pytest.mark.slow          # two processes start: ~30 s on the 2-core machine
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder):
+    srv = start_server(["--model", str(tiny_folder), "--dtype", "float64", "--threads", "1"])
+    yield srv
+    srv.stop()
+
+
+def last_race(seen) -> RaceFinished:
+    return [e.event for b in seen.batches for e in b.envelopes
+            if isinstance(e.event, RaceFinished)][-1]
+
+
+async def race(pilot, seen, n: int):
+    """Press R and wait for the n-th race table."""
+    await pilot.press("R")
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, RaceScreen) and sum(
+        isinstance(e.event, RaceFinished) for b in seen.batches for e in b.envelopes) >= n,
+        timeout=240, what=f"race {n} to finish")
+    return last_race(seen)
+
+
+async def test_a_remote_lane_races_beside_local_lanes_then_its_server_goes_away(
+        server, tiny_folder, monkeypatch):
+    from tui.bridge import ProcessSource
+    monkeypatch.delenv("MINILLM_API_KEY", raising=False)    # this server asks for none
+    settings = Settings(model=str(tiny_folder), device="cpu", dtype="float64",
+                        max_new_tokens=8, endpoint=server.base)
+    app = MiniLLMApp(settings, source=ProcessSource(str(tiny_folder), "cpu", "float64"))
+    async with drive(app) as (pilot, seen):
+        await wait_for(pilot, lambda: app.info is not None, timeout=180, what="the engine")
+        host = server.base.split("//")[1].removesuffix("/v1")
+
+        fin = await race(pilot, seen, 1)
+        lanes = app.query_one("#lanes")
+        labels = [lane.label for lane in lanes.lanes]
+        assert labels[0] == "naive/sdpa" and labels[-1] == f"remote/{host}"
+        remote = fin.rows[-1]
+        assert remote.label == labels[-1] and remote.error is None
+        assert remote.same_tokens is True and remote.comparison == "token ids"
+        assert list(remote.tokens) == list(fin.rows[0].tokens)       # the server's = ours
+        assert remote.server_metrics is not None                     # its own clock, beside
+        table = app.screen
+        assert "all" in str(table.query_one("#verdict").render()) and \
+            "identical tokens" in str(table.query_one("#verdict").render())
+        note = str(table.query_one(".remote").render())
+        assert note.startswith(f"remote/{host}: client: TTFT") and "server: TTFT" in note
+        assert "compared by token ids" in note
+        # the lane says ✓ as the engine decided, with its client TTFT and the server's
+        await pilot.press("escape")
+        lane_text = lanes.render().plain
+        line = next(l for l in lane_text.splitlines() if f"remote/{host}" in l)
+        assert line.startswith("✓") and "TTFT" in line and "(server" in line
+        # the panes that need the engine's insides say a server does not expose them
+        assert "does not expose its attention" in app.query_one("#attention").render().plain
+        assert "does not expose its KV cache" in app.query_one("#kv").render().plain
+
+        server.stop()                     # the server goes away: the race goes on without it
+        fin = await race(pilot, seen, 2)
+        remote = fin.rows[-1]
+        assert remote.reason == "error" and "cannot reach" in remote.error
+        assert not fin.cancelled and all(r.same_tokens for r in fin.rows[1:-1])
+        await pilot.press("escape")
+        line = [l for l in lanes.render().plain.splitlines() if f"remote/{host}" in l]
+        error = lanes.render().plain.split(line[0])[1].splitlines()[1].strip()
+        assert line[0].startswith("error") and error.startswith("cannot reach")
+        assert app.is_running and app.query_one("#lanes").lanes[-1].state == "error"
