@@ -190,7 +190,8 @@ class Session:
         tok = self.lm.tokenizer
         c, how = compare_remote(tokens, row.text, ref_tokens,
                                 "".join(t.text for t in ref_tokens),
-                                piece=getattr(tok, "token_text", None), encode=tok.encode)
+                                piece=getattr(tok, "token_text", None),
+                                encode=getattr(tok, "encode", None))
         if c is None:
             return dataclasses.replace(row, comparison=how)
         return dataclasses.replace(row, same_tokens=c.identical,

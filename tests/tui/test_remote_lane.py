@@ -1,24 +1,29 @@
 """The app attached to a server (`python main.py --endpoint URL`): a remote lane races beside the
 local ones, the engine compares its tokens, and a server that goes away is one line in its lane.
 
-Everything here is real: our own `serve` in its own process on a free port
+The first test is real throughout: our own `serve` in its own process on a free port
 (tests/serve/conftest.py starts it), the app's engine in its spawned process, both on the tiny
 random Llama in float64 — where batching cannot flip a near-tie, so the server's greedy tokens
-must be the local engine's, id for id.
+must be the local engine's, id for id. The others race the fake engine (a real session over
+synthetic events) against a scripted server (tests/engine/test_remote_race.py) that streams the
+tokens a test chooses.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from engine.events import RaceFinished
+from engine.config import GenerationConfig
+from engine.events import RaceFinished, Token
+from tests.engine.test_remote_race import Scripted
 from tests.serve.conftest import start_server
-from tests.tui.conftest import drive, ready, wait_for
+from tests.tui.conftest import drive, make_app, ready, wait_for
+from tui.fake_engine import fake_generate
+from tui.widgets.status_bar import StatusBar
 from tui.app import MiniLLMApp
 from tui.screens.race import RaceScreen
 from tui.settings import Settings
 
-pytestmark = pytest.mark.slow          # two processes start: ~30 s on the 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +47,7 @@ async def race(pilot, seen, n: int):
     return last_race(seen)
 
 
+@pytest.mark.slow                      # two processes start: ~30 s on the 2-core machine
 async def test_a_remote_lane_races_beside_local_lanes_then_its_server_goes_away(
         server, tiny_folder, monkeypatch):
     from tui.bridge import ProcessSource
@@ -87,3 +93,70 @@ async def test_a_remote_lane_races_beside_local_lanes_then_its_server_goes_away(
         error = lanes.render().plain.split(line[0])[1].splitlines()[1].strip()
         assert line[0].startswith("error") and error.startswith("cannot reach")
         assert app.is_running and app.query_one("#lanes").lanes[-1].state == "error"
+
+
+def fake_tokens(prompt: str, n: int) -> list[tuple[int, str]]:
+    """What the fake engine generates for `prompt`: what a server "with its model" streams."""
+    return [(e.id, e.text) for e in fake_generate(None, None, prompt,
+                                                  GenerationConfig(max_new_tokens=n))
+            if isinstance(e, Token)]
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def start(*a, **kw):
+        servers.append(Scripted(*a, **kw))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+async def test_a_server_that_differs_is_named_but_leaves_the_local_verdict(scripted):
+    """Another server's model, dtype or kernels may pick other tokens: its ✗@i is shown, and
+    the badge still speaks for the local optimisations."""
+    tokens = fake_tokens("Deep learning is", 8)
+    tokens[2] = (99, " writes")
+    server = scripted(tokens)
+    host = server.url.split("//")[1].removesuffix("/v1")
+    app = make_app(max_new_tokens=8, endpoint=server.url)
+    async with drive(app) as (pilot, seen):
+        await ready(pilot)
+        await pilot.press("R")
+        await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="race table")
+        verdict = str(app.screen.query_one("#verdict").render())
+        assert verdict.startswith("✓ every local contestant produced identical tokens")
+        assert f"remote/{host} differs from token 2 (the server's own model" in verdict
+        assert app.query_one(StatusBar).identical is True
+        assert "compared by token ids" in str(app.screen.query_one(".remote").render())
+        await pilot.press("escape")
+        lines = app.query_one("#lanes").render().plain.splitlines()
+        assert next(l for l in lines if f"remote/{host}" in l).startswith("✗@2")
+        assert seen.said("every local contestant")
+
+
+async def test_a_sampled_race_shows_the_server_uncompared(scripted):
+    server = scripted(fake_tokens("Deep learning is", 6))
+    app = make_app(max_new_tokens=6, endpoint=server.url, sampling=dict(temperature=0.7))
+    async with drive(app) as (pilot, seen):
+        await ready(pilot)
+        await pilot.press("R")
+        await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="race table")
+        note = str(app.screen.query_one(".remote").render())
+        assert "not compared: sampled — the server draws its own random numbers" in note
+        assert server.bodies[-1]["temperature"] == 0.7 and server.bodies[-1]["seed"] == 0
+        await pilot.press("escape")
+        lines = app.query_one("#lanes").render().plain.splitlines()
+        assert next(l for l in lines if "remote/" in l).startswith("—")
+
+
+def test_endpoint_settings_are_checked_before_the_app_starts():
+    from engine.cli import build_parser
+    args = build_parser(with_bench=False).parse_args(
+        ["ui", "--endpoint", "gpu-box:8000", "--endpoint-model", "m"])
+    s = Settings.from_args(args)
+    assert (s.endpoint, s.endpoint_model, s.error()) == ("gpu-box:8000", "m", None)
+    assert "http(s) URL" in Settings(endpoint="ftp://x").error()
+    assert "needs --endpoint" in Settings(endpoint_model="m").error()
