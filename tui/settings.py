@@ -114,6 +114,13 @@ class Settings:
                            getattr(self, name))
 
     @property
+    def remote_label(self) -> str:
+        """The remote lane's name ("remote/127.0.0.1:8000"), or "" without --endpoint."""
+        if not self.endpoint:
+            return ""
+        return RunRequest(self.prompt, remote=Remote(self.endpoint)).label
+
+    @property
     def comparison_key(self) -> tuple:
         """Two greedy runs with the same key must produce the same tokens."""
         return (self.prompt, tuple(sorted(self.sampling.items())), self.max_new_tokens)

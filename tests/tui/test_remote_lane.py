@@ -124,6 +124,7 @@ async def test_a_server_that_differs_is_named_but_leaves_the_local_verdict(scrip
     app = make_app(max_new_tokens=8, endpoint=server.url)
     async with drive(app) as (pilot, seen):
         await ready(pilot)
+        assert f"kv/sdpa · races remote/{host} │" in app.query_one(StatusBar).render().plain
         await pilot.press("R")
         await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="race table")
         verdict = str(app.screen.query_one("#verdict").render())

@@ -39,6 +39,9 @@ the text as it streams, tokens done of max, tok/s and TPOT, and ✓ (same tokens
 contestant so far) or ✗@i (the first token that differs). The contestants run one after another
 — at the same time they would share the cores and each timing would measure the others too.
 It ends in a comparison table (`t` shows it again, `l` switches lanes ↔ token stream).
+Started with `--endpoint URL` (any OpenAI-compatible server: `serve`, vLLM, llama-server), the
+server races last as `remote/HOST:PORT`: its TTFT beside the server's own, its greedy tokens
+compared by the engine; the attention and KV panes cannot show a server's insides.
 **Why it matters:** a faster strategy or kernel is only an optimisation if its tokens match.
 
 ## Fast path
