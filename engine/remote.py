@@ -520,15 +520,20 @@ def remote_events(request: RunRequest, cancel, endpoints: dict | None = None
     if endpoints is not None:
         endpoints[key] = endpoint
     watch = _CancelWatch(cancel)
+    failed = True
     try:
         for event in stream_events(endpoint, request, cancel=watch, on_connection=watch.hold):
             if isinstance(event, Started):       # named as the race names it
                 event = dataclasses.replace(event, backend=remote.name)
+            elif isinstance(event, Finished):
+                failed = event.reason == "error"
             yield event
     except RemoteError as exc:            # refused before anything streamed
         yield Finished(reason="error", tokens=(), text="", error=str(exc))
     finally:
         watch.done()
+        if failed and endpoints is not None:
+            endpoints.pop(key, None)      # ask again next time: the server may have changed
 
 
 class _CancelWatch:

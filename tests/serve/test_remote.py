@@ -125,6 +125,29 @@ def test_remote_source_runs_and_compares(server, chat_folder):
         src.stop()
 
 
+def test_a_race_with_the_server_as_a_contestant(server, chat_folder, monkeypatch):
+    """engine/session.py races our own server beside the local model (the same folder, float64):
+    identical by token ids; without the key the server's 401 is the lane's one line."""
+    from engine.requests import Remote
+    from engine.session import Session
+    session = Session.load(str(chat_folder), "cpu", "float64")
+    cfg = GenerationConfig(max_new_tokens=10)
+    race = RaceRequest(1, (RunRequest("Once upon", cfg, run_id=2),
+                           RunRequest("Once upon", cfg, run_id=3, remote=Remote(server.base))))
+    monkeypatch.setenv("MINILLM_API_KEY", API_KEY)
+    fin = list(session.race(race))[-1].event
+    local, remote = fin.rows
+    assert remote.same_tokens is True and remote.comparison == "token ids"
+    assert remote.tokens == local.tokens and remote.text == local.text
+    assert remote.server_metrics.new_tokens == len(local.tokens)
+    monkeypatch.delenv("MINILLM_API_KEY")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    session.endpoints.clear()             # (the key was read when the endpoint was resolved)
+    fin = list(session.race(race))[-1].event
+    assert fin.rows[1].reason == "error" and "HTTP 401" in fin.rows[1].error
+    assert "\n" not in fin.rows[1].error and fin.rows[0].error is None
+
+
 def test_remote_source_cancel_frees_the_request_on_the_server(server):
     deliver, until = collect()
     src = RemoteSource(server.base, api_key=API_KEY)
