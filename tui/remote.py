@@ -4,6 +4,8 @@ words what came back — which panes a server cannot fill, and the server's own 
 
 from __future__ import annotations
 
+import math
+
 from engine.events import RaceRow, Started
 from engine.remote import server_figures
 from engine.requests import REMOTE
@@ -30,7 +32,7 @@ def row_note(row: RaceRow) -> str:
     client's, how its tokens were compared, and its error in full."""
     if row.error:
         return f"{row.label}: {row.error}"
-    parts = [f"client: TTFT {row.ttft_s * 1e3:.0f} ms" if row.ttft_s == row.ttft_s else "",
+    parts = [f"client: TTFT {row.ttft_s * 1e3:.0f} ms" if not math.isnan(row.ttft_s) else "",
              server_figures(row.server_metrics, row.server_timings),
              f"compared by {row.comparison}" if row.comparison and
              not row.comparison.startswith("not compared") else row.comparison]
