@@ -197,6 +197,9 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record", default=None, metavar="FILE",
                    help="record every run and race to FILE (.gz compresses) from the moment "
                         "the model is ready; `r` starts and stops recording in the app")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="the requests `B` serves at once in the server view, one prompt a line "
+                        "(default: 16 built-in questions sharing one system prompt)")
 
 
 def main(argv: list[str] | None = None) -> int:

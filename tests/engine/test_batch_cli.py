@@ -30,7 +30,12 @@ def prompts_file(tmp_path):
 
 
 def events_of(stdout: str) -> list:
-    return [be.from_json(json.loads(line)) for line in stdout.splitlines() if line.strip()]
+    """The events of `batch --json`: a recording header first, then envelopes of batch 1."""
+    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    assert lines[0]["type"] == "header" and lines[0]["command"] == "batch"
+    envelopes = [be.Envelope.from_json(d) for d in lines[1:]]
+    assert {e.run for e in envelopes} == {1}
+    return [e.event for e in envelopes]
 
 
 def test_json_events_and_each_request_as_alone(tiny_folder, prompts_file, capsys):
