@@ -58,6 +58,22 @@ def test_json_events_and_each_request_as_alone(tiny_folder, prompts_file, capsys
         assert done[e.request].tokens == ref.tokens
 
 
+def test_json_output_is_a_recording_replay_reads(tiny_folder, tmp_path, capsys):
+    """`batch --json > FILE` then `replay FILE`: the header, then every envelope, the summary
+    line last; the built-in prompts when no --prompts is given."""
+    from engine.recording import read_recording
+    assert main(["batch", "--model", str(tiny_folder), "--max-new-tokens", "2",
+                 "--block-size", "4", "--json", "--threads", "1"]) == 0
+    path = tmp_path / "batch.jsonl"
+    path.write_text(capsys.readouterr().out)
+    rec = read_recording(str(path))
+    assert rec.notice is None and rec.header["command"] == "batch"
+    assert rec.header["settings"]["batch"]["max_new_tokens"] == 2
+    assert isinstance(rec.envelopes[-1].event, be.BatchSummary)
+    arrived = [e.event for e in rec.envelopes if isinstance(e.event, be.RequestArrived)]
+    assert [a.prompt for a in arrived] == list(batch_cli.BUILTIN_PROMPTS)
+
+
 def test_readable_output_and_summary(tiny_folder, prompts_file, capsys):
     rc = main(["batch", "--prompts", str(prompts_file), "--model", str(tiny_folder),
                "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "1",
