@@ -44,7 +44,7 @@ NAME = "server"
 # The app's batch: up to 8 requests at once, arriving about 4 a second, in a pool that would
 # hold a contiguous reservation for only 3 of the longest — the paged pool runs 8 in it, and
 # preempts when their answers outgrow it.
-MAX_BATCH, ARRIVAL_RATE, RESERVE_FOR = 8, 4.0, 3
+MAX_BATCH, ARRIVAL_RATE, RESERVE_FOR = 8, 4.0, 2
 LOG_WIDE = 110          # from this width the log gets a pane of its own beside the pool
 
 

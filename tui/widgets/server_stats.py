@@ -78,15 +78,14 @@ class ServerStats(Widget):
             out.append("no step yet", muted)
         out.append("\n")
         if pool is not None and pool.requests:
-            wide = self.content_region.width >= 110
             new = max((r.max_new_tokens for r in v.requests.values()), default=0)
-            out.append(f"in this memory, one contiguous reservation per request (prompt + {new} "
-                       f"new tokens) fits " if wide else
-                       "in this memory, contiguous reservations fit ", muted)
-            out.append(f"{pool.contiguous_fit} of {pool.requests}"
-                       + (" requests" if wide else ""), style("stats--warn"))
-            out.append(" · the paged pool ran up to " if wide else " · paged ran ", muted)
-            out.append(f"{pool.peak_running} at once", style("stats--good"))
+            fit, ran = f"{pool.contiguous_fit} of {pool.requests}", f"{pool.peak_running} at once"
+            long = (f"in this memory, one contiguous reservation per request (prompt + {new} new "
+                    f"tokens) fits ", f"{fit} requests", " · the paged pool ran up to ", ran)
+            short = ("in this memory, contiguous reservations fit ", fit, " · paged ran ", ran)
+            words = long if len("".join(long)) <= self.content_region.width else short
+            for text, kind in zip(words, ("muted", "warn", "muted", "good")):
+                out.append(text, style(f"stats--{kind}"))
         return out
 
 
