@@ -124,7 +124,10 @@ async def test_x_stops_the_batch_and_the_app_is_free_again():
         await batch_over(pilot)
         s = view(app).summary
         assert s.interrupted and s.cancelled >= 1
-        assert "stopped" in lines(app.screen.query_one(ServerStats))[1]
+        stats = lines(app.screen.query_one(ServerStats))
+        assert f"{s.cancelled} stopped" in stats[0]
+        pool = view(app).pool                   # the figures until the stop, not the summary's
+        assert f"stopped: {pool.tokens_per_s:.1f} tok/s aggregate until then" in stats[1]
         assert not app.follow.busy
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)

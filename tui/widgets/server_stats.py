@@ -49,15 +49,20 @@ class ServerStats(Widget):
         out.append(" · ", muted)
         out.append(f"{v.count('running')} running", strong)
         out.append(f" · {v.count('done')} done", muted)
-        if v.count("stopped", "error"):
-            out.append(f" · {v.count('stopped')} stopped · {v.count('error')} failed",
-                       style("stats--warn"))
+        for state, word in (("stopped", "stopped"), ("error", "failed")):
+            if v.count(state):
+                out.append(f" · {v.count(state)} {word}", style("stats--warn"))
         if step is not None:
             out.append(f" · batch {step.batch} · step {step.step}", muted)
         preempted = pool.preemptions if pool is not None else 0
         out.append(f" · {preempted} preempted", style("stats--warn") if preempted else muted)
         out.append("\n")
-        if summary is not None:
+        if summary is not None and summary.interrupted and pool is not None:
+            # the summary's figures cover finished requests only: say what ran until the stop
+            out.append(f"stopped: {_rate(pool.tokens_per_s)} tok/s aggregate until then", strong)
+            out.append(f" · {pool.new_tokens} tokens · {summary.finished} requests finished",
+                       muted)
+        elif summary is not None:
             state = "stopped" if summary.interrupted else "done"
             out.append(f"{state}: {_rate(summary.tokens_per_s)} tok/s aggregate", strong)
             out.append(f" · TTFT p50 {seconds(summary.ttft_p50_s)} p99 "
