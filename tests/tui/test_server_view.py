@@ -129,10 +129,9 @@ async def test_x_stops_the_batch_and_the_app_is_free_again():
         pool = view(app).pool                   # the figures until the stop, not the summary's
         assert f"stopped: {pool.tokens_per_s:.1f} tok/s aggregate until then" in stats[1]
         assert not app.follow.busy
-        await pilot.press("escape")
-        assert isinstance(app.screen, MainScreen)
-        await pilot.press("enter")                              # a run starts again
+        await pilot.press("enter")            # a run starts again, back on the panes
         fin = await finished(pilot, seen)
+        assert isinstance(app.screen, MainScreen)
         assert fin.reason == "length"
 
 

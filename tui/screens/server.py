@@ -42,8 +42,8 @@ from ..widgets.server_stats import EventLog, ServerStats
 
 NAME = "server"
 # The app's batch: up to 8 requests at once, arriving about 4 a second, in a pool that would
-# hold a contiguous reservation for only 3 of the longest — the paged pool runs 8 in it, and
-# preempts when their answers outgrow it.
+# hold a contiguous reservation for only 2 of the longest — the paged pool runs 6 to 8 in it
+# (the embedded model, 16 built-in prompts), and preempts when their answers outgrow it.
 MAX_BATCH, ARRIVAL_RATE, RESERVE_FOR = 8, 4.0, 2
 LOG_WIDE = 110          # from this width the log gets a pane of its own beside the pool
 
@@ -124,6 +124,12 @@ class ServerScreen(Screen):
         Binding("x", "app.stop", "Stop"),
         Binding("B", "app.batch", "New batch"),
         Binding("question_mark,f1", "app.help", "Help", show=False),
+        # The app's keys for one prompt go back to the panes first: a run started from here
+        # would go on out of sight.
+        Binding("enter", "panes('run')", "Run", show=False),
+        Binding("n", "panes('run(True)')", "Step mode", show=False),
+        Binding("R", "panes('race')", "Race", show=False),
+        Binding("slash", "panes('edit_prompt')", "Prompt", show=False),
         # A replay is steered from here too (tui/screens/replay.py's keys; only in a replay).
         Binding("space", "steer('toggle')", "Play/pause", priority=True),
         Binding("left", "steer('back')", "◀ step", priority=True),
@@ -207,10 +213,17 @@ class ServerScreen(Screen):
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "steer":
             return hasattr(self.app.main, "action_steer")
+        if action == "panes":                 # a replay or a watcher takes no requests
+            return self.app.source.live
         return True
 
     def action_steer(self, verb: str) -> None:
         self.app.main.action_steer(verb)
+
+    def action_panes(self, action: str) -> None:
+        """Back to the panes, then the app's `action` there."""
+        self.app.pop_screen()
+        self.app.call_later(self.app.run_action, action)
 
     def action_leave(self) -> None:
         """Back to the panes; a batch still going goes on (B shows it again)."""
