@@ -64,12 +64,18 @@ class ServerStats(Widget):
                        muted)
         elif summary is not None:
             state = "stopped" if summary.interrupted else "done"
-            out.append(f"{state}: {_rate(summary.tokens_per_s)} tok/s aggregate", strong)
-            out.append(f" · TTFT p50 {seconds(summary.ttft_p50_s)} p99 "
-                       f"{seconds(summary.ttft_p99_s)} · TPOT p50 {seconds(summary.tpot_p50_s)}"
-                       f" p99 {seconds(summary.tpot_p99_s)}", muted)
-            if summary.prefix_hit_rate is not None:
-                out.append(f" · prefix hits {summary.prefix_hit_rate:.0%}", muted)
+            ttft = seconds(summary.ttft_p50_s), seconds(summary.ttft_p99_s)
+            tpot = seconds(summary.tpot_p50_s), seconds(summary.tpot_p99_s)
+            hits = ("" if summary.prefix_hit_rate is None else
+                    f" · prefix hits {summary.prefix_hit_rate:.0%}")
+            long = (f"{state}: {_rate(summary.tokens_per_s)} tok/s aggregate",
+                    f" · TTFT p50 {ttft[0]} p99 {ttft[1]} · TPOT p50 {tpot[0]} p99 {tpot[1]}"
+                    + hits)
+            short = (f"{state}: {_rate(summary.tokens_per_s)} tok/s",
+                     f" · TTFT {ttft[0]} / {ttft[1]} · TPOT {tpot[0]} / {tpot[1]} (p50 / p99)")
+            words = long if len("".join(long)) <= self.content_region.width else short
+            out.append(words[0], strong)
+            out.append(words[1], muted)
         elif pool is not None:
             out.append(f"{_rate(pool.tokens_per_s)} tok/s aggregate", strong)
             if self.content_region.width >= 100:
