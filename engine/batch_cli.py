@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 
-from .workload import BUILTIN_PROMPTS, arrival_times
+from .workload import BUILTIN_PROMPTS, arrival_times, request_config
 from .config import ConfigError, GenerationConfig, SamplingConfig
 
 MAX_FILE_BYTES = 64 << 20          # a prompts file larger than this is a mistake, not a workload
@@ -107,16 +107,14 @@ def read_prompts(path: str) -> list[tuple[int, str]]:
 
 
 def request_configs(a: argparse.Namespace, n: int) -> list[GenerationConfig]:
-    """One GenerationConfig per request (validated): the same flags, seed + i each."""
-    out = []
-    for i in range(n):
-        sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                  min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-                                  seed=None if a.seed is None else a.seed + i)
-        out.append(GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling,
-                                    block_size=a.block_size, stop=tuple(a.stop),
-                                    attention_rows=False))
-    return out
+    """One GenerationConfig per request (validated): the same flags, seed + i each
+    (engine/workload.py, as the session's batches)."""
+    sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                              min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                              seed=a.seed)
+    base = GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling,
+                            block_size=a.block_size, stop=tuple(a.stop), attention_rows=False)
+    return [request_config(base, i) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- the command
