@@ -203,6 +203,9 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
                         "from $MINILLM_API_KEY or $OPENAI_API_KEY; docs/serve.md)")
     p.add_argument("--endpoint-model", default=None, metavar="NAME",
                    help="the server's model id (default: the one it lists)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="the requests `B` serves at once in the server view, one prompt a line "
+                        "(default: 16 built-in questions sharing one system prompt)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,11 @@ class BatchMetrics:
         return asdict(self)
 
 
+def tokens_per_s(tokens: int, wall_s: float) -> float:
+    """A batch's aggregate throughput: every new token / wall time (nan before any time)."""
+    return tokens / wall_s if wall_s > 0 else float("nan")
+
+
 def compute_batch_metrics(runs: list[RunMetrics], spans: list[tuple[float, float]],
                           wall_s: float, hit_tokens: int = 0,
                           lookup_tokens: int = 0) -> BatchMetrics:
@@ -119,7 +124,7 @@ def compute_batch_metrics(runs: list[RunMetrics], spans: list[tuple[float, float
     span = max((b for _, b in spans), default=0.0) - min((a for a, _ in spans), default=0.0)
     return BatchMetrics(
         requests=sum(1 for r in runs if r.new_tokens), new_tokens=new, wall_s=wall_s,
-        tokens_per_s=new / wall_s if wall_s > 0 else float("nan"),
+        tokens_per_s=tokens_per_s(new, wall_s),
         decode_tokens_per_s=after_first / span if after_first and span > 0 else float("nan"),
         ttft_p50_s=ttft_p50, ttft_p99_s=ttft_p99, tpot_p50_s=tpot_p50, tpot_p99_s=tpot_p99,
         prefix_hit_rate=hit_tokens / lookup_tokens if lookup_tokens else float("nan"))

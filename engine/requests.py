@@ -1,5 +1,6 @@
-"""What a session is asked to do: run one prompt, or race several settings on the same prompt —
-and, to a run in step mode that has paused before a token, what to do next.
+"""What a session is asked to do: run one prompt, race several settings on the same prompt or
+serve many prompts at once (a batch) — and, to a run in step mode that has paused before a
+token, what to do next.
 
 A request carries `GenerationConfig` as it is (no mirror of its fields), and converts to and
 from JSON for a process boundary, a recording's header or an HTTP body. No torch: the app builds
@@ -188,3 +189,65 @@ class RaceRequest:
             raise ConfigError("a race request needs a 'runs' list")
         return cls(race_id=int(d.get("race_id", 0)),
                    runs=tuple(RunRequest.from_json(r) for r in d["runs"]))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    """Many prompts served at once by the batching engine (engine/batch.py): every prompt is a
+    request with `config` (request i samples with seed + i when a seed is given, so requests
+    differ yet repeat); all the batch's events carry `batch_id`.
+
+    max_batch, max_step_tokens, prefix_caching: the scheduler's limits (engine/scheduler.py).
+    num_blocks: the pool; None sizes it as a contiguous reservation (prompt + max new tokens)
+    for `reserve_for` of the longest requests (default: max_batch of them, as `batch` does) — a
+    pool smaller than the batch needs, so the paged cache has to earn its keep.
+    arrival_rate: requests per second, Poisson (None: all at once), seeded by arrival_seed."""
+    prompts: tuple[str, ...]
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_id: int = 1
+    max_batch: int = 8
+    max_step_tokens: int = 512
+    num_blocks: int | None = None
+    reserve_for: int | None = None
+    prefix_caching: bool = True
+    arrival_rate: float | None = None
+    arrival_seed: int = 0
+
+    def __post_init__(self) -> None:
+        prompts = self.prompts
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError("a batch request's 'prompts' must be a list of strings")
+        if not prompts:
+            raise ConfigError("a batch needs at least one prompt")
+        object.__setattr__(self, "prompts", tuple(prompts))
+        for name in ("batch_id", "max_batch", "max_step_tokens", "arrival_seed"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"a batch request's {name!r} must be an integer")
+        for name in ("num_blocks", "reserve_for"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and value > 0):
+                raise ConfigError(f"a batch request's {name!r} must be a positive integer")
+        rate = self.arrival_rate
+        if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool)
+                                     and 0 < rate < float("inf")):
+            raise ConfigError(f"the arrival rate must be a positive number of requests per "
+                              f"second, got {rate!r}")
+
+    def to_json(self) -> dict:
+        return {"prompts": list(self.prompts), "config": self.config.to_dict(),
+                "batch_id": self.batch_id, "max_batch": self.max_batch,
+                "max_step_tokens": self.max_step_tokens, "num_blocks": self.num_blocks,
+                "reserve_for": self.reserve_for, "prefix_caching": self.prefix_caching,
+                "arrival_rate": self.arrival_rate, "arrival_seed": self.arrival_seed}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BatchRequest":
+        if not isinstance(d, dict) or not isinstance(d.get("prompts"), list):
+            raise ConfigError("a batch request needs a 'prompts' list")
+        if not isinstance(d.get("prefix_caching", True), bool):
+            raise ConfigError("a batch request's 'prefix_caching' must be true or false")
+        keys = ("batch_id", "max_batch", "max_step_tokens", "num_blocks", "reserve_for",
+                "prefix_caching", "arrival_rate", "arrival_seed")
+        return cls(prompts=tuple(d["prompts"]),
+                   config=GenerationConfig.from_dict(d.get("config", {})),
+                   **{k: d[k] for k in keys if k in d})

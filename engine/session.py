@@ -6,6 +6,8 @@
         env.run, env.t, env.event                                # Started, Prefill, Token, …
     for env in session.race(RaceRequest(2, (RunRequest(…, run_id=3), RunRequest(…, run_id=4)))):
         …                                                        # RaceStarted, runs, RaceFinished
+    for env in session.batch(BatchRequest(prompts, GenerationConfig(), batch_id=5)):
+        …                      # BatchStarted, RequestArrived … PoolSnapshot …, BatchSummary
     session.cancel()                                             # from any thread
 
     for env in session.run(RunRequest("Deep learning is", run_id=2, step=True)):   # step mode
@@ -17,12 +19,17 @@ same stream feeds `python main.py run`, the app's engine process, a recording, a
 HTTP server. A run that fails ends in `Finished(reason="error", error=…)` instead of raising
 (unless asked to raise: the command line wants the exception's kind for its exit status).
 
+A batch is many prompts served together by the batching engine (engine/batch.py: continuous
+batching on one paged pool, prefix caching); its events all carry the batch id, and each names
+its request. Cancelling stops it at the next scheduler step: what is running or waiting is
+cancelled and the summary says `interrupted`.
+
 Requests run one at a time; the race compares its contestants here, with engine/compare.py, so
 logits never leave the process — a remote contestant too (a run on an OpenAI-compatible server,
-engine/remote.py), so a consumer only renders the verdict. Each contestant first runs a few tokens untimed (`warmup`): the
-first run of a kind pays one-off costs — threads starting, a kernel library loading, weights
-being converted — which would otherwise land in its TTFT (387 ms instead of 106 ms measured for
-the first contestant in the app). Cancelling sets a flag the running request sees at its next
+engine/remote.py), so a consumer only renders the verdict. Each contestant first runs a few
+tokens untimed (`warmup`): the first run of a kind pays one-off costs — threads starting, a
+kernel library loading, weights being converted — which would otherwise land in its TTFT (387 ms
+instead of 106 ms measured for the first contestant in the app). Cancelling sets a flag the running request sees at its next
 token; the flag stays set until whoever sends the next request clears it (`clear_cancel`) —
 the app clears it *before* sending, so a stop pressed right after a start cannot be lost.
 
@@ -44,11 +51,12 @@ from .attention import backend_names, get_backend
 from .compare import compare
 from .config import FAST_CHOICES, FastPathConfig, GenerationConfig
 from .decoding import StepBuilder, generate
-from .events import (Contestant, Envelope, Event, Finished, Forked, RaceFinished, RaceRow,
-                     RaceStarted, Ready, Started, Token)
+from .events import (Contestant, Envelope, Event, Failed, Finished, Forked, RaceFinished,
+                     RaceRow, RaceStarted, Ready, Started, Token)
 from .loader import load_model
 from .remote import compare_remote, remote_events
-from .requests import REMOTE, WAKE_UP, RaceRequest, RunRequest, StepCommand
+from .requests import REMOTE, WAKE_UP, BatchRequest, RaceRequest, RunRequest, StepCommand
+from .workload import arrival_times, request_config
 
 WARMUP_TOKENS = 2      # untimed tokens each race contestant runs first
 
@@ -196,6 +204,50 @@ class Session:
             return dataclasses.replace(row, comparison=how)
         return dataclasses.replace(row, same_tokens=c.identical,
                                    first_difference=c.first_difference, comparison=how)
+
+    def batch(self, request: BatchRequest) -> Iterator[Envelope]:
+        """Serve every prompt of `request` at once: the batching engine's events, each in an
+        envelope carrying the batch id — BatchStarted first, BatchSummary last. A batch that
+        cannot start (a bad setting, no room for its longest request) is one Failed event; a
+        request that can never run finishes with reason "error" and the others go on."""
+        from .batch import serve
+        try:
+            engine, requests = self._batch_engine(request)
+        except Exception as exc:          # noqa: BLE001 — said, not raised
+            yield self.envelope(request.batch_id,
+                                Failed(f"the batch did not start: {error_message(exc)}"))
+            return
+        events = serve(engine, requests, stop=self.flag.is_set)
+        try:
+            for event in events:
+                yield self.envelope(request.batch_id, event)
+        except Exception as exc:          # noqa: BLE001 — a failed step ends the batch, said
+            events.close()
+            yield self.envelope(request.batch_id, Failed(f"the batch failed: "
+                                                         f"{error_message(exc)}"))
+            engine.cancel_all()
+            for event in [*engine.drain(), engine.summary(interrupted=True)]:
+                yield self.envelope(request.batch_id, event)
+
+    def _batch_engine(self, request: BatchRequest):
+        """The batching engine for `request`, and its (arrival time, prompt, config) requests.
+        The pool: request.num_blocks, or a contiguous reservation's worth for `reserve_for`
+        (default max_batch) of the longest requests."""
+        from .batch import BatchEngine
+        from .scheduler import SchedulerConfig
+        lm, cfg = self.lm, request.config
+        lengths = [len(lm.tokenizer.encode(p)) for p in request.prompts]
+        per_request = -(-(max(lengths) + cfg.max_new_tokens) // cfg.block_size)
+        blocks = request.num_blocks or (request.reserve_for or request.max_batch) * per_request
+        limits = SchedulerConfig(max_batch=request.max_batch,
+                                 max_step_tokens=request.max_step_tokens,
+                                 block_size=cfg.block_size, num_blocks=blocks,
+                                 prefix_caching=request.prefix_caching)
+        engine = BatchEngine(lm.model, lm.tokenizer, limits, backend=cfg.backend,
+                             model_name=lm.name)
+        times = arrival_times(len(request.prompts), request.arrival_rate, request.arrival_seed)
+        return engine, [(t, p, request_config(cfg, i))
+                        for i, (t, p) in enumerate(zip(times, request.prompts))]
 
     def warm_up(self, request: RunRequest, tokens: int) -> None:
         """Run `request` for a few tokens and drop its events: what a first run pays once

@@ -50,6 +50,7 @@ class Settings:
     share: str | None = None        # HOST:PORT to share the session on, read-only
     endpoint: str | None = None     # an OpenAI-compatible server that joins each race (R)
     endpoint_model: str | None = None   # its model id (default: the one it lists)
+    prompts: str | None = None      # `B` serves these (a file, one a line); None: built-in
 
     @classmethod
     def from_args(cls, args) -> "Settings":
@@ -178,6 +179,12 @@ class Settings:
             return f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
         if self.flash_tile <= 0:
             return f"--flash-tile must be a positive number of keys, got {self.flash_tile}"
+        if self.prompts is not None:
+            from engine.batch_cli import read_prompts
+            try:
+                read_prompts(self.prompts)
+            except ConfigError as exc:
+                return f"--prompts: {exc}"
         if self.fast not in FAST_CHOICES:
             return (f"--fast {self.fast!r} is not one of the app's fast-path choices: "
                     f"{', '.join(repr(c) for c in FAST_CHOICES)} ('' = the plain model; the "

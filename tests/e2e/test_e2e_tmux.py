@@ -132,3 +132,22 @@ def test_real_race_shows_lanes_table_and_flash_tiles(tmux):
     # the last forward pass attends over 3 prompt + 5 fed-back tokens = 8 keys: 2 tiles of 4
     assert "2 tiles × 4 keys" in screen and "layer 29 head 0" in screen
     tmux.keys("q")
+
+
+def test_real_server_view_at_80x24(tmux):
+    """`B` on the embedded model in a real 80×24 terminal: 16 requests through the engine
+    process's batching engine, drawn live, readable, and the app free again at the end."""
+    tmux.cmd("new-session", "-d", "-s", tmux.session, "-x", "80", "-y", "24", "-c", str(ROOT),
+             f"env -u COLUMNS -u LINES {sys.executable} main.py --max-new-tokens 8")
+    tmux.wait(lambda s: "SmolLM2" in s, 120, "the model to load")
+    tmux.keys("B")
+    tmux.wait(lambda s: "running" in s and "KV block pool" in s, 30, "the server view")
+    screen = tmux.wait(lambda s: "16 done" in s, 180, "the batch to finish")
+    lines = screen.splitlines()
+    assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
+    assert "contiguous reservations fit" in screen and "paged ran" in screen
+    assert "done: " in screen and "(p50 / p99)" in screen      # the summary's short form
+    assert "██ r0 " in screen and "16 requests · ↑↓ scroll" in screen
+    tmux.keys("Escape")
+    tmux.wait(lambda s: "Token stream" in s, 10, "the panes again")
+    tmux.keys("q")

@@ -217,7 +217,7 @@ async def test_help_opens_scrollable_at_once_and_closes():
         await pilot.press("pagedown")
         assert scroll.scroll_y > 0
         from tui.screens.help import HELP
-        assert HELP.count("**Why it matters:**") == 8          # 7 panes and step mode
+        assert HELP.count("**Why it matters:**") == 9   # 7 panes, step mode, the server view
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
 
