@@ -8,6 +8,7 @@ About 15–30 s with the conversion cache warm; the first run ever also converts
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -25,8 +26,12 @@ COLS, ROWS = 150, 45
 
 
 class Tmux:
+    count = itertools.count()
+
     def __init__(self) -> None:
-        self.socket = f"minillm-e2e-{os.getpid()}"
+        # A socket of its own per test: the previous test's server may still be exiting on the
+        # last one ("server exited unexpectedly" when a new session asks it).
+        self.socket = f"minillm-e2e-{os.getpid()}-{next(self.count)}"
         self.session = "app"
 
     def cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -62,6 +67,8 @@ class Tmux:
 
     def kill(self) -> None:
         self.cmd("kill-server", check=False)
+        path = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}" / self.socket
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture
