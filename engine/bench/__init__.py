@@ -8,8 +8,11 @@ baseline in the same run, a length sweep and a bandwidth view. See docs/benchmar
     bandwidth.py    copy bandwidth, bytes per step, matmul-only time, a profile of one step
     sweep.py        per-step latency against position for naive / kv / paged
     batching.py     `--batch`: continuous batching against batch size; prefix sharing
-    experiment.py   runs the stages, collects one JSON-ready dictionary
-    report.py       rich tables, plotext charts, the JSON file
+    experiment.py   runs the stages, collects one JSON-ready dictionary, writes the JSON file
+    verdicts.py     the headline and the sweep's sentence (what a reader takes away)
+    cells.py        the words and numbers in each table cell (engine/units.py's units)
+    terminal.py     the progress bar, rich tables and plotext charts
+    markdown.py     the same tables as Markdown (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import argparse
 import sys
 
 from ..config import STRATEGIES, ConfigError
-from .experiment import run_bench
+from .experiment import run_bench, write_json
 from .settings import SEED_NEW_TOKENS, SEED_PROMPT, BenchSettings
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
@@ -93,20 +96,20 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
 
 
 def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
-    from . import report
+    from . import markdown, terminal
     if getattr(args, "batch", None):
         return cmd_batch_bench(args, loaded)
     settings = settings_from_args(args)          # a bad flag fails here, before loading
     mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
-    with report.progress(mode) as (tick, set_total):
+    with terminal.progress(mode) as (tick, set_total):
         doc = run_bench(settings, tick, set_total, loaded=loaded)
-    report.render(doc)
+    terminal.render(doc)
     if args.json:
-        report.write_json(doc, args.json)
+        write_json(doc, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(report.markdown(doc))
+            f.write(markdown.markdown(doc))
         print(f"wrote {args.markdown}", file=sys.stderr)
     if doc["interrupted"]:
         return EXIT_INTERRUPTED
@@ -121,23 +124,23 @@ def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
 
 def cmd_batch_bench(args: argparse.Namespace, loaded=None) -> int:
     """`bench --batch SIZES` (engine/bench/batching.py)."""
-    from . import batching, report
+    from . import batching, markdown, terminal
     s = batching.BatchBenchSettings(
         sizes=batching.parse_sizes(args.batch), block_size=args.block_size,
         max_new_tokens=min(args.max_new_tokens, 16) if args.quick else args.max_new_tokens,
         repeat=1 if args.quick else args.repeat, warmup=0 if args.quick else args.warmup,
         backend=(args.backends or ("sdpa",))[0], fast=tuple(args.fast))
     mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
-    with report.progress(mode) as (tick, set_total):
+    with terminal.progress(mode) as (tick, set_total):
         doc = batching.bench_document(s, args.model, args.device, args.dtype, args.threads,
                                       tick, set_total, loaded)
-    report.render_batch(doc)
+    terminal.render_batch(doc)
     if args.json:
-        report.write_json(doc, args.json)
+        write_json(doc, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(report.batch_markdown(doc))
+            f.write(markdown.batch_markdown(doc))
         print(f"wrote {args.markdown}", file=sys.stderr)
     return EXIT_INTERRUPTED if doc["interrupted"] else 0
 

@@ -26,13 +26,14 @@ from ..attention import available_backends, get_backend
 from ..compare import compare as compare_runs
 from ..config import ConfigError, FastPathConfig, GenerationConfig
 from ..decoding import generate
-from ..events import Finished, Token
+from ..events import Finished, Token, run_label
 from ..fast import STEPS
 from ..metrics import RunMetrics
 from .memory import PeakMemory
 from .settings import BenchSettings
 
 REFERENCE = ("naive", "naive")          # strategy, backend: the path everything is compared to
+BASELINE = "transformers (cache)"       # the row every "× HF" ratio divides by
 FIGURES = ("total_s", "ttft_s", "tpot_s", "prefill_s", "decode_tokens_per_s",
            "prefill_tokens_per_s", "peak_memory_bytes", "peak_added_bytes", "kv_bytes")
 
@@ -180,19 +181,19 @@ class StandardResult:
 def build_rows(lm, settings: BenchSettings, ids: list[int], hf=None) -> list[Row]:
     device = lm.model.device
     backends = pick_backends(settings, device)
-    rows = [Row(label=f"{s}/{b}", kind="engine", strategy=s, backend=b,
+    rows = [Row(label=run_label(s, b), kind="engine", strategy=s, backend=b,
                 runner=engine_runner(lm, ids, settings, s, b))
             for s in settings.strategies for b in backends]
     # Fast-path variants: on the kv cache with the first efficient backend (sdpa if present).
     fb = "sdpa" if "sdpa" in backends else next((b for b in backends if b != "naive"), "naive")
-    rows += [Row(label=f"kv/{fb} +{spec}", kind="engine", strategy="kv", backend=fb, fast=spec,
-                 runner=engine_runner(lm, ids, settings, "kv", fb, spec))
+    rows += [Row(label=run_label("kv", fb, spec), kind="engine", strategy="kv", backend=fb,
+                 fast=spec, runner=engine_runner(lm, ids, settings, "kv", fb, spec))
              for spec in settings.fast]
     if hf is not None:
         # generate() without its cache is the counterpart of the naive strategy: timed only
         # beside it (on a long prompt it recomputes hundreds of tokens per step).
         for use_cache in (True, False) if "naive" in settings.strategies else (True,):
-            label = "transformers (cache)" if use_cache else "transformers (no cache)"
+            label = BASELINE if use_cache else "transformers (no cache)"
             rows.append(Row(label=label, kind="hf", strategy=None, backend=None,
                             runner=hf.runner(ids, settings.max_new_tokens, use_cache)))
     return rows
@@ -210,7 +211,6 @@ def standard_experiment(lm, settings: BenchSettings, result: StandardResult, hf=
     if ref_row is None:                  # the reference runs anyway, untimed
         tick("naive/naive reference")
         result.reference = engine_runner(lm, ids, settings, *REFERENCE)(True)
-    first_outcome: dict[str, Outcome] = {}
     for p in range(settings.warmup + settings.repeat):
         warm = p < settings.warmup
         # The reference goes first in the correctness pass so every later row can be compared.
@@ -225,7 +225,6 @@ def standard_experiment(lm, settings: BenchSettings, result: StandardResult, hf=
                 row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
                 continue
             if p == 0:
-                first_outcome[row.label] = out
                 row.tokens = out.tokens
                 if row is ref_row:
                     result.reference = out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention import get_backend
-from engine.attention.measure import format_table, measure_backends, measure_call
+from engine.bench.attention_curves import format_table, measure_backends, measure_call
 
 SHAPE = dict(n_heads=2, n_kv=1, head_dim=32, repeat=1)
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from engine.bench import BenchSettings, run_bench
-from engine.bench import report
+from engine.bench import markdown, terminal
+from engine.bench.experiment import write_json
 from engine.bench.runs import summarise
 from engine.config import FastPathConfig
 from engine.bench.sweep import cumulative_s
@@ -106,11 +107,20 @@ def test_json_schema(quick_doc):
         assert set(r["vs_baseline"]) == {"decode_tokens_per_s", "total_speedup"}
     base = d["rows"][labels.index("transformers (cache)")]["vs_baseline"]
     assert base["decode_tokens_per_s"] == pytest.approx(1.0)
+    # The headline is computed from the rows: the medians it quotes are those of the rows it
+    # names, and its ratios are theirs.
     h = d["headline"]
-    assert h["seed"] == {"naive_s": 2.5, "kv_s": 1.2, "attention_max_abs_diff": 4.1e-08}
-    for key in ("kv_speedup_total", "kv_over_baseline_decode",
-                "efficient_attention_max_abs_logit_diff"):
-        assert h[key] is not None, key
+    fig = {r["label"]: r["figures"] for r in d["rows"]}
+    assert h["backend"] == "sdpa"
+    assert h["naive_total_s"] == fig["naive/sdpa"]["total_s"]["median"]
+    assert h["kv_total_s"] == fig["kv/sdpa"]["total_s"]["median"]
+    assert h["kv_speedup_total"] == pytest.approx(h["naive_total_s"] / h["kv_total_s"])
+    assert h["kv_over_baseline_decode"] == pytest.approx(
+        fig["kv/sdpa"]["decode_tokens_per_s"]["median"]
+        / fig["transformers (cache)"]["decode_tokens_per_s"]["median"])
+    engine_diffs = [r["max_abs_logit_diff"] for r in d["rows"] if r["kind"] == "engine"
+                    and r["backend"] != "naive" and r["fast"] is None]
+    assert h["efficient_attention_max_abs_logit_diff"] == max(engine_diffs)
     bw = d["bandwidth"]
     assert bw["machine"]["copy_gb_s"] > 0
     assert {r["label"] for r in bw["rows"]} == set(labels)
@@ -124,10 +134,10 @@ def test_json_schema(quick_doc):
     for s in ("naive", "kv", "paged"):
         assert len(sw["step_s"][s]) == len(sw["positions"])
     assert sw["summary"]["longest_position"] == 24
-    curves = d.get("attention_curves")
-    if curves is not None:                       # engine.attention.measure is there
-        assert {c["phase"] for c in curves} == {"prefill", "decode"}
-        assert all(c["seconds"] > 0 and c["peak_bytes"] >= 0 for c in curves)
+    curves = d["attention_curves"]
+    assert {c["phase"] for c in curves} == {"prefill", "decode"}
+    assert {c["backend"] for c in curves} == {r["backend"] for r in d["rows"] if r["backend"]}
+    assert all(c["seconds"] > 0 and c["peak_bytes"] >= 0 for c in curves)
 
 
 def test_json_has_no_nan(quick_doc, tmp_path):
@@ -181,7 +191,7 @@ def test_interrupt_keeps_what_was_measured(hf_folder):
     assert timed == ["naive/naive", "naive/sdpa"]               # the rows before the Ctrl+C
     json.dumps(doc, allow_nan=False)
     buf = io.StringIO()
-    report.render(doc, file=buf)
+    terminal.render(doc, file=buf)
     assert "interrupted" in buf.getvalue() and "naive/sdpa" in buf.getvalue()
 
 
@@ -191,14 +201,14 @@ def test_interrupt_while_loading_still_reports(hf_folder, tmp_path):
         raise KeyboardInterrupt
     doc = run_bench(BenchSettings(model=hf_folder, device="cpu"), tick=tick)
     assert doc["interrupted"] is True and doc["rows"] == []
-    report.write_json(doc, str(tmp_path / "b.json"))
-    report.render(doc, file=io.StringIO())
-    report.markdown(doc)
+    write_json(doc, str(tmp_path / "b.json"))
+    terminal.render(doc, file=io.StringIO())
+    markdown.markdown(doc)
 
 
 def test_render_shows_tables_and_charts(quick_doc):
     buf = io.StringIO()
-    report.render(quick_doc, file=buf)
+    terminal.render(quick_doc, file=buf)
     text = buf.getvalue()
     for part in ("standard experiment", "transformers (cache)", "× HF decode", "bandwidth",
                  "decode step latency vs position", "seed: KV cache took 50 tokens"):
@@ -207,7 +217,7 @@ def test_render_shows_tables_and_charts(quick_doc):
 
 
 def test_markdown_tables(quick_doc):
-    md = report.markdown(quick_doc)
+    md = markdown.markdown(quick_doc)
     assert "| row | total | TTFT |" in md and "| kv/sdpa |" in md
     assert "| position | naive | kv | paged |" in md
 
