@@ -7,6 +7,9 @@ baseline in the same run, a length sweep and a bandwidth view. See docs/benchmar
     memory.py       peak memory per run (reset before each)
     bandwidth.py    copy bandwidth, bytes per step, matmul-only time, a profile of one step
     sweep.py        per-step latency against position for naive / kv / paged
+    attention_curves.py  one attention call's time and peak memory against length, per backend
+    fast_paths.py   `--fast-table`: every fast-path variant on kv/sdpa; --lockstep; --startup
+    gpu_tables.py   scripts/gpu_check.py's tables on a lent GPU (whole model, fast path, batching)
     batching.py     `--batch`: continuous batching against batch size; prefix sharing
     experiment.py   runs the stages, collects one JSON-ready dictionary, writes the JSON file
     verdicts.py     the headline and the sweep's sentence (what a reader takes away)
@@ -70,6 +73,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="FILE", default=None,
                    help="also write the tables as Markdown (as in docs/benchmarks.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (without a terminal: no progress lines)")
+    p.add_argument("--fast-table", action="store_true",
+                   help="instead of every strategy × backend: kv/sdpa and each fast-path "
+                        "variant (--fast; default: every one this model can run) beside "
+                        "transformers, with the bytes per step, the bandwidth ceiling and the "
+                        "setup time (docs/fast_path.md)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="with --fast-table: also step the variants one token at a time in "
+                        "turn (fair when the machine's load changes from second to second)")
+    p.add_argument("--startup", action="store_true",
+                   help="only time process start → first token and the peak memory of `run` "
+                        "with the C step, float32 and GGUF blocks (--repeat fresh processes "
+                        "each)")
     p.add_argument("--batch", metavar="SIZES", default=None,
                    help="instead of the standard experiment, measure continuous batching at "
                         "these batch sizes, e.g. 1,2,4,8,16: aggregate decode tok/s, TPOT, "
@@ -92,13 +107,19 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
                          backends=a.backends, repeat=a.repeat, warmup=a.warmup,
                          baseline=not a.no_baseline, sweep=a.sweep, sweep_max=a.sweep_max,
                          bandwidth=not a.no_bandwidth, quick=a.quick, block_size=a.block_size,
-                         threads=a.threads, fast=tuple(a.fast))
+                         threads=a.threads, fast=tuple(a.fast),
+                         fast_table=getattr(a, "fast_table", False),
+                         lockstep=getattr(a, "lockstep", False))
 
 
 def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
     from . import markdown, terminal
     if getattr(args, "batch", None):
         return cmd_batch_bench(args, loaded)
+    if getattr(args, "startup", False):
+        from .fast_paths import startup
+        print(markdown.startup_markdown(startup(args.repeat)), end="")
+        return 0
     settings = settings_from_args(args)          # a bad flag fails here, before loading
     mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
     with terminal.progress(mode) as (tick, set_total):

@@ -8,7 +8,7 @@ shown in GiB/s like every other amount of memory.
 
 from __future__ import annotations
 
-from ..units import GiB, format_number, format_seconds
+from ..units import GiB, format_bytes, format_number, format_seconds
 
 
 def spread(stat: dict) -> str:
@@ -20,6 +20,50 @@ def spread(stat: dict) -> str:
 def gib_s(gb_s):
     """A GB/s figure from the JSON (10^9 bytes a second) in GiB/s; None stays None."""
     return None if gb_s is None else gb_s * 1e9 / GiB
+
+
+def identical_cell(row: dict) -> str:
+    """yes / no (step N) / — : the row's tokens against the naive reference's."""
+    return {True: "yes", False: f"no (step {row['first_difference']})", None: "—"}[
+        row["identical"]]
+
+
+# ----------------------------------------------------------------------------- bench --fast-table
+FAST_HEAD = ["run", "decode tok/s", "best", "lockstep", "× transformers", "weights per step",
+             "ceiling tok/s", "% of ceiling", "identical", "max |Δ logits|", "setup"]
+
+
+def fast_table_lines(doc: dict) -> list[list[str]]:
+    """One row of cells per run of the fast-path table (FAST_HEAD): the plain kv/sdpa decode,
+    every variant, and transformers; the ceiling is the copy bandwidth over the bytes one step
+    reads (bandwidth.py), so "% of ceiling" is how close the median comes to memory's limit."""
+    bw = {r["label"]: r for r in (doc.get("bandwidth") or {}).get("rows") or []}
+    lock = doc.get("lockstep") or {}
+    out = []
+    for r in doc.get("rows", []):
+        f, b = r["figures"]["decode_tokens_per_s"], bw.get(r["label"], {})
+        ceiling = b.get("ceiling_tokens_per_s")
+        share = 100 * f["median"] / ceiling if f["median"] and ceiling else None
+        out.append([r["label"], format_number(f["median"]) + spread(f),
+                    format_number(f["max"]), format_number(lock.get(r["label"])),
+                    format_number((r.get("vs_baseline") or {}).get("decode_tokens_per_s"),
+                                  "{:.2f}×"),
+                    format_bytes(b.get("weight_bytes")), format_number(ceiling),
+                    format_number(share, "{:.0f}%"), identical_cell(r),
+                    format_number(r["max_abs_logit_diff"], "{:.1e}"),
+                    format_seconds(r.get("setup_s"))])
+    return out
+
+
+# ----------------------------------------------------------------------------- bench --startup
+STARTUP_HEAD = ["run", "first token (median)", "all", "peak RSS", "above the runtime's own"]
+
+
+def startup_lines(rows: list[dict]) -> list[list[str]]:
+    return [[r["run"], format_seconds(r["first_token_s"]),
+             ", ".join(format_seconds(x) for x in r["first_token_s_all"]),
+             format_bytes(r["peak_rss_bytes"]), format_bytes(r["above_runtime_bytes"])]
+            for r in rows]
 
 
 # ----------------------------------------------------------------------------- bench --batch

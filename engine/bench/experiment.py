@@ -1,6 +1,7 @@
 """One bench run from start to finish, collected into a single JSON-ready dictionary.
 
-Stages: load → copy bandwidth → standard experiment (+ transformers baseline) → bandwidth
+Stages: load → copy bandwidth → standard experiment (+ transformers baseline; with
+--fast-table, kv/sdpa and every fast-path variant) → lockstep steps (optional) → bandwidth
 view → length sweep (optional) → attention curves (optional). Each stage writes into the
 result as it goes; Ctrl+C stops the current stage, marks the result `interrupted`, and
 everything measured so far is still reported.
@@ -8,6 +9,7 @@ everything measured so far is still reported.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -19,6 +21,7 @@ import torch
 
 from ..loader import load_model
 from . import bandwidth as bw
+from . import fast_paths as fp
 from . import sweep as sw
 from .attention_curves import attention_curves
 from .runs import BASELINE, REFERENCE, StandardResult, build_rows, standard_experiment
@@ -75,7 +78,8 @@ def _cpu_count() -> int | None:
 
 def estimate_stages(settings: BenchSettings, n_rows: int, n_sweep: int) -> int:
     """How many ticks the progress bar should expect."""
-    return (settings.warmup + settings.repeat) * n_rows + 1 + 3 * n_sweep + 3
+    return ((settings.warmup + settings.repeat) * n_rows + 1 + 3 * n_sweep + 3
+            + settings.lockstep)
 
 
 def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
@@ -113,6 +117,9 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
         doc["model"] = {"name": lm.name, "source": lm.source,
                         "parameters": lm.model.num_parameters(),
                         "weight_bytes": lm.model.weight_bytes(), "config": lm.config.to_dict()}
+        if s.fast_table and not s.fast:               # every variant this model can run
+            s = dataclasses.replace(s, fast=fp.default_variants(lm.model))
+            doc["settings"] = s.to_dict()
         ids = lm.tokenizer.encode(s.prompt)
         doc["prompt_tokens"], doc["prompt_ids"] = len(ids), ids
         hf = None
@@ -136,6 +143,10 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
                 device, (64 if s.quick else 256) << 20)}
             doc["bandwidth"]["formats"] = bw.format_ceilings(lm, doc["bandwidth"]["machine"])
         standard_experiment(lm, s, result, hf, stage)
+        if s.lockstep:
+            stage("lockstep: every variant one step at a time, in turn")
+            variants = [r.fast for r in result.rows if r.fast and not r.error]
+            doc["lockstep"] = fp.lockstep(lm, variants, s.max_new_tokens, s.prompt)
         if s.bandwidth:
             stage("timing the matmuls alone")
             doc["bandwidth"]["matmul_floor"] = bw.matmul_floor(lm.model)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..units import format_bandwidth, format_bytes, format_number, format_seconds
-from .cells import batch_alone_lines, batch_caption, batch_lines, batch_titles, gib_s, spread
+from .cells import (FAST_HEAD, STARTUP_HEAD, batch_alone_lines, batch_caption, batch_lines,
+                    batch_titles, fast_table_lines, gib_s, identical_cell, spread, startup_lines)
 from .verdicts import sweep_text
 
 
@@ -26,8 +27,7 @@ def markdown(doc: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|"]
     for r in doc.get("rows", []):
         f, vs = r["figures"], r.get("vs_baseline") or {}
-        ident = {True: "yes", False: f"no (step {r['first_difference']})", None: "—"}[
-            r["identical"]]
+        ident = identical_cell(r)
         lines.append(
             f"| {r['label']} | {format_seconds(f['total_s']['median'])}{spread(f['total_s'])} | "
             f"{format_seconds(f['ttft_s']['median'])} | {format_seconds(f['tpot_s']['median'])} | "
@@ -91,6 +91,7 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(
                 f"{format_seconds(cell[n]['seconds'])} · {format_bytes(cell[n]['peak_bytes'])}" if n in cell
                 else "—" for n in lengths) + " |")
+    lines += fast_table_markdown(doc)
     return "\n".join(lines) + "\n"
 
 
@@ -107,3 +108,27 @@ def batch_markdown(doc: dict) -> str:
             lines.append("")
     return "\n".join(lines)
 
+
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table: the first column left-aligned, the others right-aligned."""
+    return (["| " + " | ".join(h.replace("|", "\\|") for h in head) + " |",
+             "|---|" + "---:|" * (len(head) - 1)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def fast_table_markdown(doc: dict) -> list[str]:
+    """The fast-path table (`bench --fast-table`) as docs/fast_path.md shows it."""
+    if not (doc.get("settings") or {}).get("fast_table") or not doc.get("rows"):
+        return []
+    return ["", "Fast paths on kv/sdpa (median of the timed passes; ceiling = copy bandwidth ÷ "
+                "bytes one step reads; setup = the first pass, first-call costs included):", "",
+            *table(FAST_HEAD, fast_table_lines(doc))]
+
+
+def startup_markdown(rows: list[dict]) -> str:
+    """`bench --startup`: process start → first token, and peak memory."""
+    lines = table(STARTUP_HEAD, startup_lines(rows))
+    if rows:
+        lines.append(f"(the runtime alone — Python, torch, tokenizers, the engine's modules: "
+                     f"{format_bytes(rows[0]['runtime_rss_bytes'])})")
+    return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ included.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -86,6 +87,7 @@ class Row:
     max_abs_logit_diff: float | None = None
     unstable: bool = False              # a timed run gave other tokens than the warm-up run
     error: str | None = None
+    setup_s: float | None = None        # the first pass's wall time: first-call costs included
 
     def stat(self, figure: str) -> dict:
         return summarise([getattr(s, figure) for s in self.samples])
@@ -98,7 +100,7 @@ class Row:
                 "backend": self.backend, "fast": self.fast, "tokens": list(self.tokens),
                 "identical": self.identical, "first_difference": self.first_difference,
                 "max_abs_logit_diff": self.max_abs_logit_diff, "unstable": self.unstable,
-                "error": self.error, "repetitions": len(self.samples),
+                "error": self.error, "setup_s": self.setup_s, "repetitions": len(self.samples),
                 "figures": {f: self.stat(f) for f in FIGURES},
                 "samples": [{f: getattr(s, f) for f in FIGURES} for s in self.samples]}
 
@@ -220,7 +222,10 @@ def standard_experiment(lm, settings: BenchSettings, result: StandardResult, hf=
             if row.error:
                 continue
             try:
+                t0 = time.perf_counter()
                 out = row.runner(p == 0)
+                if p == 0:                      # preparing weights, building a C step, compiling
+                    row.setup_s = time.perf_counter() - t0
             except (RuntimeError, ValueError) as exc:     # one broken backend, not the bench
                 row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
                 continue

@@ -11,7 +11,8 @@ import sys
 from contextlib import contextmanager
 
 from ..units import format_bandwidth, format_bytes, format_number, format_seconds
-from .cells import batch_alone_lines, batch_caption, batch_lines, batch_titles, gib_s, spread
+from .cells import (FAST_HEAD, batch_alone_lines, batch_caption, batch_lines, batch_titles,
+                    fast_table_lines, gib_s, spread)
 from .verdicts import headline_text, sweep_text
 
 
@@ -97,6 +98,21 @@ def render(doc: dict, file=None) -> None:
     chart = curves_chart(doc.get("attention_curves"), width, color=tty)
     if chart:
         file.write(chart + "\n")
+    if st.get("fast_table") and doc.get("rows"):
+        console.print(cell_table("fast paths on kv/sdpa (ceiling = copy bandwidth ÷ bytes one "
+                                 "step reads; setup = the first pass)", FAST_HEAD,
+                                 fast_table_lines(doc)))
+
+
+def cell_table(title: str, head: list[str], rows: list[list[str]]):
+    """A rich table of text cells (cells.py): the first column left, the others right."""
+    from rich.table import Table
+    t = Table(title=title, title_justify="left")
+    for i, name in enumerate(head):
+        t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(*r)
+    return t
 
 
 def standard_table(doc: dict):
@@ -236,7 +252,6 @@ def curves_chart(curves, width: int = 100, color: bool = True) -> str | None:
 
 def render_batch(doc: dict, file=None) -> None:
     from rich.console import Console
-    from rich.table import Table
     file = file or sys.stdout
     console = Console(file=file, width=None if file.isatty() else 200)
     console.print(f"[bold]{batch_caption(doc)}[/]")
@@ -248,10 +263,5 @@ def render_batch(doc: dict, file=None) -> None:
     for title, h, rs in zip(batch_titles(doc), (head, phead), (rows, prow)):
         if not rs:
             continue
-        t = Table(title=title, title_justify="left")
-        for i, name in enumerate(h):
-            t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
-        for r in rs:
-            t.add_row(*r)
-        console.print(t)
+        console.print(cell_table(title, h, rs))
 

@@ -25,6 +25,7 @@ from engine.config import ConfigError, GenerationConfig, ModelConfig
 from engine.decoding import run_to_end
 from engine.fast import STEPS
 from engine.loader import load_model
+from engine.units import format_bytes
 from tests.conftest import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -222,10 +223,43 @@ def test_markdown_tables(quick_doc):
     assert "| position | naive | kv | paged |" in md
 
 
+def test_fast_table(hf_folder, tmp_path):
+    """`bench --fast-table`: kv/sdpa, each variant named by its fast-path words, transformers;
+    every variant compared with the naive reference; the lockstep rates and the Markdown table."""
+    out = tmp_path / "fast.json"
+    code = cli_main(["bench", "--model", hf_folder, "--device", "cpu", "--quick", "--fast-table",
+                     "--fast", "fuse+cols", "--fast", "int8", "--lockstep", "--threads", "1",
+                     "--no-progress", "--json", str(out)])
+    assert code == 0
+    d = json.loads(out.read_text())
+    rows = {r["label"]: r for r in d["rows"]}
+    assert set(rows) == {"kv/sdpa", "kv/sdpa +fuse+cols", "kv/sdpa +int8", "transformers (cache)"}
+    assert rows["kv/sdpa"]["identical"] is True and rows["kv/sdpa +fuse+cols"]["identical"] is True
+    assert all(r["setup_s"] > 0 and r["error"] is None for r in rows.values())
+    assert set(d["lockstep"]) == {"kv/sdpa", "kv/sdpa +fuse+cols", "kv/sdpa +int8"}
+    assert all(v > 0 for v in d["lockstep"].values())
+    md = markdown.markdown(d)
+    table = md[md.index("Fast paths on kv/sdpa"):]
+    for label in rows:
+        assert f"| {label} |" in table, label
+    weights = {r["label"]: r["weight_bytes"] for r in d["bandwidth"]["rows"]}
+    assert weights["kv/sdpa +int8"] < weights["kv/sdpa"]      # int8 reads fewer bytes a step
+    assert format_bytes(weights["kv/sdpa +int8"]) in table
+
+
+def test_startup_table_is_written_in_binary_units():
+    rows = [dict(run="kv/sdpa +c", first_token_s=0.5, first_token_s_all=[0.5, 0.6],
+                 peak_rss_bytes=300 * 2**20, above_runtime_bytes=3 * 2**19,
+                 runtime_rss_bytes=2**30)]
+    text = markdown.startup_markdown(rows)
+    assert "| kv/sdpa +c | 500.0 ms | 500.0 ms, 600.0 ms | 300.0 MiB | 1.5 MiB |" in text
+    assert "1.0 GiB" in text
+
+
 # ----------------------------------------------------------------------------- settings, maths
 @pytest.mark.parametrize("kw", [dict(strategies=("fast",)), dict(repeat=0), dict(warmup=-1),
                                 dict(max_new_tokens=1), dict(dtype="int3"), dict(threads=0),
-                                dict(sweep_max=2), dict(prompt="")])
+                                dict(sweep_max=2), dict(prompt=""), dict(lockstep=True)])
 def test_bad_settings_are_config_errors(kw):
     with pytest.raises(ConfigError):
         BenchSettings(**kw)
