@@ -37,7 +37,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, reps: int = 5)
     dst.copy_(src)                                 # first touch: the pages are mapped here
     copy_s = best_of(lambda: dst.copy_(src), reps, device)
     read_s = best_of(lambda: float(src.sum()), reps, device)
-    del src, dst
     return {"buffer_bytes": n * 4, "copy_gb_s": 2 * n * 4 / copy_s / 1e9,
             "read_gb_s": n * 4 / read_s / 1e9, "threads": torch.get_num_threads()}
 

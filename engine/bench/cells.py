@@ -79,7 +79,8 @@ def batch_lines(doc: dict) -> tuple[list[str], list[list[str]], list[str], list[
                      format_number(r["decode_tokens_per_s"]) + (
                          f" ±{r['decode_spread_pct']:.0f}%" if r.get("decode_spread_pct")
                          is not None else ""),
-                     format_number(r["over_batch_1"], "{:.2f}×"), format_number(r.get("over_alone"), "{:.2f}×"),
+                     format_number(r["over_batch_1"], "{:.2f}×"),
+                     format_number(r.get("over_alone"), "{:.2f}×"),
                      format_seconds(r["tpot_p50_s"]),
                      format_seconds(r["ttft_p50_s"]), f"{r['identical']}/{r['requests']}"])
     p = b.get("prefix") or {}

@@ -129,6 +129,7 @@ def startup(rounds: int = 3, cache: str | None = None) -> list[dict]:
             firsts.append(first)
             peaks.append(peak)
         rows.append(dict(run=run_label(STRATEGY, BACKEND, spec),
-                         first_token_s=statistics.median(firsts), first_token_s_all=firsts, peak_rss_bytes=max(peaks),
-                         above_runtime_bytes=max(peaks) - base, runtime_rss_bytes=base))
+                         first_token_s=statistics.median(firsts), first_token_s_all=firsts,
+                         peak_rss_bytes=max(peaks), above_runtime_bytes=max(peaks) - base,
+                         runtime_rss_bytes=base))
     return rows

@@ -38,6 +38,7 @@ from ..fast.static_step import StaticDecoder
 from ..metrics import tpot_s
 from ..model import Transformer
 from ..timing import StepClock, timed
+from ..units import format_ms, format_number
 from .attention_curves import format_table, measure_backends
 from .batching import throughput_table
 
@@ -105,9 +106,10 @@ def fast_path_table(model, lengths=(128, 1024, 8000), steps: int = 20) -> str:
         hf = time_transformers(model, length)
         for strategy in ("kv", "paged"):
             rates = [1 / time_decode(model, strategy, length, m, steps) for m in modes]
-            hf_rate = f"{1 / hf:.1f}" if hf else "—"
-            ratio = f"{max(rates) * hf:.2f}×" if hf else "—"
-            lines.append(f"| {strategy} | {length} | " + " | ".join(f"{r:.1f}" for r in rates)
+            hf_rate = format_number(1 / hf if hf else None)
+            ratio = format_number(max(rates) * hf if hf else None, "{:.2f}×")
+            lines.append(f"| {strategy} | {length} | "
+                         + " | ".join(format_number(r) for r in rates)
                          + f" | {hf_rate} | {ratio} |")
     return "\n".join(lines)
 
@@ -146,7 +148,8 @@ def model_table(model, names, lengths, decode_steps, tile) -> tuple[str, list[st
             for n in lengths:
                 try:
                     prefill, decode = time_model(model, backend, strategy, n, decode_steps)
-                    cells.append(f"{prefill * 1e3:.3g} / {decode * 1e3:.3g}")
+                    cells.append(f"{format_ms(prefill, '{:.3g}')} / "
+                                 f"{format_ms(decode, '{:.3g}')}")
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     cells.append("OOM")
@@ -235,8 +238,8 @@ def main(argv=None) -> int:
         "cached (median of a few steps). `paged` with a backend that cannot read the pool "
         "gathers the sequence's K/V first.", "", table, "", *notes, "",
         "## One attention call: time · peak extra memory", "",
-        "engine/bench/attention_curves.py: prefill = T queries × T keys, decode = 1 query × T keys; "
-        "memory above what was allocated before the call (output included).", "",
+        "engine/bench/attention_curves.py: prefill = T queries × T keys, decode = 1 query × T "
+        "keys; memory above what was allocated before the call (output included).", "",
         attn_table, ""])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)       # written now: the optional parts below may fail

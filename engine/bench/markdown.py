@@ -40,13 +40,15 @@ def markdown(doc: dict) -> str:
     b = doc.get("bandwidth")
     if b and b.get("rows"):
         m = b["machine"]
-        lines += ["", f"Copy bandwidth {format_bandwidth(m['copy_gb_s'] * 1e9)} (read + write), read "
-                      f"{format_bandwidth(m['read_gb_s'] * 1e9)}, {m['threads']} thread(s).", "",
+        lines += ["", f"Copy bandwidth {format_bandwidth(m['copy_gb_s'] * 1e9)} (read + write), "
+                      f"read {format_bandwidth(m['read_gb_s'] * 1e9)}, {m['threads']} thread(s).",
+                  "",
                   "| row | weights | KV read | TPOT | achieved GiB/s | % of copy | ceiling tok/s |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in b["rows"]:
-            lines.append(f"| {r['label']} | {format_bytes(r['weight_bytes'])} | {format_bytes(r['kv_bytes'])}"
-                         f" | {format_seconds(r['tpot_s'])} | {format_number(gib_s(r['achieved_gb_s']))} | "
+            lines.append(f"| {r['label']} | {format_bytes(r['weight_bytes'])} | "
+                         f"{format_bytes(r['kv_bytes'])} | {format_seconds(r['tpot_s'])} | "
+                         f"{format_number(gib_s(r['achieved_gb_s']))} | "
                          f"{format_number(r['pct_of_copy'], '{:.0f}%')} | "
                          f"{format_number(r['ceiling_tokens_per_s'])} |")
         if b.get("formats"):
@@ -58,12 +60,14 @@ def markdown(doc: dict) -> str:
         mf, p = b.get("matmul_floor"), b.get("profile")
         if mf:
             lines += ["", f"Matmuls alone: {mf['matrices']} matrices, {format_bytes(mf['bytes'])}, "
-                          f"{format_seconds(mf['seconds'])} per token = {format_bandwidth(mf['gb_s'] * 1e9)} "
+                          f"{format_seconds(mf['seconds'])} per token = "
+                          f"{format_bandwidth(mf['gb_s'] * 1e9)} "
                           f"({100 * mf['gb_s'] / m['copy_gb_s']:.0f}% of copy)."]
         if p:
             total = sum(p["breakdown_s"].values()) or 1
             lines += ["", f"Profile of kv/{p['backend']} decode steps ({p['steps']} steps at "
-                          f"position {p['position']}, {format_seconds(p['step_s_profiled'])} per step "
+                          f"position {p['position']}, {format_seconds(p['step_s_profiled'])} "
+                          f"per step "
                           f"under the profiler):", "", "| part | per step | share |",
                       "|---|---:|---:|"]
             lines += [f"| {k} | {format_seconds(v)} | {100 * v / total:.0f}% |"
@@ -89,8 +93,8 @@ def markdown(doc: dict) -> str:
         for name in dict.fromkeys(c["backend"] for c in pre):
             cell = {c["length"]: c for c in pre if c["backend"] == name}
             lines.append(f"| {name} | " + " | ".join(
-                f"{format_seconds(cell[n]['seconds'])} · {format_bytes(cell[n]['peak_bytes'])}" if n in cell
-                else "—" for n in lengths) + " |")
+                f"{format_seconds(cell[n]['seconds'])} · {format_bytes(cell[n]['peak_bytes'])}"
+                if n in cell else "—" for n in lengths) + " |")
     lines += fast_table_markdown(doc)
     return "\n".join(lines) + "\n"
 

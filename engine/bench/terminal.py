@@ -135,7 +135,8 @@ def standard_table(doc: dict):
         t.add_row(r["label"] + (" [dim](ref)[/]" if r["label"] == doc["reference"] else ""),
                   format_seconds(f["total_s"]["median"]) + spread(f["total_s"]),
                   format_seconds(f["ttft_s"]["median"]), format_seconds(f["tpot_s"]["median"]),
-                  format_number(f["decode_tokens_per_s"]["median"]) + spread(f["decode_tokens_per_s"]),
+                  format_number(f["decode_tokens_per_s"]["median"])
+                  + spread(f["decode_tokens_per_s"]),
                   format_number(f["prefill_tokens_per_s"]["median"], "{:.0f}"),
                   f'{format_bytes(f["peak_memory_bytes"]["median"])} '
                   f'[dim](+{format_bytes(f["peak_added_bytes"]["median"])})[/]',
@@ -151,9 +152,9 @@ def bandwidth_tables(doc: dict):
     from rich.table import Table
     b = doc["bandwidth"]
     m = b["machine"]
-    out = [f"\n[bold]bandwidth[/]: this machine copies {format_bandwidth(m['copy_gb_s'] * 1e9)} (read + "
-           f"write, {format_bytes(m['buffer_bytes'])} buffer) and reads {format_bandwidth(m['read_gb_s'] * 1e9)} "
-           f"(sum), {m['threads']} threads"]
+    out = [f"\n[bold]bandwidth[/]: this machine copies {format_bandwidth(m['copy_gb_s'] * 1e9)} "
+           f"(read + write, {format_bytes(m['buffer_bytes'])} buffer) and reads "
+           f"{format_bandwidth(m['read_gb_s'] * 1e9)} (sum), {m['threads']} threads"]
     if b.get("formats"):
         t = Table(title="bytes per token → tokens per second: the ceiling of each weight format",
                   title_justify="left")
@@ -162,7 +163,8 @@ def bandwidth_tables(doc: dict):
             t.add_column(name, justify="left" if name == "weights" else "right")
         for f in b["formats"]:
             t.add_row(f["format"], format_bytes(f["weight_bytes"]),
-                      format_number(f["ceiling_tokens_per_s"]), format_number(f["read_ceiling_tokens_per_s"]))
+                      format_number(f["ceiling_tokens_per_s"]),
+                      format_number(f["read_ceiling_tokens_per_s"]))
         out.append(t)
     if b.get("rows"):
         t = Table(title="bytes read per decode step vs the copy bandwidth", title_justify="left")
@@ -171,7 +173,8 @@ def bandwidth_tables(doc: dict):
             t.add_column(name, justify="left" if name == "row" else "right")
         for r in b["rows"]:
             note = " [dim](recomputes)[/]" if r["recomputes"] else ""
-            t.add_row(r["label"] + note, format_bytes(r["weight_bytes"]), format_bytes(r["kv_bytes"]),
+            t.add_row(r["label"] + note, format_bytes(r["weight_bytes"]),
+                      format_bytes(r["kv_bytes"]),
                       format_seconds(r["tpot_s"]), format_number(gib_s(r["achieved_gb_s"])),
                       format_number(r["pct_of_copy"], "{:.0f}%"),
                       format_number(r["ceiling_tokens_per_s"], "{:.1f}"))
@@ -181,13 +184,15 @@ def bandwidth_tables(doc: dict):
     mf = b.get("matmul_floor")
     if mf:
         out.append(f"matmuls alone ({mf['matrices']} matrices, {format_bytes(mf['bytes'])}): "
-                   f"{format_seconds(mf['seconds'])} per token = {format_bandwidth(mf['gb_s'] * 1e9)} "
+                   f"{format_seconds(mf['seconds'])} per token = "
+                   f"{format_bandwidth(mf['gb_s'] * 1e9)} "
                    f"({100 * mf['gb_s'] / m['copy_gb_s']:.0f}% of copy) — GEMV efficiency")
     p = b.get("profile")
     if p:
         t = Table(title=f"where a kv/{p['backend']} decode step goes (torch.profiler, "
                         f"{p['steps']} steps at position {p['position']}, "
-                        f"{format_seconds(p['step_s_profiled'])} per step profiled)", title_justify="left")
+                        f"{format_seconds(p['step_s_profiled'])} per step profiled)",
+                  title_justify="left")
         t.add_column("part")
         t.add_column("per step", justify="right")
         t.add_column("share", justify="right")

@@ -48,9 +48,11 @@ def headline_text(doc: dict) -> str:
     h = doc.get("headline", {})
     seed = h.get("seed", {})
     lines = [f"[bold]seed[/]: KV cache took 50 tokens from {seed.get('naive_s')} s to "
-             f"{seed.get('kv_s')} s; efficient attention within {seed.get('attention_max_abs_diff')} of naive"]
+             f"{seed.get('kv_s')} s; efficient attention within "
+             f"{seed.get('attention_max_abs_diff')} of naive"]
     if h.get("kv_speedup_total"):
-        lines.append(f"[bold]now[/]:  naive/{h['backend']} {format_seconds(h['naive_total_s'])} → "
+        lines.append(f"[bold]now[/]:  naive/{h['backend']} "
+                     f"{format_seconds(h['naive_total_s'])} → "
                      f"kv/{h['backend']} {format_seconds(h['kv_total_s'])} "
                      f"({h['kv_speedup_total']:.2f}× for {doc['settings']['max_new_tokens']} "
                      f"tokens); efficient attention within "
