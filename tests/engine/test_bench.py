@@ -16,7 +16,7 @@ import torch
 
 from engine.bench import BenchSettings, run_bench
 from engine.bench import markdown, terminal
-from engine.bench.experiment import write_json
+from engine.bench.experiment import _plain, write_json
 from engine.bench.runs import summarise
 from engine.config import FastPathConfig
 from engine.bench.sweep import cumulative_s
@@ -141,10 +141,18 @@ def test_json_schema(quick_doc):
     assert all(c["seconds"] > 0 and c["peak_bytes"] >= 0 for c in curves)
 
 
-def test_json_has_no_nan(quick_doc, tmp_path):
-    """allow_nan=False in the writer: the file is strict JSON any tool can read."""
-    text = json.dumps(quick_doc, allow_nan=False)
-    assert "NaN" not in text
+def test_json_is_strict(tmp_path):
+    """A figure that is not a number (TPOT of one token: nan) is written as null, so the file
+    is strict JSON any tool can read; the writer refuses a nan that slipped through."""
+    doc = _plain({"tpot_s": float("nan"), "rates": (float("inf"), 2.0), "n": 3})
+    assert doc == {"tpot_s": None, "rates": [None, 2.0], "n": 3}
+    write_json(doc, str(tmp_path / "b.json"))
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the file")
+    assert json.loads((tmp_path / "b.json").read_text(), parse_constant=refuse) == doc
+    with pytest.raises(ValueError):
+        write_json({"tpot_s": float("nan")}, str(tmp_path / "c.json"))
 
 
 # ----------------------------------------------------------------------------- correctness
