@@ -3,7 +3,6 @@ linear for the tiled backends, on the CPU's tensor accounting."""
 
 from __future__ import annotations
 
-
 from engine.attention import get_backend
 from engine.bench.attention_curves import format_table, measure_backends, measure_call
 from engine.units import format_bytes, format_seconds
