@@ -34,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..attention import available_backends, get_backend
-from ..timing import median_of
+from ..timing import median_of, sync
 from ..units import format_bytes, format_seconds
 
 LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)
@@ -101,7 +101,7 @@ def measure_call(backend, phase: str, length: int, n_heads: int = 9, n_kv: int =
     backend.attend(q, k, v, q_offset)                 # warm-up: compilation, caches, autotune
     if device.type == "cuda":
         times = []
-        torch.cuda.synchronize(device)
+        sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(repeat):
