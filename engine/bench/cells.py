@@ -12,7 +12,8 @@ from ..units import GiB, format_bytes, format_number, format_seconds
 
 
 def spread(stat: dict) -> str:
-    """" ±4%" — half the range of the timed passes, as a share of the median (none for one)."""
+    """The " ±4%" after a median: half the range of the timed passes, as a share of the
+    median (nothing for a single pass)."""
     sp = stat.get("spread_pct")
     return "" if sp is None or stat.get("n", 0) < 2 else f" ±{sp:.0f}%"
 
