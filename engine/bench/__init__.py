@@ -118,7 +118,12 @@ def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
         return cmd_batch_bench(args, loaded)
     if getattr(args, "startup", False):
         from .fast_paths import startup
-        print(markdown.startup_markdown(startup(args.repeat)), end="")
+        try:
+            rows = startup(args.repeat)
+        except (RuntimeError, OSError, ValueError) as exc:   # a run that died: one line
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(markdown.startup_markdown(rows), end="")
         return 0
     settings = settings_from_args(args)          # a bad flag fails here, before loading
     mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
