@@ -36,21 +36,20 @@ from .settings import SEED_PROMPT
 # The variants of docs/fast_path.md's table, in the fast-path words (config.FAST_WORDS).
 VARIANTS = ("fuse", "cols", "fuse+cols", "graphs", "bf16", "fuse+fp16", "fuse+int8",
             "fuse+int8+head-full", "c", "c+int8", "c+int8+head-full", "gguf", "c+gguf")
-COMPILE_VARIANTS = ("compile", "fuse+int8+compile")     # minutes of compilation on a small CPU
 STRATEGY, BACKEND = "kv", "sdpa"                        # the rows' decode: kv cache, sdpa
 
 
-def default_variants(model, with_compile: bool = False) -> tuple[str, ...]:
-    """VARIANTS that can run on `model` (the GGUF blocks need a model loaded from a .gguf file),
-    plus the torch.compile ones if asked for."""
+def default_variants(model) -> tuple[str, ...]:
+    """VARIANTS that can run on `model` (the GGUF blocks need a model loaded from a .gguf file).
+    torch.compile is not among them (minutes of compilation on a small CPU): name it, as in
+    `--fast compile --fast fuse+int8+compile`."""
     from .. import fast
     try:
         fast.check_gguf(model)
         gguf = True
     except ConfigError:
         gguf = False
-    names = [v for v in VARIANTS if gguf or "gguf" not in v]
-    return tuple(names) + (COMPILE_VARIANTS if with_compile else ())
+    return tuple(v for v in VARIANTS if gguf or "gguf" not in v)
 
 
 # ----------------------------------------------------------------------------- lockstep
