@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from .. import fast
 from ..attention import get_backend
 from ..config import ConfigError, FastPathConfig
 from ..decoding import CachedAttention, forward_step, make_cache
@@ -43,7 +44,6 @@ def default_variants(model) -> tuple[str, ...]:
     """VARIANTS that can run on `model` (the GGUF blocks need a model loaded from a .gguf file).
     torch.compile is not among them (minutes of compilation on a small CPU): name it, as in
     `--fast compile --fast fuse+int8+compile`."""
-    from .. import fast
     try:
         fast.check_gguf(model)
         gguf = True
@@ -57,7 +57,6 @@ def default_variants(model) -> tuple[str, ...]:
 def lockstep(lm, specs, n: int, prompt: str = SEED_PROMPT) -> dict[str, float]:
     """Median decode-step rate (tokens/s) of the plain kv/sdpa step and of each variant, their
     steps interleaved one by one; keyed by run label."""
-    from .. import fast
     model = lm.model
     ids = lm.tokenizer.encode(prompt)
     state = {}
