@@ -74,20 +74,44 @@ def peak_memory_bytes(device) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)   # Linux reports KiB
 
 
+def ttft_s(step_latencies: list[float]) -> float:
+    """TTFT: the first token's latency (it carries the prefill); nan before any token."""
+    return step_latencies[0] if step_latencies else float("nan")
+
+
+def tpot_s(step_latencies: list[float]) -> float:
+    """TPOT: (total − TTFT) / (N − 1), the mean gap after the first token; nan below two."""
+    n = len(step_latencies)
+    return (sum(step_latencies) - step_latencies[0]) / (n - 1) if n > 1 else float("nan")
+
+
+def decode_tokens_per_s(tpot: float) -> float:
+    """Decode tokens/s = 1 / TPOT (nan when TPOT is nan or not positive)."""
+    return 1.0 / tpot if tpot > 0 else float("nan")        # nan > 0 is False
+
+
+def run_metrics(prompt_tokens: int, prefill_s: float, step_latencies: list[float],
+                peak_memory: int, kv_bytes: int) -> RunMetrics:
+    """Every figure of one run from its per-token latencies (step_latencies[0] is the time to
+    first token; the rest are the gaps between tokens). No torch: the app's synthetic engine
+    (tui/fake_engine.py) uses this too, with a peak it makes up."""
+    n = len(step_latencies)
+    ttft, tpot = ttft_s(step_latencies), tpot_s(step_latencies)
+    gaps = step_latencies[1:]
+    return RunMetrics(
+        prompt_tokens=prompt_tokens, new_tokens=n, total_s=sum(step_latencies), ttft_s=ttft,
+        tpot_s=tpot, itl_p50_s=percentile(gaps, 50), itl_p99_s=percentile(gaps, 99),
+        prefill_s=prefill_s,
+        prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else float("nan"),
+        decode_tokens_per_s=decode_tokens_per_s(tpot), peak_memory_bytes=peak_memory,
+        kv_bytes=kv_bytes)
+
+
 def compute_metrics(prompt_tokens: int, prefill_s: float, step_latencies: list[float],
                     device, kv_bytes: int) -> RunMetrics:
-    """step_latencies[0] is the time to first token; the rest are the gaps between tokens."""
-    n = len(step_latencies)
-    total = sum(step_latencies)
-    ttft = step_latencies[0] if n else float("nan")
-    gaps = step_latencies[1:]
-    tpot = (total - ttft) / (n - 1) if n > 1 else float("nan")
-    return RunMetrics(
-        prompt_tokens=prompt_tokens, new_tokens=n, total_s=total, ttft_s=ttft, tpot_s=tpot,
-        itl_p50_s=percentile(gaps, 50), itl_p99_s=percentile(gaps, 99), prefill_s=prefill_s,
-        prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else float("nan"),
-        decode_tokens_per_s=1.0 / tpot if n > 1 and tpot > 0 else float("nan"),
-        peak_memory_bytes=peak_memory_bytes(device), kv_bytes=kv_bytes)
+    """run_metrics with the process's (or the CUDA allocator's) peak memory on `device`."""
+    return run_metrics(prompt_tokens, prefill_s, step_latencies, peak_memory_bytes(device),
+                       kv_bytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,7 +124,8 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay:
     from engine.config import ConfigError
     from engine.events import (AttentionRow, CacheSnapshot, CacheStats, Finished, FlashTiles,
                                Prefill, SequenceBlocks, Started, Token, run_label)
-    from engine.metrics import RunMetrics
+    from engine.metrics import run_metrics
+    from engine.units import MiB
 
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"unknown attention backend {cfg.backend!r}")
@@ -213,15 +214,10 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay:
         if cfg.backend == "flash":
             m, l = flash_tiles(scores[:seq + 1], tile)
             yield FlashTiles(layer=0, head=0, tile_size=tile, running_max=m, running_sum=l)
-    total = sum(latencies)
-    ttft = latencies[0] if latencies else float("nan")
-    n = len(latencies)
-    tpot = (total - ttft) / (n - 1) if n > 1 else float("nan")
-    metrics = RunMetrics(prompt_tokens=n_prompt, new_tokens=n, total_s=total, ttft_s=ttft,
-                         tpot_s=tpot, itl_p50_s=tpot, itl_p99_s=tpot, prefill_s=0.02,
-                         prefill_tokens_per_s=n_prompt / 0.02,
-                         decode_tokens_per_s=1 / tpot if n > 1 else float("nan"),
-                         peak_memory_bytes=300 * 2**20, kv_bytes=capacity * bpt)
+    # The figures as engine/metrics.py defines them, from the made-up latencies (the prefill
+    # share of the first token and the process peak are made up too).
+    metrics = run_metrics(n_prompt, 0.02, latencies, peak_memory=300 * MiB,
+                          kv_bytes=capacity * bpt)
     yield Finished(reason=reason, tokens=tuple(tokens),
                    text="".join(" " + WORDS[t] for t in tokens), metrics=metrics)
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from engine.config import GenerationConfig, SamplingConfig
-from engine.events import Finished, RaceFinished, RaceStarted, Started, Token, from_json, to_json
+from engine.events import Finished, RaceFinished, Started, Token, from_json, to_json
 from engine.remote import compare_remote
 from engine.requests import RaceRequest, Remote, RunRequest
 from engine.session import Session

@@ -14,7 +14,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from rich.cells import cell_len
 from textual.geometry import Region
 
 import tui.screens.server as server

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -13,18 +12,10 @@ from textual.widgets import DataTable, Static
 from engine.config import ConfigError, FastPathConfig
 from engine.events import RaceFinished, RaceRow
 from engine.requests import REMOTE
+from engine.units import format_bytes, format_ms, format_number
 
 from ..remote import row_note
-from ..widgets.kv_cache import human_bytes
 from ..widgets.latency import finish_text
-
-
-def _ms(x: float) -> str:
-    return "—" if x is None or math.isnan(x) else f"{x * 1e3:.1f}"
-
-
-def _num(x: float) -> str:
-    return "—" if x is None or math.isnan(x) else f"{x:.1f}"
 
 
 def lossy(row: RaceRow) -> bool:
@@ -129,7 +120,7 @@ class RaceScreen(ModalScreen[None]):
                     f"are not in its TTFT · " if self.warmup else "")
             yield Static(f"{warm}× vs naive: decode tok/s over naive/sdpa's · ≈ expected: a "
                          f"lossy fast path (fewer bits per weight) · engine process peak "
-                         f"memory {human_bytes(peak)}, a high-water mark over the session, "
+                         f"memory {format_bytes(peak)}, a high-water mark over the session, "
                          f"not per contestant", classes="note")
             agree = exact_agree(race)
             classes = "" if agree is None else ("-same" if agree else "-differ")
@@ -151,8 +142,8 @@ class RaceScreen(ModalScreen[None]):
             delta = "—" if r.max_logit_delta is None else f"{r.max_logit_delta:.2e}"
             backend = r.backend + (f" +{r.fast}" if r.fast else "")
             result = r.error if not r.error or len(r.error) <= 30 else r.error[:29] + "…"
-            table.add_row(r.strategy, backend, result or finish_text(r.reason), _ms(r.ttft_s),
-                          _ms(r.tpot_s), _num(r.tokens_per_s), speedup,
-                          "—" if remote(r) else human_bytes(r.kv_bytes),
+            table.add_row(r.strategy, backend, result or finish_text(r.reason),
+                          format_ms(r.ttft_s), format_ms(r.tpot_s), format_number(r.tokens_per_s),
+                          speedup, "—" if remote(r) else format_bytes(r.kv_bytes),
                           same_cell(r, reference), delta)
         table.focus()

@@ -8,18 +8,11 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from engine.events import CacheSnapshot, CacheStats, Started
+from engine.units import format_bytes
 
 from ..remote import not_exposed, remote_server
 
 SEQ_COLOURS = 6      # sequences in a shared pool cycle through this many theme colours
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 class KVCachePane(Widget, can_focus=True):
@@ -97,12 +90,12 @@ class KVCachePane(Widget, can_focus=True):
         else:
             self._render_naive(out, s, label)
             return out
-        out.append(f"used {human_bytes(s.bytes_used)} of {human_bytes(s.bytes_reserved)} "
+        out.append(f"used {format_bytes(s.bytes_used)} of {format_bytes(s.bytes_reserved)} "
                    f"reserved\n")
         out.append(self._per_token(s) + "\n", label)
         if s.bytes_without_gqa > s.bytes_reserved:
             ratio = s.bytes_without_gqa / max(s.bytes_reserved, 1)
-            out.append(f"GQA saves {human_bytes(s.bytes_without_gqa - s.bytes_reserved)} "
+            out.append(f"GQA saves {format_bytes(s.bytes_without_gqa - s.bytes_reserved)} "
                        f"({ratio:.0f}× fewer K/V heads than query heads)",
                        self.get_component_rich_style("kv--good"))
         else:
@@ -112,15 +105,15 @@ class KVCachePane(Widget, can_focus=True):
     @staticmethod
     def _per_token(s: CacheStats) -> str:
         per_layer = s.bytes_per_token / max(s.n_layers, 1)
-        return (f"per token: {human_bytes(s.bytes_per_token)} = K and V in {s.n_layers} layers "
-                f"× {human_bytes(per_layer)}")
+        return (f"per token: {format_bytes(s.bytes_per_token)} = K and V in {s.n_layers} layers "
+                f"× {format_bytes(per_layer)}")
 
     def _render_naive(self, out: Text, s: CacheStats, label: Style) -> None:
         out.append("naive · nothing is cached\n", self.get_component_rich_style("kv--bad"))
         out.append(f"this step recomputed K/V for {s.recomputed_tokens} positions; "
                    f"{self.recomputed_total} so far (a cache would have computed each once)\n",
                    label)
-        out.append(f"a KV cache would hold {human_bytes(s.bytes_per_token * s.recomputed_tokens)}"
+        out.append(f"a KV cache would hold {format_bytes(s.bytes_per_token * s.recomputed_tokens)}"
                    f" here\n", label)
         out.append(self._per_token(s), label)
 

@@ -16,8 +16,10 @@ from textual.widget import Widget
 
 from engine.compare import first_difference
 from engine.config import ConfigError, FastPathConfig
+from engine import metrics
 from engine.events import Finished, Started, Token
 from engine.remote import server_figures
+from engine.units import format_ms, format_number
 
 from ..remote import remote_label
 
@@ -46,14 +48,11 @@ class Lane:
     server_ttft_s: float | None = None               # the server's own TTFT, if it says
 
     def live_numbers(self) -> None:
-        """TTFT, TPOT and tok/s from the token latencies so far (the first carries the prefill,
-        so TPOT averages the others, as engine.metrics does)."""
-        if self.latencies:
-            self.ttft_s = self.latencies[0]
-        if len(self.latencies) > 1:
-            rest = self.latencies[1:]
-            self.tpot_s = sum(rest) / len(rest)
-            self.tokens_per_s = 1 / self.tpot_s if self.tpot_s > 0 else math.nan
+        """TTFT, TPOT and tok/s from the token latencies so far, as engine/metrics.py defines
+        them (the first token carries the prefill, so TPOT averages the others)."""
+        self.ttft_s = metrics.ttft_s(self.latencies)
+        self.tpot_s = metrics.tpot_s(self.latencies)
+        self.tokens_per_s = metrics.decode_tokens_per_s(self.tpot_s)
 
 
 def lossy_label(label: str) -> bool:
@@ -68,10 +67,6 @@ def _clip(text: str, cells: int) -> str:
     """`text` on one line of at most `cells` cells, with … where it was cut."""
     text = " ".join(text.split())
     return text if cell_len(text) <= cells else text[:max(cells - 1, 0)] + "…"
-
-
-def _fmt(x: float, spec: str) -> str:
-    return "—" if x is None or math.isnan(x) else format(x, spec)
 
 
 class RaceLanes(Widget, can_focus=True):
@@ -275,13 +270,13 @@ class RaceLanes(Widget, can_focus=True):
 
     def _numbers(self, lane: Lane, wide: bool, ttft: bool = False) -> str:
         count = f"{len(lane.ids):>{len(str(lane.max_tokens))}}/{lane.max_tokens}"
-        text = f" {count} {_fmt(lane.tokens_per_s, '6.1f')} tok/s"
+        text = f" {count} {format_number(lane.tokens_per_s, '{:6.1f}')} tok/s"
         if wide:
-            text += f" · TPOT {_fmt(lane.tpot_s * 1e3, '5.1f')} ms"
+            text += f" · TPOT {format_ms(lane.tpot_s, '{:5.1f}')} ms"
         if ttft:                                 # a remote lane: the network is in its TTFT
-            text += f" · TTFT {_fmt(lane.ttft_s * 1e3, '.0f')} ms"
+            text += f" · TTFT {format_ms(lane.ttft_s, '{:.0f}')} ms"
             if lane.server_ttft_s is not None:
-                text += f" (server {lane.server_ttft_s * 1e3:.0f})"
+                text += f" (server {format_ms(lane.server_ttft_s, '{:.0f}')})"
         return text
 
     def _append_name(self, out: Text, lane: Lane, label_width: int) -> None:
