@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -149,12 +150,14 @@ def test_real_server_view_at_80x24(tmux):
     tmux.wait(lambda s: "SmolLM2" in s, 120, "the model to load")
     tmux.keys("B")
     tmux.wait(lambda s: "running" in s and "KV block pool" in s, 30, "the server view")
-    screen = tmux.wait(lambda s: "16 done" in s, 180, "the batch to finish")
+    # Finished, and the lanes drawn with their verdicts (the stats line can come a batch first).
+    screen = tmux.wait(lambda s: "16 done" in s and re.search(r"██ r\d+ +✓", s), 180,
+                       "the batch to finish, its lanes drawn")
     lines = screen.splitlines()
     assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
     assert "contiguous reservations fit" in screen and "paged ran" in screen
     assert "done: " in screen and "(p50 / p99)" in screen      # the summary's short form
-    assert "██ r0 " in screen and "16 requests · ↑↓ scroll" in screen
+    assert "16 requests · ↑↓ scroll" in screen, screen
     tmux.keys("Escape")
     tmux.wait(lambda s: "Token stream" in s, 10, "the panes again")
     tmux.keys("q")
