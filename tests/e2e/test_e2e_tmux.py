@@ -146,7 +146,8 @@ def test_real_server_view_at_80x24(tmux):
     """`B` on the embedded model in a real 80×24 terminal: 16 requests through the engine
     process's batching engine, drawn live, readable, and the app free again at the end."""
     tmux.cmd("new-session", "-d", "-s", tmux.session, "-x", "80", "-y", "24", "-c", str(ROOT),
-             f"env -u COLUMNS -u LINES {sys.executable} main.py --max-new-tokens 8")
+             f"env -u COLUMNS -u LINES {sys.executable} main.py --max-new-tokens 8 "
+             "--truecolor")                        # no 256-colour toast over the lanes
     tmux.wait(lambda s: "SmolLM2" in s, 120, "the model to load")
     tmux.keys("B")
     tmux.wait(lambda s: "running" in s and "KV block pool" in s, 30, "the server view")
