@@ -39,6 +39,7 @@ from ..server_view import BatchView
 from ..widgets.block_pool import BlockPool
 from ..widgets.request_lanes import RequestLanes
 from ..widgets.server_stats import EventLog, ServerStats
+from .replay import steer_bindings
 
 NAME = "server"
 # The app's batch: up to 8 requests at once, arriving about 4 a second, in a pool that would
@@ -130,14 +131,8 @@ class ServerScreen(Screen):
         Binding("n", "panes('run(True)')", "Step mode", show=False),
         Binding("R", "panes('race')", "Race", show=False),
         Binding("slash", "panes('edit_prompt')", "Prompt", show=False),
-        # A replay is steered from here too (tui/screens/replay.py's keys; only in a replay).
-        Binding("space", "steer('toggle')", "Play/pause", priority=True),
-        Binding("left", "steer('back')", "◀ step", priority=True),
-        Binding("right", "steer('forward')", "step ▶", priority=True),
-        Binding("minus", "steer('slower')", "Slower", show=False, priority=True),
-        Binding("plus,equals_sign", "steer('faster')", "Faster", show=False, priority=True),
-        Binding("home", "steer('start')", "Start", show=False, priority=True),
-        Binding("end", "steer('end')", "End", show=False, priority=True),
+        # A replay is steered from here too (only in a replay).
+        *steer_bindings("step", show_speed=False),
     ]
 
     DEFAULT_CSS = """

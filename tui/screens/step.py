@@ -36,6 +36,7 @@ from engine.events import (Finished, Forked, LogitLens, Prefill, Started, StepPo
 from engine.requests import RunRequest, StepCommand
 
 from ..messages import EngineEvents
+from .replay import steer_bindings
 from ..widgets.step_candidates import StepCandidates
 from ..widgets.step_lens import StepLens
 
@@ -83,14 +84,8 @@ class StepScreen(ModalScreen[None]):
         Binding("R", "race_fork", "Race the fork"),
         Binding("escape", "leave", "Leave"),
         Binding("question_mark,f1", "app.help", "Help", show=False),
-        # A replay is steered from here too (tui/screens/replay.py's keys; only in a replay).
-        Binding("space", "steer('toggle')", "Play/pause", priority=True),
-        Binding("left", "steer('back')", "◀ token", priority=True),
-        Binding("right", "steer('forward')", "token ▶", priority=True),
-        Binding("minus", "steer('slower')", "Slower", show=False, priority=True),
-        Binding("plus,equals_sign", "steer('faster')", "Faster", show=False, priority=True),
-        Binding("home", "steer('start')", "Start", show=False, priority=True),
-        Binding("end", "steer('end')", "End", show=False, priority=True),
+        # A replay is steered from here too (only in a replay: check_action).
+        *steer_bindings("token", show_speed=False),
     ]
 
     DEFAULT_CSS = """
