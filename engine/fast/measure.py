@@ -136,7 +136,7 @@ def lockstep(model, tok, variants: dict[str, FastPathConfig], n: int) -> dict[st
     return {name: 1 / statistics.median(st["times"]) for name, st in state.items()}
 
 
-BASELINE_IMPORTS = ("import resource, torch, numpy, tokenizers, engine.cli, engine.decoding; "
+BASELINE_IMPORTS = ("import resource, torch, numpy, tokenizers, cli.main, engine.decoding; "
                     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
 
 

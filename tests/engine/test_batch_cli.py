@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import batch_cli
+from cli import batch as batch_cli
+from cli.main import main
 from engine import events as be
-from engine.cli import main
 from engine.config import GenerationConfig
 from engine.decoding import run_to_end
 

@@ -19,7 +19,7 @@ from engine.bench import report
 from engine.bench.runs import summarise
 from engine.config import FastPathConfig
 from engine.bench.sweep import cumulative_s
-from engine.cli import main as cli_main
+from cli.main import main as cli_main
 from engine.config import ConfigError, GenerationConfig, ModelConfig
 from engine.decoding import run_to_end
 from engine.fast import STEPS

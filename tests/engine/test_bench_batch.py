@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.bench import batching, report
-from engine.cli import main
+from cli.main import main
 from engine.config import ConfigError
 from tests.conftest import tiny_model
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from engine.cli import main
+from cli.main import main
 from engine.config import GenerationConfig, ModelConfig
 from engine.decoding import run_to_end
 from engine.model import Transformer

@@ -254,7 +254,7 @@ def test_unsupported_is_a_config_error_and_lies_are_load_errors():
 # ----------------------------------------------------------------------------- not regular files
 FIFO_RUNS = """
 import sys
-from engine.cli import main
+from cli.main import main
 for target in sys.argv[1:]:
     print("exit", main(["run", "hi", "--model", target, "--device", "cpu"]), file=sys.stderr)
 """

@@ -350,7 +350,7 @@ async def test_fast_path_key_cycles_usable_options_and_runs_carry_them():
 
 
 def test_bad_fast_option_on_the_command_line_is_an_error():
-    from engine.cli import build_parser
+    from cli.parser import build_parser
     from tui.settings import Settings
     settings = Settings.from_args(build_parser().parse_args(["ui", "--fast", "warp"]))
     assert "warp" in settings.error()

@@ -20,14 +20,15 @@ import shutil
 import sys
 import time
 
-from .config import ConfigError, GenerationConfig, SamplingConfig
+from engine.config import ConfigError, GenerationConfig
+
+from .flags import add_model_args, add_sampling_args, sampling_config
 
 MAX_FILE_BYTES = 64 << 20          # a prompts file larger than this is a mistake, not a workload
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .cli import add_model_args
     p = subparsers.add_parser(
         "batch", help="serve many prompts at once (continuous batching on the paged KV pool)",
         description="Continuous batching: every prompt of FILE is a request; requests share one "
@@ -38,13 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     g = p.add_argument_group("generation (each request)")
     g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None,
-                   help="request i samples with seed SEED + i (its own generator)")
+    add_sampling_args(g, helps={"seed": "request i samples with seed SEED + i (its own "
+                                        "generator)"})
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--backend", default="sdpa",
                    help="attention backend: sdpa (the PyTorch path), triton (CUDA), naive, flash")
@@ -118,9 +114,7 @@ def request_configs(a: argparse.Namespace, n: int) -> list[GenerationConfig]:
     """One GenerationConfig per request (validated): the same flags, seed + i each."""
     out = []
     for i in range(n):
-        sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                                  min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-                                  seed=None if a.seed is None else a.seed + i)
+        sampling = sampling_config(a, seed=None if a.seed is None else a.seed + i)
         out.append(GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling,
                                     block_size=a.block_size, stop=tuple(a.stop),
                                     attention_rows=False))
@@ -129,10 +123,10 @@ def request_configs(a: argparse.Namespace, n: int) -> list[GenerationConfig]:
 
 # ----------------------------------------------------------------------------- the command
 def cmd_batch(a: argparse.Namespace) -> int:
-    from .attention import get_backend
-    from .batch import BatchEngine, serve
-    from .loader import load_model
-    from .scheduler import SchedulerConfig
+    from engine.attention import get_backend
+    from engine.batch import BatchEngine, serve
+    from engine.loader import load_model
+    from engine.scheduler import SchedulerConfig
 
     prompts = read_prompts(a.prompts)            # every user mistake fails before loading
     configs = request_configs(a, len(prompts))
@@ -192,7 +186,7 @@ class Display:
         self._last_draw = 0.0
 
     def __call__(self, ev) -> None:
-        from . import events as be
+        from engine import events as be
         if isinstance(ev, be.BatchSummary):
             self.summary = ev
         if self.as_json:
