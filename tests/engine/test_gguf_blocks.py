@@ -455,9 +455,9 @@ def test_embedded_c_gguf_golden(embedded):
 @pytest.mark.slow
 @needs_kernels
 def test_embedded_loads_straight_from_the_map(tmp_path, monkeypatch):
-    from engine.loader import load_model
+    from engine.fast.gguf_weights import load_gguf_blocks
     monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "no-cache"))
-    lm = load_model(None, "cpu", weights="gguf")
+    lm = load_gguf_blocks(None, "cpu")
     assert is_block_model(lm.model)
     assert not (tmp_path / "no-cache").exists() or not any((tmp_path / "no-cache").iterdir())
     from tests.engine.test_golden import GOLDEN_TOKENS, PROMPT
