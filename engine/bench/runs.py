@@ -210,7 +210,6 @@ def standard_experiment(lm, settings: BenchSettings, result: StandardResult, hf=
     if ref_row is None:                  # the reference runs anyway, untimed
         tick("naive/naive reference")
         result.reference = engine_runner(lm, ids, settings, *REFERENCE)(True)
-    first_outcome: dict[str, Outcome] = {}
     for p in range(settings.warmup + settings.repeat):
         warm = p < settings.warmup
         # The reference goes first in the correctness pass so every later row can be compared.
@@ -225,7 +224,6 @@ def standard_experiment(lm, settings: BenchSettings, result: StandardResult, hf=
                 row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
                 continue
             if p == 0:
-                first_outcome[row.label] = out
                 row.tokens = out.tokens
                 if row is ref_row:
                     result.reference = out

@@ -76,7 +76,7 @@ def test_missing_model_file_from_a_real_process(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-# ----------------------------------------------------------------------------- issue 12
+# ----------------------------------------------------------------------------- one-line errors
 def one_error_line(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err

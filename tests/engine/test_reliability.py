@@ -1,5 +1,5 @@
 """Whatever a user types or points the tool at: a one-line message, the right exit status, and
-never a traceback (issue: reliability and safety)."""
+never a traceback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Files on disk are claims, not facts (issue 12): lying metadata, hostile shapes, NaN weights,
+"""Files on disk are claims, not facts: lying metadata, hostile shapes, NaN weights,
 FIFOs, a damaged or planted conversion cache, a full disk, signals during a cold start, and
 GPT-2 GGUF files with llama.cpp's tensor names.
 
