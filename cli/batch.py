@@ -13,19 +13,18 @@ reports everything that finished (exit status 130).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import random
 import shutil
 import sys
 import time
 
 from engine.config import ConfigError, GenerationConfig
+from engine.workload import BUILTIN_PROMPTS, arrival_times, read_prompts, request_config
 
 from .flags import add_model_args, add_sampling_args, sampling_config
 
-MAX_FILE_BYTES = 64 << 20          # a prompts file larger than this is a mistake, not a workload
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+BATCH_RUN = 1                      # the run id of `batch --json`'s envelopes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,9 +32,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "batch", help="serve many prompts at once (continuous batching on the paged KV pool)",
         description="Continuous batching: every prompt of FILE is a request; requests share one "
                     "paged KV pool (with prefix caching) and one forward pass per step.")
-    p.add_argument("--prompts", required=True, metavar="FILE",
+    p.add_argument("--prompts", default=None, metavar="FILE",
                    help="a UTF-8 text file, one prompt a line (blank lines are skipped; - reads "
-                        "standard input)")
+                        "standard input); default: 16 built-in questions sharing one system "
+                        "prompt (engine/workload.py)")
     add_model_args(p)
     g = p.add_argument_group("generation (each request)")
     g.add_argument("--max-new-tokens", type=int, default=50)
@@ -60,65 +60,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--arrival-seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object per line: every event, then the summary")
+                   help="print one JSON object per line, in the recording format: a header, "
+                        "then every event in its envelope, the summary last (`replay` plays "
+                        "it)")
     return p
 
 
-# ----------------------------------------------------------------------------- the prompts file
-def read_prompts(path: str) -> list[tuple[int, str]]:
-    """(line number, prompt) for every non-blank line. Raises ConfigError with one line."""
-    if path == "-":
-        raw = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
-        name = "standard input"
-    else:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_FILE_BYTES + 1)
-        except FileNotFoundError:
-            raise ConfigError(f"prompts file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path} is a directory; --prompts wants a text file, one prompt "
-                              f"a line") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-        name = path
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"{name} is larger than {MAX_FILE_BYTES >> 20} MiB; split it into "
-                          f"smaller files")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"{name} is not UTF-8 text (line {line}, byte {exc.start}): save it "
-                          f"as UTF-8") from None
-    text = text.removeprefix("\ufeff")                 # a byte-order mark from some editors
-    prompts = [(i, line.rstrip("\r")) for i, line in enumerate(text.split("\n"), 1)
-               if line.strip()]
-    if not prompts:
-        raise ConfigError(f"no prompts in {name}: write one prompt a line")
-    return prompts
-
-
-def arrival_times(n: int, rate: float | None, seed: int) -> list[float]:
-    """Seconds after the start: all 0, or a Poisson process — exponential gaps of mean 1/rate."""
-    if rate is None:
-        return [0.0] * n
-    rng, t, out = random.Random(seed), 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
-
-
 def request_configs(a: argparse.Namespace, n: int) -> list[GenerationConfig]:
-    """One GenerationConfig per request (validated): the same flags, seed + i each."""
-    out = []
-    for i in range(n):
-        sampling = sampling_config(a, seed=None if a.seed is None else a.seed + i)
-        out.append(GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling,
-                                    block_size=a.block_size, stop=tuple(a.stop),
-                                    attention_rows=False))
-    return out
+    """One GenerationConfig per request (validated): the same flags, seed + i each
+    (engine/workload.py, as the session's batches)."""
+    base = GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling_config(a),
+                            block_size=a.block_size, stop=tuple(a.stop), attention_rows=False)
+    return [request_config(base, i) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -128,7 +81,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
     from engine.loader import load_model
     from engine.scheduler import SchedulerConfig
 
-    prompts = read_prompts(a.prompts)            # every user mistake fails before loading
+    prompts = (read_prompts(a.prompts) if a.prompts is not None else    # every user mistake
+               list(enumerate(BUILTIN_PROMPTS, 1)))                        # fails before loading
     configs = request_configs(a, len(prompts))
     if a.arrival_rate is not None and not (a.arrival_rate > 0 and math.isfinite(a.arrival_rate)):
         raise ConfigError(f"--arrival-rate must be a positive number of requests per second, "
@@ -158,6 +112,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
     requests = [(t, p, c) for t, (_, p), c in zip(times, prompts, configs)]
     show = Display(sys.stdout, sys.stderr, [line for line, _ in prompts], a.json,
                    live=sys.stderr.isatty() and not a.json)
+    if a.json:
+        show.start(json_header(a, lm))
     interrupted = False
     try:
         for ev in serve(engine, requests):
@@ -174,8 +130,23 @@ def cmd_batch(a: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if interrupted else 0
 
 
+def json_header(a: argparse.Namespace, lm) -> dict:
+    """The first line of `batch --json`: a recording's header (engine/recording.py), so the
+    output is a recording `replay` plays."""
+    from engine.recording import header
+    settings = {"batch": {k: getattr(a, k) for k in (
+        "prompts", "max_new_tokens", "temperature", "seed", "backend", "max_batch",
+        "max_step_tokens", "block_size", "num_blocks", "arrival_rate", "arrival_seed")}}
+    settings["batch"]["prefix_caching"] = not a.no_prefix_caching
+    head = header(settings, None, "batch")
+    head.update(model=lm.name, device=str(lm.model.device),
+                dtype=str(lm.model.dtype).removeprefix("torch."))
+    return head
+
+
 class Display:
-    """Turns events into output: JSON lines, or completions on stdout and a status line."""
+    """Turns events into output: JSON lines (envelopes of batch 1, after a recording header),
+    or completions on stdout and a status line."""
 
     def __init__(self, out, err, lines: list[int], as_json: bool, live: bool):
         self.out, self.err, self.lines, self.as_json, self.live = out, err, lines, as_json, live
@@ -184,14 +155,18 @@ class Display:
         self.done = self.tokens = 0
         self.status = ""
         self._last_draw = 0.0
+        self.recorder = None
+
+    def start(self, header_line: dict) -> None:
+        from engine.recording import Recorder
+        self.recorder = Recorder(self.out, header_line)
 
     def __call__(self, ev) -> None:
         from engine import events as be
         if isinstance(ev, be.BatchSummary):
             self.summary = ev
         if self.as_json:
-            self.out.write(json.dumps(be.to_json(ev), ensure_ascii=False) + "\n")
-            self.out.flush()
+            self.recorder.write([be.Envelope(BATCH_RUN, time.monotonic(), ev)])
             return
         if isinstance(ev, be.RequestArrived):
             self.prompts[ev.request] = ev.prompt

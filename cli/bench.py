@@ -59,6 +59,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also write the tables as Markdown (as in docs/benchmarks.md)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (without a terminal: no progress lines)")
+    p.add_argument("--fast-table", action="store_true",
+                   help="instead of every strategy × backend: kv/sdpa and each fast-path "
+                        "variant (--fast; default: every one this model can run) beside "
+                        "transformers, with the bytes per step, the bandwidth ceiling and the "
+                        "setup time (docs/fast_path.md)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="with --fast-table: also step the variants one token at a time in "
+                        "turn (fair when the machine's load changes from second to second)")
+    p.add_argument("--startup", action="store_true",
+                   help="only time process start → first token and the peak memory of `run` "
+                        "with the C step, float32 and GGUF blocks (--repeat fresh processes "
+                        "each)")
     p.add_argument("--batch", metavar="SIZES", default=None,
                    help="instead of the standard experiment, measure continuous batching at "
                         "these batch sizes, e.g. 1,2,4,8,16: aggregate decode tok/s, TPOT, "

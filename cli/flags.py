@@ -117,6 +117,15 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record", default=None, metavar="FILE",
                    help="record every run and race to FILE (.gz compresses) from the moment "
                         "the model is ready; `r` starts and stops recording in the app")
+    p.add_argument("--endpoint", default=None, metavar="URL",
+                   help="an OpenAI-compatible server (`serve`, vLLM, llama-server …) that joins "
+                        "every race as a remote lane, e.g. http://127.0.0.1:8000/v1 (API key "
+                        "from $MINILLM_API_KEY or $OPENAI_API_KEY; docs/serve.md)")
+    p.add_argument("--endpoint-model", default=None, metavar="NAME",
+                   help="the server's model id (default: the one it lists)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="the requests `B` serves at once in the server view, one prompt a line "
+                        "(default: 16 built-in questions sharing one system prompt)")
 
 
 # ----------------------------------------------------------------------------- flags → configs

@@ -40,7 +40,8 @@ from .decoding import check_lengths
 from .events import (BatchStarted, BatchSummary, PoolSnapshot, PrefillChunk, RequestAdmitted,
                      RequestArrived, RequestFinished, RequestPreempted, RequestResumed,
                      RequestToken, SequenceView, StepDone)
-from .metrics import BatchMetrics, RunMetrics, compute_batch_metrics, compute_metrics
+from .metrics import (BatchMetrics, RunMetrics, compute_batch_metrics, compute_metrics,
+                      tokens_per_s)
 from .model import Transformer
 from .runner import ModelRunner
 from .sampling import make_generator, sample, token_logprobs
@@ -68,6 +69,9 @@ class BatchEngine:
         self.steps = 0
         self.peak_blocks = 0
         self.peak_contiguous_tokens = 0
+        self.peak_running = 0
+        self.new_tokens = 0
+        self.reservations: list[int] = []     # prompt + max new of every request that can run
         self._outbox: list = [BatchStarted(
             model=model_name or type(model).__name__, device=str(model.device),
             dtype=str(model.dtype).removeprefix("torch."), backend=backend.name,
@@ -114,6 +118,7 @@ class BatchEngine:
         except ConfigError as exc:
             self._finish(seq, "error", self.now(), error=str(exc))
             return seq.id
+        self.reservations.append(len(ids) + config.max_new_tokens)
         self.scheduler.add(seq)
         return seq.id
 
@@ -206,6 +211,7 @@ class BatchEngine:
         previous = seq.token_times[-1] if seq.token_times else seq.arrival_s
         seq.tokens.append(token)
         seq.token_times.append(now)
+        self.new_tokens += 1
         kept = None
         if seq.logits is not None:
             kept = logits.detach().float().cpu()
@@ -245,14 +251,28 @@ class BatchEngine:
     def _note_peaks(self) -> None:
         self.peak_blocks = max(self.peak_blocks, self.blocks.num_used)
         self.peak_contiguous_tokens = max(self.peak_contiguous_tokens, self._contiguous_tokens())
+        self.peak_running = max(self.peak_running, len(self.scheduler.running))
 
     def _contiguous_tokens(self) -> int:
         """What the running requests would reserve with one contiguous buffer each."""
         return sum(len(s.prompt) + s.config.max_new_tokens for s in self.scheduler.running)
 
+    def contiguous_fit(self) -> int:
+        """How many of the requests so far could each hold a contiguous reservation (prompt +
+        max new tokens, the `kv` cache's way) in this pool's memory at the same time — at most:
+        the smallest first. Paged blocks hold only what is written, so more run at once."""
+        room, fit = self.cfg.num_blocks * self.cfg.block_size, 0
+        for tokens in sorted(self.reservations):
+            if tokens > room:
+                break
+            room, fit = room - tokens, fit + 1
+        return fit
+
     def snapshot(self, step: int | None = None) -> PoolSnapshot:
         bm, bs = self.blocks, self.cfg.block_size
         owners = bm.owners()
+        now = self.now()
+        first = min((s.arrival_s for s in self.sequences.values()), default=None)
         views = []
         for seq in self.scheduler.running:
             table = bm.tables[seq.id]
@@ -269,7 +289,11 @@ class BatchEngine:
             preemptions=self.scheduler.preemptions,
             prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
             prefix_lookup_tokens=self.scheduler.prefix_lookup_tokens,
-            contiguous_tokens=self._contiguous_tokens(), time_s=self.now())
+            contiguous_tokens=self._contiguous_tokens(), time_s=now,
+            requests=len(self.reservations), contiguous_fit=self.contiguous_fit(),
+            peak_running=self.peak_running, new_tokens=self.new_tokens,
+            tokens_per_s=_real(tokens_per_s(self.new_tokens, now - first)) if first is not None
+            else None)
 
     def metrics(self) -> BatchMetrics:
         done = [self.sequences[r] for r in self.results]
@@ -298,7 +322,8 @@ class BatchEngine:
             prefix_hit_rate=_real(m.prefix_hit_rate), peak_blocks_used=self.peak_blocks,
             blocks_total=self.cfg.num_blocks, block_size=bs,
             peak_contiguous_blocks=-(-self.peak_contiguous_tokens // bs),
-            interrupted=interrupted)
+            interrupted=interrupted, contiguous_fit=self.contiguous_fit(),
+            peak_running=self.peak_running)
 
 
 def _real(x: float) -> float | None:
@@ -307,20 +332,29 @@ def _real(x: float) -> float | None:
 
 
 def serve(engine: BatchEngine, requests: Iterable[tuple[float, str | list[int], GenerationConfig]],
-          sleep: Callable[[float], None] = time.sleep) -> Iterator:
+          sleep: Callable[[float], None] = time.sleep,
+          stop: Callable[[], bool] | None = None) -> Iterator:
     """Feed (arrival offset in seconds, prompt, config) requests to the engine as their times
     come, step until every one is done, and yield every event; BatchSummary last.
 
     While requests are running, a new one joins at the next step boundary; while none is, the
-    loop sleeps until the next arrival."""
+    loop sleeps until the next arrival (a tenth of a second at a time when it can be stopped).
+    `stop()`, asked before each step: when it says yes, every request still running or waiting
+    is cancelled and the summary says `interrupted` (the app's `x`)."""
     pending = deque(sorted(requests, key=lambda r: r[0]))
     start = engine.now()
     while pending or engine.has_work():
+        if stop is not None and stop():
+            engine.cancel_all()
+            yield from engine.drain()
+            yield engine.summary(interrupted=True)
+            return
         while pending and pending[0][0] <= engine.now() - start:
             at, prompt, config = pending.popleft()
             engine.add(prompt, config, arrival_s=start + at)
         if engine.has_work():
             yield from engine.step()
         elif pending:
-            sleep(max(0.0, pending[0][0] - (engine.now() - start)))
+            wait = max(0.0, pending[0][0] - (engine.now() - start))
+            sleep(wait if stop is None else min(wait, 0.1))
     yield engine.summary()

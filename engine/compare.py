@@ -11,7 +11,7 @@
                        at the first difference — the runs differ there because someone chose
                        another token, not because the arithmetic did.
 
-The race (engine/session.py), the bench (engine/bench/runs.py), engine/fast/measure.py and the
+The race (engine/session.py), the bench (engine/bench/runs.py, its fast-path table too) and the
 app's race lanes all call these functions; none has its own copy. Logits may be NumPy arrays or
 CPU tensors (anything `numpy.asarray` reads), one per generated token.
 """

@@ -44,6 +44,7 @@ from .events import (AttentionRow, CacheSnapshot, Event, Finished, FlashTiles, P
 from .metrics import compute_metrics
 from .model import Transformer
 from .sampling import make_generator, sample, token_logprobs
+from .timing import sync
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -193,11 +194,6 @@ def forward_step(model: Transformer, tokens: torch.Tensor, start: int,
     return logits[0, -1]                                           # (vocab,)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def check_lengths(model: Transformer, n_prompt: int, max_new: int) -> None:
     """A prompt that is empty or does not fit the model's context is a user error, said plainly."""
     limit = model.cfg.max_seq_len
@@ -281,7 +277,7 @@ def prefill(run: Run) -> torch.Tensor:
     """The whole prompt through the model once; the logits for the first new token."""
     x = torch.tensor([run.ids], dtype=torch.long, device=run.model.device)     # (1, T)
     logits = forward_step(run.model, x, 0, run.attn, run.collect())
-    _sync(run.model.device)
+    sync(run.model.device)                       # the prefill's time includes its kernels
     return logits
 
 

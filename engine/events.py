@@ -139,6 +139,11 @@ class RaceRow:
     run: int = 0                     # the contestant's run id
     first_difference: int | None = None   # first token index that differs from the reference
     forced: Forked | None = None     # the token forced at first_difference: why it differs
+    # A remote contestant (engine/remote.py): how its tokens were compared with the reference
+    # ("token ids", "token texts", "text"), or why not; and the server's own figures.
+    comparison: str = ""
+    server_timings: dict[str, float] = field(default_factory=dict)
+    server_metrics: RunMetrics | None = None
 
     @property
     def label(self) -> str:
@@ -578,6 +583,13 @@ class PoolSnapshot:
     contiguous_tokens: int          # what the running requests would reserve contiguously:
                                     # prompt + max new tokens each (the `kv` cache's way)
     time_s: float
+    requests: int = 0               # requests arrived so far (errors left out)
+    contiguous_fit: int = 0         # … of which a contiguous reservation each would fit in
+                                    # this pool's memory at once (at most; smallest first)
+    peak_running: int = 0           # most sequences running at once so far
+    new_tokens: int = 0             # so far, every request's
+    tokens_per_s: float | None = None   # aggregate so far: new tokens / time since the first
+                                        # arrival (engine/metrics.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -603,6 +615,8 @@ class BatchSummary:
     block_size: int
     peak_contiguous_blocks: int  # the same peak, had each request reserved prompt + max new
     interrupted: bool = False
+    contiguous_fit: int = 0     # requests a contiguous reservation each would fit in the pool
+    peak_running: int = 0       # most requests running at once
 
 
 Event = Union[Loading, Ready, Failed, RaceStarted, RaceFinished, Started, Prefill, Token,

@@ -74,20 +74,44 @@ def peak_memory_bytes(device) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)   # Linux reports KiB
 
 
+def ttft_s(step_latencies: list[float]) -> float:
+    """TTFT: the first token's latency (it carries the prefill); nan before any token."""
+    return step_latencies[0] if step_latencies else float("nan")
+
+
+def tpot_s(step_latencies: list[float]) -> float:
+    """TPOT: (total − TTFT) / (N − 1), the mean gap after the first token; nan below two."""
+    n = len(step_latencies)
+    return (sum(step_latencies) - step_latencies[0]) / (n - 1) if n > 1 else float("nan")
+
+
+def decode_tokens_per_s(tpot: float) -> float:
+    """Decode tokens/s = 1 / TPOT (nan when TPOT is nan or not positive)."""
+    return 1.0 / tpot if tpot > 0 else float("nan")        # nan > 0 is False
+
+
+def run_metrics(prompt_tokens: int, prefill_s: float, step_latencies: list[float],
+                peak_memory: int, kv_bytes: int) -> RunMetrics:
+    """Every figure of one run from its per-token latencies (step_latencies[0] is the time to
+    first token; the rest are the gaps between tokens). No torch: the app's synthetic engine
+    (tui/fake_engine.py) uses this too, with a peak it makes up."""
+    n = len(step_latencies)
+    ttft, tpot = ttft_s(step_latencies), tpot_s(step_latencies)
+    gaps = step_latencies[1:]
+    return RunMetrics(
+        prompt_tokens=prompt_tokens, new_tokens=n, total_s=sum(step_latencies), ttft_s=ttft,
+        tpot_s=tpot, itl_p50_s=percentile(gaps, 50), itl_p99_s=percentile(gaps, 99),
+        prefill_s=prefill_s,
+        prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else float("nan"),
+        decode_tokens_per_s=decode_tokens_per_s(tpot), peak_memory_bytes=peak_memory,
+        kv_bytes=kv_bytes)
+
+
 def compute_metrics(prompt_tokens: int, prefill_s: float, step_latencies: list[float],
                     device, kv_bytes: int) -> RunMetrics:
-    """step_latencies[0] is the time to first token; the rest are the gaps between tokens."""
-    n = len(step_latencies)
-    total = sum(step_latencies)
-    ttft = step_latencies[0] if n else float("nan")
-    gaps = step_latencies[1:]
-    tpot = (total - ttft) / (n - 1) if n > 1 else float("nan")
-    return RunMetrics(
-        prompt_tokens=prompt_tokens, new_tokens=n, total_s=total, ttft_s=ttft, tpot_s=tpot,
-        itl_p50_s=percentile(gaps, 50), itl_p99_s=percentile(gaps, 99), prefill_s=prefill_s,
-        prefill_tokens_per_s=prompt_tokens / prefill_s if prefill_s > 0 else float("nan"),
-        decode_tokens_per_s=1.0 / tpot if n > 1 and tpot > 0 else float("nan"),
-        peak_memory_bytes=peak_memory_bytes(device), kv_bytes=kv_bytes)
+    """run_metrics with the process's (or the CUDA allocator's) peak memory on `device`."""
+    return run_metrics(prompt_tokens, prefill_s, step_latencies, peak_memory_bytes(device),
+                       kv_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +131,11 @@ class BatchMetrics:
         return asdict(self)
 
 
+def tokens_per_s(tokens: int, wall_s: float) -> float:
+    """A batch's aggregate throughput: every new token / wall time (nan before any time)."""
+    return tokens / wall_s if wall_s > 0 else float("nan")
+
+
 def compute_batch_metrics(runs: list[RunMetrics], spans: list[tuple[float, float]],
                           wall_s: float, hit_tokens: int = 0,
                           lookup_tokens: int = 0) -> BatchMetrics:
@@ -119,7 +148,7 @@ def compute_batch_metrics(runs: list[RunMetrics], spans: list[tuple[float, float
     span = max((b for _, b in spans), default=0.0) - min((a for a, _ in spans), default=0.0)
     return BatchMetrics(
         requests=sum(1 for r in runs if r.new_tokens), new_tokens=new, wall_s=wall_s,
-        tokens_per_s=new / wall_s if wall_s > 0 else float("nan"),
+        tokens_per_s=tokens_per_s(new, wall_s),
         decode_tokens_per_s=after_first / span if after_first and span > 0 else float("nan"),
         ttft_p50_s=ttft_p50, ttft_p99_s=ttft_p99, tpot_p50_s=tpot_p50, tpot_p99_s=tpot_p99,
         prefix_hit_rate=hit_tokens / lookup_tokens if lookup_tokens else float("nan"))

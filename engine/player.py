@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .events import (AttentionRow, CacheSnapshot, Envelope, Failed, Finished, FlashTiles, Loading,
-                     LogitLens, Ready, StepPoint, Token)
+                     LogitLens, PoolSnapshot, Ready, StepPoint, Token)
 from .recording import Recording
 from .source import Deliver
 
@@ -38,9 +38,12 @@ def token_stops(envelopes: Sequence[Envelope]) -> list[int]:
     """Where stepping token by token stops: for each Token, the index just after the events
     that belong to its step (cache snapshot, attention row, flash tiles — and the run's
     Finished, if it is the last token). In a step-mode run the pause before the next token
-    (its StepPoint and LogitLens) comes with it: a replay stops where the run stopped."""
+    (its StepPoint and LogitLens) comes with it: a replay stops where the run stopped. A batch
+    (many requests at once) steps a scheduler step at a time: up to its PoolSnapshot."""
     stops, n = [], len(envelopes)
     for i, env in enumerate(envelopes):
+        if isinstance(env.event, PoolSnapshot):
+            stops.append(i + 1)
         if isinstance(env.event, Token):
             j = i + 1
             while j < n and isinstance(envelopes[j].event, (CacheSnapshot, AttentionRow,

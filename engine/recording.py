@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import IO, Iterable
 
-from .events import (SCHEMA_VERSION, STEP_EVENTS, AttentionRow, CacheSnapshot, Envelope, Failed,
-                     Finished, FlashTiles, Loading, Prefill, RaceFinished, RaceStarted, Ready,
-                     Started, Token)
+from .events import (SCHEMA_VERSION, STEP_EVENTS, AttentionRow, BatchStarted, BatchSummary,
+                     CacheSnapshot, Envelope, Failed, Finished, FlashTiles, Loading, Prefill,
+                     RaceFinished, RaceStarted, Ready, Started, Token)
 
 FORMAT = "minillm-recording"
 MAX_LINE = 64 * 2**20        # one event line; the largest real one (an attention row) is < 1 MiB
@@ -98,13 +98,13 @@ class Recorder:
                 continue
             self._write_line(env.to_json())
             self.events += 1
-            end_of_run |= isinstance(env.event, (Finished, RaceFinished))
+            end_of_run |= isinstance(env.event, (Finished, RaceFinished, BatchSummary))
         if not self.compressed or end_of_run:
             self.file.flush()
 
     def _keep(self, env: Envelope) -> bool:
         ev = env.event
-        if isinstance(ev, (Started, RaceStarted)):
+        if isinstance(ev, (Started, RaceStarted, BatchStarted)):
             self.runs.add(env.run)
             return True
         if isinstance(ev, (Loading, Ready, Failed)) or env.run in self.runs:

@@ -27,7 +27,10 @@ streaming benchmarks):
 
 Token ids come from the logprobs when the server gives them (`serve` and llama-server: "id";
 vLLM with return_tokens_as_token_ids: "token_id:N"); a token whose id is not known has id −1,
-and `compare_tokens` then compares the tokens' text with the local tokenizer's pieces instead.
+and `compare_remote` then compares the tokens' texts, or the whole texts, instead.
+
+A race's remote contestant (`RunRequest.remote`) runs through `remote_events` inside the
+engine's session, beside the local contestants, so the comparison stays in the engine.
 
 HTTP is Python's own http.client (no third-party client in the engine); cancelling shuts the
 socket down, so a blocked read returns at once and the server sees the client leave.
@@ -36,8 +39,10 @@ The module imports neither torch nor NumPy: the app's process may use it.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
+import math
 import os
 import queue
 import socket
@@ -45,18 +50,19 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 from .compare import Comparison, compare
 from .config import ConfigError, GenerationConfig
 from .events import Envelope, Failed, Finished, Ready, Started, Token
 from .metrics import compute_metrics
-from .requests import RaceRequest, RunRequest
+from .requests import REMOTE, RaceRequest, RunRequest
 from .source import Deliver
 
 API_KEY_ENV = ("MINILLM_API_KEY", "OPENAI_API_KEY")
 MAX_LINE = 16 << 20                 # one SSE line; a token chunk is a few hundred bytes
+CONNECT_S = 10.0                    # seconds to open the connection (then Endpoint.timeout)
 
 
 class RemoteError(RuntimeError):
@@ -124,6 +130,7 @@ class Connection:
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         kw = {"context": ssl.create_default_context()} if parts.scheme == "https" else {}
         self.conn = kind(parts.hostname, parts.port, timeout=endpoint.timeout, **kw)
+        self.sock = None
         self.closed = False
 
     def request(self, method: str, path: str, body: dict | None = None):
@@ -136,6 +143,17 @@ class Connection:
             headers["Content-Type"] = "application/json"
         url = f"{self.endpoint.base}{path}"
         try:
+            if self.conn.sock is None:        # connect first, waiting CONNECT_S at most: an
+                self.conn.timeout = CONNECT_S     # address that drops packets is said at
+                try:                              # once, not after the OS gives up (minutes)
+                    self.conn.connect()
+                except TimeoutError:
+                    raise RemoteError(f"cannot reach {url}: no answer in {CONNECT_S:.0f} s — "
+                                      f"is the address right, and the port open?",
+                                      user_error=True) from None
+                self.conn.sock.settimeout(self.endpoint.timeout)
+                self.sock = self.conn.sock    # kept: a response that ends with the
+                                              # connection takes it from `conn`
             self.conn.request(method, self.path_prefix + path, body=data, headers=headers)
             resp = self.conn.getresponse()
         except (ConnectionRefusedError, socket.gaierror) as exc:
@@ -151,15 +169,21 @@ class Connection:
                               user_error=400 <= resp.status < 500 and resp.status != 429)
         return resp
 
-    def close(self) -> None:
-        """Safe from any thread: shut the socket so a blocked read returns now."""
+    def interrupt(self) -> None:
+        """Safe from any thread: shut the socket so a blocked read returns now. (Only that:
+        closing the connection from another thread would pull the response's buffer away
+        under the reading thread — http.client is not thread-safe.)"""
         self.closed = True
-        sock = self.conn.sock
+        sock = self.conn.sock or self.sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def close(self) -> None:
+        """From the thread that reads: interrupt, and release the connection."""
+        self.interrupt()
         self.conn.close()
 
 
@@ -281,7 +305,7 @@ def stream_events(endpoint: Endpoint, request: RunRequest, *, chat: bool = False
     message when the server fails mid-stream; a RemoteError before anything streamed).
     `on_connection(conn)` hands the connection to whoever may cancel (then None when done)."""
     cfg = request.config
-    yield Started(strategy="remote", backend=endpoint.model, device=endpoint.base, dtype="",
+    yield Started(strategy=REMOTE, backend=endpoint.model, device=endpoint.base, dtype="",
                   prompt=request.prompt, max_new_tokens=cfg.max_new_tokens,
                   sampling=cfg.sampling)
     conn = Connection(endpoint)
@@ -416,16 +440,136 @@ def server_metrics(timings: dict):
                            [x / 1000 for x in token_ms], None, 0)
 
 
-def compare_tokens(remote: list[Token], local_ids: list[int], piece: Callable[[int], str]
-                   ) -> Comparison | None:
-    """The remote run's tokens against a local run's (engine/compare.py): by id when the server
-    gave every id; else by each token's text against `piece(id)` of the local tokens (e.g.
-    lambda i: tokenizer.decode([i])); None when the server gave neither."""
+def compare_remote(remote: Sequence[Token], text: str, reference: Sequence[Token],
+                   reference_text: str, *, piece: Callable[[int], str] | None = None,
+                   encode: Callable[[str], list[int]] | None = None
+                   ) -> tuple[Comparison | None, str]:
+    """A remote run's tokens against the local reference run's (engine/compare.py), and how
+    they were compared — or None and why not. docs/serve.md says when each way is sound.
+
+    token ids    the server gave every token's id (`serve`, llama-server; vLLM with
+                 return_tokens_as_token_ids): compared as ids — if the server's vocabulary is
+                 this model's. `piece(id)` (the local tokenizer's text of one token) checks
+                 that: where the server's token texts mostly disagree with ours for the same
+                 ids, it is another vocabulary, and its ids say nothing here.
+    token texts  every token's text, no ids (vLLM's default logprobs): the texts against the
+                 reference's token pieces.
+    text         nothing per token: both whole texts re-tokenised by `encode` (the local
+                 tokenizer) — identical exactly when the texts are; where they differ, the
+                 index is that of the re-tokenised texts, near the generated one.
+    """
     if remote and all(t.id >= 0 for t in remote):
-        return compare([t.id for t in remote], list(local_ids))
+        foreign = _foreign_vocabulary(remote, piece) if piece is not None else None
+        if foreign:
+            return None, f"not compared: the server's vocabulary is not this model's ({foreign})"
+        return compare([t.id for t in remote], [t.id for t in reference]), "token ids"
     if remote and all(t.text for t in remote):
-        return compare([t.text for t in remote], [piece(i) for i in local_ids])
-    return None
+        return compare([t.text for t in remote], [t.text for t in reference]), "token texts"
+    if encode is not None and (text or reference_text):
+        return compare(encode(text), encode(reference_text)), "text"
+    return None, "not compared: the server sent no tokens"
+
+
+def _foreign_vocabulary(remote: Sequence[Token], piece: Callable[[int], str]) -> str:
+    """"its token 42 is 'x', here 'y'" when most checkable tokens (text known on both sides,
+    whole characters) spell differently here; "" when the vocabularies agree."""
+    checked, wrong = 0, []
+    for t in remote:
+        here = piece(t.id)
+        if not t.text or "\ufffd" in t.text or not here or "\ufffd" in here:
+            continue                      # a lone byte of a character, or a chunk's text
+        checked += 1
+        if here != t.text:
+            wrong.append(f"its token {t.id} is {t.text!r}, here {here!r}")
+    return wrong[0] if checked and len(wrong) * 2 > checked else ""
+
+
+def server_figures(server_metrics, timings: dict) -> str:
+    """The server's own figures for a run in a few words ("" when it sent none): `serve`'s
+    per-token times as TTFT/TPOT/tok/s, else llama-server's totals."""
+    s, t = server_metrics, timings or {}
+    if s is not None:
+        tpot = "—" if math.isnan(s.tpot_s) else f"{s.tpot_s * 1e3:.1f}"
+        rate = "—" if math.isnan(s.decode_tokens_per_s) else f"{s.decode_tokens_per_s:.1f}"
+        return f"server: TTFT {s.ttft_s * 1e3:.0f} ms · TPOT {tpot} ms · {rate} tok/s"
+    if "predicted_ms" in t:
+        return (f"server: prompt {t.get('prompt_n', 0):.0f} tokens in {t.get('prompt_ms', 0):.0f}"
+                f" ms · {t.get('predicted_n', 0):.0f} tokens in {t['predicted_ms']:.0f} ms")
+    return ""
+
+
+def remote_events(request: RunRequest, cancel, endpoints: dict | None = None
+                  ) -> Iterator:
+    """A run request with `remote` (engine/requests.py Remote) as a session runs it: Started,
+    Token*, Finished — a server that cannot be reached or refuses is a Finished with the one
+    line that says why, never an exception. `cancel`: anything with is_set() (the session's
+    flag, perhaps a multiprocessing Event); a thread watches it and shuts the connection, so a
+    stop lands even while a read waits on a slow server. `endpoints`: a cache of resolved
+    endpoints (the model id asked of /v1/models once per session)."""
+    remote = request.remote
+    key = (remote.url, remote.model)
+    try:
+        endpoint = (endpoints or {}).get(key) or Endpoint.resolve(remote.url, remote.model)
+    except (RemoteError, ConfigError) as exc:
+        cfg = request.config
+        yield Started(strategy=REMOTE, backend=remote.name, device=remote.url, dtype="",
+                      prompt=request.prompt, max_new_tokens=cfg.max_new_tokens,
+                      sampling=cfg.sampling)
+        yield Finished(reason="error", tokens=(), text="", error=str(exc))
+        return
+    if endpoints is not None:
+        endpoints[key] = endpoint
+    watch = _CancelWatch(cancel)
+    failed = True
+    try:
+        for event in stream_events(endpoint, request, cancel=watch, on_connection=watch.hold):
+            if isinstance(event, Started):       # named as the race names it
+                event = dataclasses.replace(event, backend=remote.name)
+            elif isinstance(event, Finished):
+                failed = event.reason == "error"
+            yield event
+    except RemoteError as exc:            # refused before anything streamed
+        yield Finished(reason="error", tokens=(), text="", error=str(exc))
+    finally:
+        watch.done()
+        if failed and endpoints is not None:
+            endpoints.pop(key, None)      # ask again next time: the server may have changed
+
+
+class _CancelWatch:
+    """Looks at a cancel flag every 50 ms while a connection is open, and closes it once the
+    flag is set (http.client's blocked read does not look at flags). Is itself a flag for
+    stream_events: set when the flag it watches is."""
+
+    POLL_S = 0.05
+
+    def __init__(self, flag):
+        self.flag, self.conn = flag, None
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def is_set(self) -> bool:
+        return self.flag is not None and self.flag.is_set()
+
+    def hold(self, conn: Connection | None) -> None:
+        with self.lock:
+            self.conn = conn
+        if conn is not None and self.flag is not None and self.thread is None:
+            self.thread = threading.Thread(target=self._watch, name="remote-cancel", daemon=True)
+            self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.POLL_S):
+            if self.flag.is_set():
+                with self.lock:
+                    if self.conn is not None:
+                        self.conn.interrupt()
+                return
+
+    def done(self) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join(timeout=1)
 
 
 # ----------------------------------------------------------------------------- as a source
@@ -467,7 +611,7 @@ class RemoteSource:
         self.cancel_event.set()
         with self._lock:
             if self._conn is not None:
-                self._conn.close()
+                self._conn.interrupt()
 
     def stop(self) -> None:
         self._closed.set()

@@ -1,5 +1,6 @@
-"""What a session is asked to do: run one prompt, or race several settings on the same prompt —
-and, to a run in step mode that has paused before a token, what to do next.
+"""What a session is asked to do: run one prompt, race several settings on the same prompt or
+serve many prompts at once (a batch) — and, to a run in step mode that has paused before a
+token, what to do next.
 
 A request carries `GenerationConfig` as it is (no mirror of its fields), and converts to and
 from JSON for a process boundary, a recording's header or an HTTP body. No torch: the app builds
@@ -9,6 +10,7 @@ requests in a process that never loads a model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from .config import ConfigError, GenerationConfig
 from .events import run_label
@@ -18,6 +20,30 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+REMOTE = "remote"    # the strategy a remote run is named by: "remote/127.0.0.1:8000"
+
+
+@dataclass(frozen=True, slots=True)
+class Remote:
+    """Run on an OpenAI-compatible server instead of the local model (engine/remote.py): its
+    URL and, if not the one it lists, its model id. The API key is not part of a request (a
+    request goes into recordings): the engine reads it from the environment."""
+    url: str
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise ConfigError("a remote run needs the server's URL")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ConfigError("a remote run's model must be a string")
+
+    @property
+    def name(self) -> str:
+        """How the lane is named: the server's host:port ("127.0.0.1:8000")."""
+        url = self.url.strip()
+        return urlsplit(url if "://" in url else "http://" + url).netloc or url
+
+
 @dataclass(frozen=True, slots=True)
 class RunRequest:
     """Generate from `prompt` with `config`; every event of the run carries `run_id`.
@@ -25,12 +51,15 @@ class RunRequest:
     step: pause before each token (emitting StepPoint and LogitLens) until a `StepCommand`
     for this run says what to do. forces: ((token index, token id), …) — take these tokens at
     these indices whatever the sampler chooses, without pausing: a fork made reproducible (the
-    app races one against the unforced run)."""
+    app races one against the unforced run). remote: run it on that server instead
+    (engine/remote.py) — the config's sampling and length go with it; strategy, backend and
+    fast path are the server's business."""
     prompt: str
     config: GenerationConfig = field(default_factory=GenerationConfig)
     run_id: int = 1
     step: bool = False
     forces: tuple[tuple[int, int], ...] = ()
+    remote: Remote | None = None
 
     def __post_init__(self) -> None:
         pairs = tuple(tuple(p) for p in self.forces) if isinstance(self.forces, (list, tuple)) \
@@ -45,17 +74,25 @@ class RunRequest:
             raise ConfigError("a step-mode run takes its forced tokens as it goes, not in "
                               "advance")
         object.__setattr__(self, "forces", tuple(sorted(pairs)))
+        if self.remote is not None and (self.step or pairs):
+            raise ConfigError("a remote run cannot pause or force tokens: the server samples")
 
     @property
     def label(self) -> str:
-        """"kv/sdpa +c"; a fork (forced tokens) adds where it forks first: "kv/sdpa fork@3"."""
+        """"kv/sdpa +c"; a fork (forced tokens) adds where it forks first: "kv/sdpa fork@3";
+        a remote run: "remote/127.0.0.1:8000"."""
+        if self.remote is not None:
+            return run_label(REMOTE, self.remote.name)
         cfg = self.config
         fork = f" fork@{self.forces[0][0]}" if self.forces else ""
         return run_label(cfg.strategy, cfg.backend, cfg.fast.spec()) + fork
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "config": self.config.to_dict(), "run_id": self.run_id,
-                "step": self.step, "forces": [list(p) for p in self.forces]}
+        d = {"prompt": self.prompt, "config": self.config.to_dict(), "run_id": self.run_id,
+             "step": self.step, "forces": [list(p) for p in self.forces]}
+        if self.remote is not None:
+            d["remote"] = {"url": self.remote.url, "model": self.remote.model}
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "RunRequest":
@@ -69,9 +106,14 @@ class RunRequest:
         forces = d.get("forces", [])
         if not isinstance(forces, list) or not all(isinstance(p, list) for p in forces):
             raise ConfigError("a run request's 'forces' must be a list of [index, token] pairs")
+        remote = d.get("remote")
+        if remote is not None and not isinstance(remote, dict):
+            raise ConfigError("a run request's 'remote' must be {\"url\": …, \"model\": …}")
         return cls(prompt=d["prompt"], config=GenerationConfig.from_dict(d.get("config", {})),
                    run_id=run_id, step=d.get("step", False),
-                   forces=tuple(tuple(p) for p in forces))
+                   forces=tuple(tuple(p) for p in forces),
+                   remote=None if remote is None else Remote(remote.get("url"),
+                                                             remote.get("model")))
 
 
 STEP_ACTIONS = ("next", "force", "run", "cancel")
@@ -118,8 +160,9 @@ class StepCommand:
 
 @dataclass(frozen=True, slots=True)
 class RaceRequest:
-    """The same prompt through each run in turn; the first that finishes without an error is
-    the reference the others are compared with (engine/compare.py)."""
+    """The same prompt through each run in turn; the first local run that finishes without an
+    error is the reference the others are compared with (engine/compare.py) — a remote run
+    (`RunRequest.remote`) is compared with it, never the reference itself."""
     race_id: int
     runs: tuple[RunRequest, ...]
 
@@ -146,3 +189,65 @@ class RaceRequest:
             raise ConfigError("a race request needs a 'runs' list")
         return cls(race_id=int(d.get("race_id", 0)),
                    runs=tuple(RunRequest.from_json(r) for r in d["runs"]))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    """Many prompts served at once by the batching engine (engine/batch.py): every prompt is a
+    request with `config` (request i samples with seed + i when a seed is given, so requests
+    differ yet repeat); all the batch's events carry `batch_id`.
+
+    max_batch, max_step_tokens, prefix_caching: the scheduler's limits (engine/scheduler.py).
+    num_blocks: the pool; None sizes it as a contiguous reservation (prompt + max new tokens)
+    for `reserve_for` of the longest requests (default: max_batch of them, as `batch` does) — a
+    pool smaller than the batch needs, so the paged cache has to earn its keep.
+    arrival_rate: requests per second, Poisson (None: all at once), seeded by arrival_seed."""
+    prompts: tuple[str, ...]
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_id: int = 1
+    max_batch: int = 8
+    max_step_tokens: int = 512
+    num_blocks: int | None = None
+    reserve_for: int | None = None
+    prefix_caching: bool = True
+    arrival_rate: float | None = None
+    arrival_seed: int = 0
+
+    def __post_init__(self) -> None:
+        prompts = self.prompts
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError("a batch request's 'prompts' must be a list of strings")
+        if not prompts:
+            raise ConfigError("a batch needs at least one prompt")
+        object.__setattr__(self, "prompts", tuple(prompts))
+        for name in ("batch_id", "max_batch", "max_step_tokens", "arrival_seed"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"a batch request's {name!r} must be an integer")
+        for name in ("num_blocks", "reserve_for"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and value > 0):
+                raise ConfigError(f"a batch request's {name!r} must be a positive integer")
+        rate = self.arrival_rate
+        if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool)
+                                     and 0 < rate < float("inf")):
+            raise ConfigError(f"the arrival rate must be a positive number of requests per "
+                              f"second, got {rate!r}")
+
+    def to_json(self) -> dict:
+        return {"prompts": list(self.prompts), "config": self.config.to_dict(),
+                "batch_id": self.batch_id, "max_batch": self.max_batch,
+                "max_step_tokens": self.max_step_tokens, "num_blocks": self.num_blocks,
+                "reserve_for": self.reserve_for, "prefix_caching": self.prefix_caching,
+                "arrival_rate": self.arrival_rate, "arrival_seed": self.arrival_seed}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BatchRequest":
+        if not isinstance(d, dict) or not isinstance(d.get("prompts"), list):
+            raise ConfigError("a batch request needs a 'prompts' list")
+        if not isinstance(d.get("prefix_caching", True), bool):
+            raise ConfigError("a batch request's 'prefix_caching' must be true or false")
+        keys = ("batch_id", "max_batch", "max_step_tokens", "num_blocks", "reserve_for",
+                "prefix_caching", "arrival_rate", "arrival_seed")
+        return cls(prompts=tuple(d["prompts"]),
+                   config=GenerationConfig.from_dict(d.get("config", {})),
+                   **{k: d[k] for k in keys if k in d})

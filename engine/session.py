@@ -6,6 +6,8 @@
         env.run, env.t, env.event                                # Started, Prefill, Token, …
     for env in session.race(RaceRequest(2, (RunRequest(…, run_id=3), RunRequest(…, run_id=4)))):
         …                                                        # RaceStarted, runs, RaceFinished
+    for env in session.batch(BatchRequest(prompts, GenerationConfig(), batch_id=5)):
+        …                      # BatchStarted, RequestArrived … PoolSnapshot …, BatchSummary
     session.cancel()                                             # from any thread
 
     for env in session.run(RunRequest("Deep learning is", run_id=2, step=True)):   # step mode
@@ -17,11 +19,17 @@ same stream feeds `python main.py run`, the app's engine process, a recording, a
 HTTP server. A run that fails ends in `Finished(reason="error", error=…)` instead of raising
 (unless asked to raise: the command line wants the exception's kind for its exit status).
 
+A batch is many prompts served together by the batching engine (engine/batch.py: continuous
+batching on one paged pool, prefix caching); its events all carry the batch id, and each names
+its request. Cancelling stops it at the next scheduler step: what is running or waiting is
+cancelled and the summary says `interrupted`.
+
 Requests run one at a time; the race compares its contestants here, with engine/compare.py, so
-logits never leave the process. Each contestant first runs a few tokens untimed (`warmup`): the
-first run of a kind pays one-off costs — threads starting, a kernel library loading, weights
-being converted — which would otherwise land in its TTFT (387 ms instead of 106 ms measured for
-the first contestant in the app). Cancelling sets a flag the running request sees at its next
+logits never leave the process — a remote contestant too (a run on an OpenAI-compatible server,
+engine/remote.py), so a consumer only renders the verdict. Each contestant first runs a few
+tokens untimed (`warmup`): the first run of a kind pays one-off costs — threads starting, a
+kernel library loading, weights being converted — which would otherwise land in its TTFT (387 ms
+instead of 106 ms measured for the first contestant in the app). Cancelling sets a flag the running request sees at its next
 token; the flag stays set until whoever sends the next request clears it (`clear_cancel`) —
 the app clears it *before* sending, so a stop pressed right after a start cannot be lost.
 
@@ -43,10 +51,12 @@ from .attention import backend_names, get_backend
 from .compare import compare
 from .config import FAST_CHOICES, FastPathConfig, GenerationConfig
 from .decoding import StepBuilder, generate
-from .events import (Contestant, Envelope, Event, Finished, Forked, RaceFinished, RaceRow,
-                     RaceStarted, Ready, Started, Token)
+from .events import (Contestant, Envelope, Event, Failed, Finished, Forked, RaceFinished,
+                     RaceRow, RaceStarted, Ready, Started, Token)
 from .loader import load_model
-from .requests import WAKE_UP, RaceRequest, RunRequest, StepCommand
+from .remote import compare_remote, remote_events
+from .requests import REMOTE, WAKE_UP, BatchRequest, RaceRequest, RunRequest, StepCommand
+from .workload import arrival_times, request_config
 
 WARMUP_TOKENS = 2      # untimed tokens each race contestant runs first
 
@@ -76,6 +86,7 @@ class Session:
         self.lm, self.generate, self.steps, self.clock = lm, generate, steps, clock
         self.flag = cancel if cancel is not None else threading.Event()
         self.inbox = inbox if inbox is not None else queue.Queue()
+        self.endpoints: dict = {}            # remote servers resolved once (engine/remote.py)
 
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "float32",
@@ -124,15 +135,16 @@ class Session:
 
     def race(self, race: RaceRequest, warmup: int = WARMUP_TOKENS) -> Iterator[Envelope]:
         """Each contestant in turn on the same prompt — `warmup` tokens untimed first, then
-        its run — compared with the first that finishes without an error: RaceStarted, every
-        contestant's run, RaceFinished. A contestant stopped part-way is compared on the
-        tokens it made."""
+        its run — compared with the first local one that finishes without an error:
+        RaceStarted, every contestant's run, RaceFinished. A contestant stopped part-way is
+        compared on the tokens it made. A remote contestant (`RunRequest.remote`) streams from
+        its server and is compared by what the server sent (`_remote_row`)."""
         yield self.envelope(race.race_id, RaceStarted(
             prompt=race.prompt, max_new_tokens=max(r.config.max_new_tokens for r in race.runs),
             contestants=tuple(Contestant(r.run_id, r.label) for r in race.runs),
             warmup_tokens=warmup))
         rows: list[RaceRow] = []
-        reference = None                      # (tokens, logits) of the reference run
+        reference = None                      # (tokens, logits, Token events) of the reference
         cancelled = False
         for request in race.runs:
             if self.flag.is_set():
@@ -142,11 +154,13 @@ class Session:
                                       sampling=shared_seed(request.config.sampling))
             if warmup:
                 self.warm_up(dataclasses.replace(request, config=cfg), warmup)
-            logits, forks, fin = [], [], None
+            logits, forks, fin, tokens = [], [], None, []
             for event in self._events(dataclasses.replace(request, config=cfg)):
-                if isinstance(event, Token) and event.logits is not None:
-                    logits.append(event.logits)          # compared here, never sent on
-                    event = dataclasses.replace(event, logits=None)
+                if isinstance(event, Token):
+                    if event.logits is not None:
+                        logits.append(event.logits)      # compared here, never sent on
+                        event = dataclasses.replace(event, logits=None)
+                    tokens.append(event)
                 if isinstance(event, Forked):
                     forks.append(event)
                 if isinstance(event, Finished):
@@ -154,9 +168,11 @@ class Session:
                 yield self.envelope(request.run_id, event)
             row = race_row(request, fin)
             cancelled = fin is not None and fin.reason == "cancelled"
-            if row.error is None:
+            if row.error is None and request.remote is not None:
+                row = self._remote_row(row, tokens, reference, cfg, cancelled)
+            elif row.error is None:
                 if reference is None and not cancelled:
-                    reference = (row.tokens, logits)
+                    reference = (row.tokens, logits, tokens)
                 elif reference is not None:
                     n = len(row.tokens) if cancelled else None     # stopped: its prefix
                     c = compare(row.tokens, reference[0][:n], logits, reference[1][:n], forks)
@@ -169,6 +185,73 @@ class Session:
                 break
         yield self.envelope(race.race_id, RaceFinished(prompt=race.prompt, rows=tuple(rows),
                                                        cancelled=cancelled))
+
+    def _remote_row(self, row: RaceRow, tokens: list, reference, cfg: GenerationConfig,
+                    cancelled: bool) -> RaceRow:
+        """A remote contestant against the reference, by what the server sent
+        (engine/remote.py compare_remote) — only greedy: a sampled server draws its own
+        random numbers, however the seed is set."""
+        if reference is None:
+            return dataclasses.replace(row, comparison="not compared: no local contestant "
+                                                       "finished to compare with")
+        if cfg.sampling.temperature > 0:
+            return dataclasses.replace(row, comparison="not compared: sampled — the server "
+                                                       "draws its own random numbers")
+        n = len(tokens) if cancelled else None                  # stopped: its prefix
+        ref_tokens = reference[2][:n]
+        tok = self.lm.tokenizer
+        c, how = compare_remote(tokens, row.text, ref_tokens,
+                                "".join(t.text for t in ref_tokens),
+                                piece=getattr(tok, "token_text", None),
+                                encode=getattr(tok, "encode", None))
+        if c is None:
+            return dataclasses.replace(row, comparison=how)
+        return dataclasses.replace(row, same_tokens=c.identical,
+                                   first_difference=c.first_difference, comparison=how)
+
+    def batch(self, request: BatchRequest) -> Iterator[Envelope]:
+        """Serve every prompt of `request` at once: the batching engine's events, each in an
+        envelope carrying the batch id — BatchStarted first, BatchSummary last. A batch that
+        cannot start (a bad setting, no room for its longest request) is one Failed event; a
+        request that can never run finishes with reason "error" and the others go on."""
+        from .batch import serve
+        try:
+            engine, requests = self._batch_engine(request)
+        except Exception as exc:          # noqa: BLE001 — said, not raised
+            yield self.envelope(request.batch_id,
+                                Failed(f"the batch did not start: {error_message(exc)}"))
+            return
+        events = serve(engine, requests, stop=self.flag.is_set)
+        try:
+            for event in events:
+                yield self.envelope(request.batch_id, event)
+        except Exception as exc:          # noqa: BLE001 — a failed step ends the batch, said
+            events.close()
+            yield self.envelope(request.batch_id, Failed(f"the batch failed: "
+                                                         f"{error_message(exc)}"))
+            engine.cancel_all()
+            for event in [*engine.drain(), engine.summary(interrupted=True)]:
+                yield self.envelope(request.batch_id, event)
+
+    def _batch_engine(self, request: BatchRequest):
+        """The batching engine for `request`, and its (arrival time, prompt, config) requests.
+        The pool: request.num_blocks, or a contiguous reservation's worth for `reserve_for`
+        (default max_batch) of the longest requests."""
+        from .batch import BatchEngine
+        from .scheduler import SchedulerConfig
+        lm, cfg = self.lm, request.config
+        lengths = [len(lm.tokenizer.encode(p)) for p in request.prompts]
+        per_request = -(-(max(lengths) + cfg.max_new_tokens) // cfg.block_size)
+        blocks = request.num_blocks or (request.reserve_for or request.max_batch) * per_request
+        limits = SchedulerConfig(max_batch=request.max_batch,
+                                 max_step_tokens=request.max_step_tokens,
+                                 block_size=cfg.block_size, num_blocks=blocks,
+                                 prefix_caching=request.prefix_caching)
+        engine = BatchEngine(lm.model, lm.tokenizer, limits, backend=cfg.backend,
+                             model_name=lm.name)
+        times = arrival_times(len(request.prompts), request.arrival_rate, request.arrival_seed)
+        return engine, [(t, p, request_config(cfg, i))
+                        for i, (t, p) in enumerate(zip(times, request.prompts))]
 
     def warm_up(self, request: RunRequest, tokens: int) -> None:
         """Run `request` for a few tokens and drop its events: what a first run pays once
@@ -193,6 +276,9 @@ class Session:
 
     # ------------------------------------------------------------------ inside
     def _events(self, request: RunRequest, raise_errors: bool = False) -> Iterator[Event]:
+        if request.remote is not None:       # on a server: engine/remote.py streams it
+            yield from remote_events(request, self.flag, self.endpoints)
+            return
         cfg = request.config
         try:
             options = self._backend_options(cfg)
@@ -239,6 +325,12 @@ def race_row(request: RunRequest, fin: Finished | None) -> RaceRow:
     """One contestant's line of the race table (the comparison is filled in by the caller)."""
     cfg, m = request.config, getattr(fin, "metrics", None)
     nan = float("nan")
+    if request.remote is not None:           # named as RunRequest.label names it
+        return dataclasses.replace(
+            race_row(dataclasses.replace(request, remote=None), fin),
+            strategy=REMOTE, backend=request.remote.name, fast="",
+            server_timings=dict(getattr(fin, "server_timings", None) or {}),
+            server_metrics=getattr(fin, "server_metrics", None))
     return RaceRow(strategy=cfg.strategy, backend=cfg.backend, fast=cfg.fast.spec(),
                    run=request.run_id, reason=fin.reason if fin else "error",
                    tokens=tuple(fin.tokens) if fin else (), text=fin.text if fin else "",

@@ -11,7 +11,7 @@ beginning (a replay stepping back, a viewer attaching to a session mid-stream).
 
 A *live* source has a model behind it and also takes requests:
 
-    source.submit(request)    an engine.requests.RunRequest or RaceRequest
+    source.submit(request)    an engine.requests.RunRequest, RaceRequest or BatchRequest
     source.send_step(command)      an engine.requests.StepCommand for a step-mode run that paused
     source.cancel()           stop the current request at its next token (a paused one at once)
 

@@ -39,6 +39,7 @@ from .screens.help import HelpScreen
 from .screens.main import MainScreen
 from .screens.replay import ReplayScreen
 from .screens.race import RaceScreen, exact_agree, verdict
+from .screens.server import start_batch, to_server_screen
 from .screens.settings import SettingsScreen
 from .screens.step import StepScreen, to_step_screen
 from .settings import (Settings, choices, fast_description, fork_race, next_choice,
@@ -46,7 +47,7 @@ from .settings import (Settings, choices, fast_description, fork_race, next_choi
 from .shots import save_screenshot
 
 # Keys that ask the engine for something: a replay or a watched session has none to ask.
-LIVE_ACTIONS = {"run", "stop", "cycle", "race", "settings", "record", "edit_prompt"}
+LIVE_ACTIONS = {"run", "stop", "cycle", "race", "settings", "record", "edit_prompt", "batch"}
 
 
 class MiniLLMApp(App[int]):
@@ -65,6 +66,7 @@ class MiniLLMApp(App[int]):
         Binding("enter", "run", "Run"),
         Binding("x", "stop", "Stop"),
         Binding("R", "race", "Race"),
+        Binding("B", "batch", "Server", show=False),
         Binding("o", "settings", "Sampling"),
         Binding("s", "cycle('strategy')", "Strategy"),
         Binding("b", "cycle('backend')", "Backend"),
@@ -167,6 +169,7 @@ class MiniLLMApp(App[int]):
             with self.batch_update():
                 self.route(message.envelopes)
             to_step_screen(self, message)
+            to_server_screen(self, message)
         finally:
             self._quiet = False
         if self.steerable:
@@ -316,6 +319,8 @@ class MiniLLMApp(App[int]):
         if race is not None:
             self.race_started(Envelope(race.race_id, 0.0, race_started(race)))
             self.say(f"racing {len(race.runs)} combinations, one after another")
+
+    action_batch = start_batch     # `B`: many requests at once (tui/screens/server.py)
 
     def action_stop(self) -> None:
         if not self.follow.busy:

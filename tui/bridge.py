@@ -18,7 +18,7 @@ import time
 
 from engine.events import Envelope, Failed
 from engine.files import cache_root, private_dir
-from engine.requests import RaceRequest
+from engine.requests import BatchRequest, RaceRequest
 from engine.source import Deliver
 
 from .engine_process import child_main
@@ -78,7 +78,9 @@ class QueueSource:
 
     def submit(self, request) -> None:
         self.cancel_event.clear()           # clear *before* sending: a stop can't be lost
-        self.commands.put(("race" if isinstance(request, RaceRequest) else "run", request))
+        kind = ("race" if isinstance(request, RaceRequest) else
+                "batch" if isinstance(request, BatchRequest) else "run")
+        self.commands.put((kind, request))
 
     def send_step(self, command) -> None:
         """A StepCommand for the paused step-mode run."""

@@ -10,6 +10,7 @@ imported inside the child only.
 
 Protocol (plain picklable values):
     app → engine   ("run", engine.requests.RunRequest) | ("race", RaceRequest)
+                   | ("batch", BatchRequest)   many prompts at once (the server view)
                    | ("step", engine.requests.StepCommand)   to a step-mode run that paused
                    | ("cancel", None)   a wake-up for a paused run, sent with every cancel
                    | None (stop)
@@ -48,7 +49,8 @@ FLUSH_INTERVAL_S = 1 / 12
 # nor a step-mode run that shows its lens and then waits for the app (its last event before it
 # pauses — nothing would come to flush the batch).
 PROMPT_TYPES = ("started", "finished", "race_started", "race_finished", "ready", "failed",
-                "lens")
+                "lens", "batch_started", "batch_summary")
+REQUEST_KINDS = ("run", "race", "batch")
 
 
 PARENT_CHECK_S = 2.0     # how often a waiting child checks that the app still exists
@@ -109,7 +111,7 @@ class Inbox:
             item = self._next()
             if item is None:
                 return None
-            if item[0] in ("run", "race"):
+            if item[0] in REQUEST_KINDS:
                 return item
         return self.requests.popleft()
 
@@ -158,12 +160,17 @@ class EngineLoop:
                 return
             kind, request = cmd
             if self.session is None:       # said once; a race is closed, not left open
+                if kind == "batch":
+                    self.say(request.batch_id, Failed("no model is loaded"))
+                    continue
                 run_id = request.race_id if kind == "race" else request.run_id
                 self.say(run_id, RaceFinished(prompt=request.prompt, cancelled=True)
                          if kind == "race" else
                          Finished(reason="error", tokens=(), text="", error="no model is loaded"))
                 continue
-            self.pump(self.session.race(request) if kind == "race" else self.session.run(request))
+            serve = {"race": self.session.race, "batch": self.session.batch}.get(
+                kind, self.session.run)
+            self.pump(serve(request))
 
     def pump(self, envelopes: Iterable) -> None:
         """Send the envelopes in batches: about every flush_interval, and at once when a run or

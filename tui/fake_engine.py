@@ -6,7 +6,9 @@ real `engine.session.Session` (so races are compared by the engine's own code) w
 from a fixed text, a cache that fills like `kv`/`paged`/`naive` would, attention rows that look
 at the start and the recent past, per-token latencies that grow with position for `naive`, and
 for `flash` the online-softmax running max and sum of made-up scores, computed tile by tile as
-the real backend does. In step mode (and for forced tokens) it pauses through the engine's own
+the real backend does. A batch (the server view) is the real batching engine (engine/batch.py)
+on a tiny random model with a byte-level tokenizer — a step takes a millisecond or two, so its
+scheduler, pool, prefix cache and preemptions are the real ones, and its text is noise. In step mode (and for forced tokens) it pauses through the engine's own
 `Stepper` (engine/stepping.py), with a made-up distribution and logit lens: the transport, the
 waiting and the forking are the real ones.
 """
@@ -122,7 +124,8 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay:
     from engine.config import ConfigError
     from engine.events import (AttentionRow, CacheSnapshot, CacheStats, Finished, FlashTiles,
                                Prefill, SequenceBlocks, Started, Token, run_label)
-    from engine.metrics import RunMetrics
+    from engine.metrics import run_metrics
+    from engine.units import MiB
 
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"unknown attention backend {cfg.backend!r}")
@@ -211,15 +214,10 @@ def fake_generate(model, tokenizer, prompt, cfg, cancel=None, steps=None, delay:
         if cfg.backend == "flash":
             m, l = flash_tiles(scores[:seq + 1], tile)
             yield FlashTiles(layer=0, head=0, tile_size=tile, running_max=m, running_sum=l)
-    total = sum(latencies)
-    ttft = latencies[0] if latencies else float("nan")
-    n = len(latencies)
-    tpot = (total - ttft) / (n - 1) if n > 1 else float("nan")
-    metrics = RunMetrics(prompt_tokens=n_prompt, new_tokens=n, total_s=total, ttft_s=ttft,
-                         tpot_s=tpot, itl_p50_s=tpot, itl_p99_s=tpot, prefill_s=0.02,
-                         prefill_tokens_per_s=n_prompt / 0.02,
-                         decode_tokens_per_s=1 / tpot if n > 1 else float("nan"),
-                         peak_memory_bytes=300 * 2**20, kv_bytes=capacity * bpt)
+    # The figures as engine/metrics.py defines them, from the made-up latencies (the prefill
+    # share of the first token and the process peak are made up too).
+    metrics = run_metrics(n_prompt, 0.02, latencies, peak_memory=300 * MiB,
+                          kv_bytes=capacity * bpt)
     yield Finished(reason=reason, tokens=tuple(tokens),
                    text="".join(" " + WORDS[t] for t in tokens), metrics=metrics)
 
@@ -232,9 +230,60 @@ def fake_ready():
                  fast={spec: FAST_UNAVAILABLE.get(spec) for spec in FAST_CHOICES})
 
 
+def tiny_batch_model():
+    """A tiny random Llama (2 layers, 64 wide) and a byte-level tokenizer (one token per UTF-8
+    byte, so every id decodes): what the fake session's batches run on."""
+    import torch
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    from engine.config import ModelConfig
+    from engine.model import Transformer
+    from engine.tokenizer import Tokenizer
+    cfg = ModelConfig.from_name("tiny-llama")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        torch.nn.init.normal_(model.tok_emb.weight, std=0.2)    # varied outputs, not one spike
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = HFTokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return SimpleNamespace(model=model.eval(), tokenizer=Tokenizer(backend, None, ()),
+                           name="tiny-random (fake)", config=cfg)
+
+
 class FakeSession(Session):
     """A real session (its race, its comparisons, its stepping) over fake_generate and a
-    made-up model."""
+    made-up model; its batches on the real batching engine with a tiny random model.
+    step_delay: seconds slept after each batch step (a believable pace for the UI)."""
+
+    step_delay = 0.0
+    _batch_lm = None
+
+    def _batch_engine(self, request):
+        if FakeSession._batch_lm is None:
+            FakeSession._batch_lm = tiny_batch_model()
+        lm, self.lm = self.lm, FakeSession._batch_lm
+        try:
+            return super()._batch_engine(request)
+        finally:
+            self.lm = lm
+
+    def batch(self, request):
+        """One thread: a tiny model gains nothing from more, and the app's own thread (the
+        UI, in this process) would wait for OpenMP's spinning workers."""
+        import torch
+
+        from engine.events import StepDone
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for env in super().batch(request):
+                yield env
+                if self.step_delay and isinstance(env.event, StepDone):
+                    time.sleep(self.step_delay)
+        finally:
+            torch.set_num_threads(threads)
 
     def ready(self):
         return fake_ready()
@@ -285,7 +334,9 @@ class FakeSource(QueueSource):
         if self.load_error:
             raise FileNotFoundError(self.load_error)
         lm = SimpleNamespace(model=None, tokenizer=None, name="fake")
-        return FakeSession(lm, generate=self._generate, cancel=self.cancel_event)
+        session = FakeSession(lm, generate=self._generate, cancel=self.cancel_event)
+        session.step_delay = self.delay
+        return session
 
     def _serve(self) -> None:
         self.loop.load(self._open_session)

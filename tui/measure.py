@@ -1,6 +1,13 @@
 """Does the UI distort what it measures? Decode tokens/s with and without the app attached.
 
     python -m tui.measure [--tokens 100] [--rounds 3] [--strategy kv] [--backend sdpa]
+                          [--fast c] [--json FILE]
+
+The bench's UI-overhead stage. It lives beside the app because it drives the app (the engine
+never imports the UI); everything else is the bench's: the run is named by run_label, the
+engine's rate comes from the standard experiment's generate() loop and engine/metrics.py
+(decode tokens/s = 1 / TPOT), the medians and spreads from engine/bench/runs.py's summarise,
+the numbers are written by engine/units.py, the JSON by the bench's writer.
 
 Three ways to run the same greedy request, interleaved round by round so that a change in
 machine load hits all of them alike:
@@ -11,9 +18,8 @@ machine load hits all of them alike:
     process    the engine process the app uses, with a plain thread reading its batches
     app        the real app (headless Textual, full compositing) on the engine process
 
-All three record attention rows, as the app asks for them. The numbers are the engine's own
-decode tokens/s (1 / TPOT, engine/metrics.py), so what is compared is how much the consumer
-slows the producer down. Results are medians; docs/ui.md records a run.
+All three record attention rows, as the app asks for them, so what is compared is how much the
+consumer slows the producer down. docs/ui.md records a run.
 """
 
 from __future__ import annotations
@@ -22,8 +28,14 @@ import argparse
 import asyncio
 import os
 import queue
-import statistics
 import time
+
+from engine.bench.cells import spread
+from engine.bench.experiment import write_json
+from engine.bench.runs import summarise
+from engine.bench.settings import SEED_PROMPT
+from engine.events import run_label
+from engine.units import format_number, format_rate
 
 
 def torch_threads() -> int:
@@ -32,6 +44,8 @@ def torch_threads() -> int:
 
 
 def engine_runs(lm, cfg, prompt):
+    """generate() alone, through the fast steps, as the bench's rows run it: decode tok/s.
+    The events are dropped as they come (attention rows add up), as a consumer would."""
     from engine.decoding import generate
     from engine.fast import STEPS
     fin = None
@@ -117,26 +131,53 @@ async def main_async(args) -> dict[str, list[float]]:
     return results
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def summary(res: dict[str, list[float]]) -> dict[str, dict]:
+    """Each consumer's decode tokens/s (the bench's median and spread) and its change against
+    the engine alone, in percent."""
+    ref = summarise(res["engine"])["median"]
+    out = {}
+    for name, values in res.items():
+        stat = summarise(values)
+        stat["vs_engine_pct"] = (stat["median"] / ref - 1) * 100 if stat["median"] and ref \
+            else None
+        out[name] = stat
+    return out
+
+
+def summary_lines(label: str, tokens: int, rounds: int, load: float, seconds: float,
+                  stats: dict[str, dict], runs: dict[str, list[float]]) -> list[str]:
+    lines = [f"{tokens} tokens, {label}, {rounds} rounds, load average at start {load:.1f}, "
+             f"{seconds:.0f} s"]
+    for name, st in stats.items():
+        lines.append(f"  {name:<8} median {format_rate(st['median'])}{spread(st)}  "
+                     f"({format_number(st['vs_engine_pct'], '{:+.1f}')}% vs engine)  runs: "
+                     + ", ".join(format_number(v) for v in runs[name]))
+    return lines
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tui.measure",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--strategy", default="kv")
     p.add_argument("--backend", default="sdpa")
-    p.add_argument("--prompt", default="Deep learning is")
+    p.add_argument("--prompt", default=SEED_PROMPT)
     p.add_argument("--fast", default="", help="fast-path options, e.g. c (as the app's --fast)")
-    args = p.parse_args()
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write the runs and their summary to FILE")
+    args = p.parse_args(argv)
+    label = run_label(args.strategy, args.backend, args.fast)
     load = os.getloadavg()[0]
     t0 = time.time()
     res = asyncio.run(main_async(args))
-    ref = statistics.median(res["engine"])
-    fast = f" +{args.fast}" if args.fast else ""
-    print(f"\n{args.tokens} tokens, {args.strategy}/{args.backend}{fast}, {args.rounds} rounds, "
-          f"load average at start {load:.1f}, {time.time() - t0:.0f} s")
-    for name, values in res.items():
-        med = statistics.median(values)
-        print(f"  {name:<8} median {med:6.1f} tok/s  ({(med / ref - 1) * 100:+.1f}% vs engine)"
-              f"  runs: {', '.join(f'{v:.1f}' for v in values)}")
+    stats = summary(res)
+    print("\n" + "\n".join(summary_lines(label, args.tokens, args.rounds, load,
+                                         time.time() - t0, stats, res)))
+    if args.json:
+        write_json({"schema": "minillm-ui-overhead/1", "run": label, "tokens": args.tokens,
+                    "rounds": args.rounds, "load_average_start": load,
+                    "decode_tokens_per_s": res, "summary": stats}, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from engine.config import (FAST_CHOICES, STRATEGIES, ConfigError, FastPathConfig,
                            GenerationConfig, SamplingConfig)
 from engine.events import Contestant, RaceStarted
-from engine.requests import RaceRequest, RunRequest
+from engine.remote import Endpoint
+from engine.requests import RaceRequest, Remote, RunRequest
 
 BACKENDS = ("naive", "sdpa", "flash", "triton")     # before the model says which can run
 FAST_TEXT = {
@@ -47,6 +48,9 @@ class Settings:
     record: str | None = None       # write a recording here once the model is ready
     shots: str | None = None        # screenshots go here (default: under the cache folder)
     share: str | None = None        # HOST:PORT to share the session on, read-only
+    endpoint: str | None = None     # an OpenAI-compatible server that joins each race (R)
+    endpoint_model: str | None = None   # its model id (default: the one it lists)
+    prompts: str | None = None      # `B` serves these (a file, one a line); None: built-in
 
     @classmethod
     def from_args(cls, args) -> "Settings":
@@ -111,6 +115,13 @@ class Settings:
                            getattr(self, name))
 
     @property
+    def remote_label(self) -> str:
+        """The remote lane's name ("remote/127.0.0.1:8000"), or "" without --endpoint."""
+        if not self.endpoint:
+            return ""
+        return RunRequest(self.prompt, remote=Remote(self.endpoint)).label
+
+    @property
     def comparison_key(self) -> tuple:
         """Two greedy runs with the same key must produce the same tokens."""
         return (self.prompt, tuple(sorted(self.sampling.items())), self.max_new_tokens)
@@ -138,7 +149,9 @@ class Settings:
         """The race `R` starts: every strategy on sdpa, every other backend that can run here
         on kv, then kv with the exact fast-path options that can run here (same tokens, only
         faster) — and the fast-path option chosen with `f`, if it is another one (a lossy one
-        shows its divergence). `run_ids`: an iterator of fresh run ids."""
+        shows its divergence); last, the server given with --endpoint, if any (the engine
+        streams it and compares its tokens with the first contestant's). `run_ids`: an
+        iterator of fresh run ids."""
         if ready is None:
             raise ConfigError("the model is still loading, and a race needs to know which "
                               "backends run here: press R again once it is ready")
@@ -150,10 +163,14 @@ class Settings:
         combos += [("kv", "sdpa", spec) for spec in dict.fromkeys((*exact, self.fast))
                    if spec and fast.get(spec, "unknown") is None]
         base = self.config()
-        return RaceRequest(race_id, tuple(
-            RunRequest(self.prompt, dataclasses.replace(base, strategy=s, backend=b,
-                                                        fast=FastPathConfig.from_spec(f)),
-                       next(run_ids)) for s, b, f in combos))
+        runs = [RunRequest(self.prompt, dataclasses.replace(base, strategy=s, backend=b,
+                                                            fast=FastPathConfig.from_spec(f)),
+                           next(run_ids)) for s, b, f in combos]
+        if self.endpoint:
+            runs.append(RunRequest(self.prompt, dataclasses.replace(base, attention_rows=False),
+                                   next(run_ids), remote=Remote(self.endpoint,
+                                                                self.endpoint_model)))
+        return RaceRequest(race_id, tuple(runs))
 
     def error(self) -> str | None:
         """What is wrong with settings given on the command line, said plainly; None if
@@ -162,10 +179,23 @@ class Settings:
             return f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}"
         if self.flash_tile <= 0:
             return f"--flash-tile must be a positive number of keys, got {self.flash_tile}"
+        if self.prompts is not None:
+            from engine.workload import read_prompts
+            try:
+                read_prompts(self.prompts)
+            except ConfigError as exc:
+                return f"--prompts: {exc}"
         if self.fast not in FAST_CHOICES:
             return (f"--fast {self.fast!r} is not one of the app's fast-path choices: "
                     f"{', '.join(repr(c) for c in FAST_CHOICES)} ('' = the plain model; the "
                     f"bench takes any combination)")
+        if self.endpoint_model and not self.endpoint:
+            return "--endpoint-model needs --endpoint URL (the server it names a model of)"
+        if self.endpoint:
+            try:
+                Endpoint.base_url(self.endpoint)
+            except ConfigError as exc:
+                return str(exc)
         return None
 
 

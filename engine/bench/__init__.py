@@ -7,9 +7,15 @@ baseline in the same run, a length sweep and a bandwidth view. See docs/benchmar
     memory.py       peak memory per run (reset before each)
     bandwidth.py    copy bandwidth, bytes per step, matmul-only time, a profile of one step
     sweep.py        per-step latency against position for naive / kv / paged
+    attention_curves.py  one attention call's time and peak memory against length, per backend
+    fast_paths.py   `--fast-table`: every fast-path variant on kv/sdpa; --lockstep; --startup
+    gpu_tables.py   scripts/gpu_check.py's tables on a lent GPU (whole model, fast path, batching)
     batching.py     `--batch`: continuous batching against batch size; prefix sharing
-    experiment.py   runs the stages, collects one JSON-ready dictionary
-    report.py       rich tables, plotext charts, the JSON file
+    experiment.py   runs the stages, collects one JSON-ready dictionary, writes the JSON file
+    verdicts.py     the headline and the sweep's sentence (what a reader takes away)
+    cells.py        the words and numbers in each table cell (engine/units.py's units)
+    terminal.py     the progress bar, rich tables and plotext charts
+    markdown.py     the same tables as Markdown (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import argparse
 import sys
 
 from ..config import ConfigError
-from .experiment import run_bench
+from .experiment import run_bench, write_json
 from .settings import BenchSettings
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
@@ -37,24 +43,35 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
                          backends=a.backends, repeat=a.repeat, warmup=a.warmup,
                          baseline=not a.no_baseline, sweep=a.sweep, sweep_max=a.sweep_max,
                          bandwidth=not a.no_bandwidth, quick=a.quick, block_size=a.block_size,
-                         threads=a.threads, fast=tuple(a.fast))
+                         threads=a.threads, fast=tuple(a.fast),
+                         fast_table=getattr(a, "fast_table", False),
+                         lockstep=getattr(a, "lockstep", False))
 
 
 def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
-    from . import report
+    from . import markdown, terminal
     if getattr(args, "batch", None):
         return cmd_batch_bench(args, loaded)
+    if getattr(args, "startup", False):
+        from .fast_paths import startup
+        try:
+            rows = startup(args.repeat)
+        except (RuntimeError, OSError, ValueError) as exc:   # a run that died: one line
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(markdown.startup_markdown(rows), end="")
+        return 0
     settings = settings_from_args(args)          # a bad flag fails here, before loading
     mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
-    with report.progress(mode) as (tick, set_total):
+    with terminal.progress(mode) as (tick, set_total):
         doc = run_bench(settings, tick, set_total, loaded=loaded)
-    report.render(doc)
+    terminal.render(doc)
     if args.json:
-        report.write_json(doc, args.json)
+        write_json(doc, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(report.markdown(doc))
+            f.write(markdown.markdown(doc))
         print(f"wrote {args.markdown}", file=sys.stderr)
     if doc["interrupted"]:
         return EXIT_INTERRUPTED
@@ -69,23 +86,23 @@ def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
 
 def cmd_batch_bench(args: argparse.Namespace, loaded=None) -> int:
     """`bench --batch SIZES` (engine/bench/batching.py)."""
-    from . import batching, report
+    from . import batching, markdown, terminal
     s = batching.BatchBenchSettings(
         sizes=batching.parse_sizes(args.batch), block_size=args.block_size,
         max_new_tokens=min(args.max_new_tokens, 16) if args.quick else args.max_new_tokens,
         repeat=1 if args.quick else args.repeat, warmup=0 if args.quick else args.warmup,
         backend=(args.backends or ("sdpa",))[0], fast=tuple(args.fast))
     mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
-    with report.progress(mode) as (tick, set_total):
+    with terminal.progress(mode) as (tick, set_total):
         doc = batching.bench_document(s, args.model, args.device, args.dtype, args.threads,
                                       tick, set_total, loaded)
-    report.render_batch(doc)
+    terminal.render_batch(doc)
     if args.json:
-        report.write_json(doc, args.json)
+        write_json(doc, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(report.batch_markdown(doc))
+            f.write(markdown.batch_markdown(doc))
         print(f"wrote {args.markdown}", file=sys.stderr)
     return EXIT_INTERRUPTED if doc["interrupted"] else 0
 

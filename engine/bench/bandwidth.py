@@ -18,40 +18,27 @@ the bytes per step, and splits a real decode step into where its time goes:
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 from ..config import FastPathConfig
 from ..decoding import CachedAttention, forward_step, make_cache
 from ..attention import get_backend
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ..timing import best_of, clock
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, reps: int = 5) -> dict:
     """Best of `reps`: a copy (counts bytes read + written, the STREAM convention) and a sum
-    (bytes read). The buffer is far larger than any CPU cache, so this is main memory."""
+    (bytes read). The buffer is far larger than any CPU cache, so this is main memory.
+    The figures are in GB/s (10^9 bytes a second); the tables write them in GiB/s."""
     n = nbytes // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    copy_t, read_t = [], []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        copy_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        float(src.sum())
-        read_t.append(time.perf_counter() - t0)
-    del src, dst
-    return {"buffer_bytes": n * 4, "copy_gb_s": 2 * n * 4 / min(copy_t) / 1e9,
-            "read_gb_s": n * 4 / min(read_t) / 1e9, "threads": torch.get_num_threads()}
+    dst.copy_(src)                                 # first touch: the pages are mapped here
+    copy_s = best_of(lambda: dst.copy_(src), reps, device)
+    read_s = best_of(lambda: float(src.sum()), reps, device)
+    return {"buffer_bytes": n * 4, "copy_gb_s": 2 * n * 4 / copy_s / 1e9,
+            "read_gb_s": n * 4 / read_s / 1e9, "threads": torch.get_num_threads()}
 
 
 def _linears(model) -> list[torch.Tensor]:
@@ -71,15 +58,12 @@ def matmul_floor(model, reps: int = 5) -> dict:
     device = model.device
     xs = {w.shape[1]: torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=device)
           for w in weights}
-    times = []
-    for _ in range(reps + 1):                      # the first pass warms the caches and kernels
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def all_matmuls() -> None:
         for w in weights:
             F.linear(xs[w.shape[1]], w)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    best = min(times[1:])
+    all_matmuls()                                  # the first pass warms the caches and kernels
+    best = best_of(all_matmuls, reps, device)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     return {"seconds": best, "bytes": nbytes, "gb_s": nbytes / best / 1e9,
             "matrices": len(weights)}
@@ -105,13 +89,11 @@ def profile_decode(lm, backend: str, position: int = 64, steps: int = 8) -> dict
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                                if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock(device)
             for i in range(steps):
                 logits = forward_step(model, tok, position + 1 + i, attn)
                 tok = torch.tensor([[int(logits.argmax())]], device=device)
-            _sync(device)
-            wall = time.perf_counter() - t0
+            wall = clock(device) - t0
     finally:
         cache.free()
     buckets = {"matmul": 0.0, "attention": 0.0, "other ops": 0.0}

@@ -32,6 +32,8 @@ from ..config import ConfigError, FastPathConfig, GenerationConfig
 from ..decoding import run_to_end
 from ..fast import STEPS
 from ..scheduler import SchedulerConfig
+from ..units import format_ms, format_number
+from .runs import summarise
 
 PROMPTS = ("Deep learning is", "The capital of France is", "Once upon a time",
            "def fibonacci(n):", "The three primary colours are", "Water boils at",
@@ -89,12 +91,11 @@ class BatchRow:
     steps: int = 0
 
     def to_dict(self) -> dict:
-        med = lambda xs: statistics.median(xs) if xs else None               # noqa: E731
-        spread = lambda xs: (50 * (max(xs) - min(xs)) / med(xs)              # noqa: E731
-                             if len(xs) > 1 and med(xs) else None)
-        return {"batch": self.batch, "decode_tokens_per_s": med(self.decode_tokens_per_s),
-                "decode_spread_pct": spread(self.decode_tokens_per_s),
-                "tpot_p50_s": med(self.tpot_p50_s), "ttft_p50_s": med(self.ttft_p50_s),
+        decode = summarise(self.decode_tokens_per_s)          # the standard experiment's stats
+        return {"batch": self.batch, "decode_tokens_per_s": decode["median"],
+                "decode_spread_pct": decode["spread_pct"] if decode["n"] > 1 else None,
+                "tpot_p50_s": summarise(self.tpot_p50_s)["median"],
+                "ttft_p50_s": summarise(self.ttft_p50_s)["median"],
                 "identical": self.identical, "requests": self.batch, "steps": self.steps,
                 "samples": list(self.decode_tokens_per_s)}
 
@@ -324,7 +325,8 @@ def throughput_table(model, sizes=(1, 2, 4, 8, 16, 32, 64), backends=("sdpa",),
             try:
                 _, events = run_batch(lm, prompts, cfg, block_size, name)
                 s = events[-1]
-                cells.append(f"{s.decode_tokens_per_s:.0f} tok/s · {s.tpot_p50_s * 1e3:.3g} ms")
+                cells.append(f"{format_number(s.decode_tokens_per_s, '{:.0f}')} tok/s · "
+                             f"{format_ms(s.tpot_p50_s, '{:.3g}')} ms")
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 cells.append("OOM")

@@ -1,6 +1,7 @@
 """One bench run from start to finish, collected into a single JSON-ready dictionary.
 
-Stages: load → copy bandwidth → standard experiment (+ transformers baseline) → bandwidth
+Stages: load → copy bandwidth → standard experiment (+ transformers baseline; with
+--fast-table, kv/sdpa and every fast-path variant) → lockstep steps (optional) → bandwidth
 view → length sweep (optional) → attention curves (optional). Each stage writes into the
 result as it goes; Ctrl+C stops the current stage, marks the result `interrupted`, and
 everything measured so far is still reported.
@@ -8,7 +9,9 @@ everything measured so far is still reported.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import json
 import math
 import platform
 import time
@@ -18,12 +21,14 @@ import torch
 
 from ..loader import load_model
 from . import bandwidth as bw
+from . import fast_paths as fp
 from . import sweep as sw
-from .runs import REFERENCE, StandardResult, build_rows, standard_experiment
+from .attention_curves import attention_curves
+from .runs import BASELINE, REFERENCE, StandardResult, build_rows, standard_experiment
 from .settings import BenchSettings
+from .verdicts import headline, ratio
 
 SCHEMA = "minillm-bench/1"
-BASELINE = "transformers (cache)"
 Tick = Callable[[str], None]
 
 
@@ -73,7 +78,8 @@ def _cpu_count() -> int | None:
 
 def estimate_stages(settings: BenchSettings, n_rows: int, n_sweep: int) -> int:
     """How many ticks the progress bar should expect."""
-    return (settings.warmup + settings.repeat) * n_rows + 1 + 3 * n_sweep + 3
+    return ((settings.warmup + settings.repeat) * n_rows + 1 + 3 * n_sweep + 3
+            + settings.lockstep)
 
 
 def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
@@ -111,6 +117,9 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
         doc["model"] = {"name": lm.name, "source": lm.source,
                         "parameters": lm.model.num_parameters(),
                         "weight_bytes": lm.model.weight_bytes(), "config": lm.config.to_dict()}
+        if s.fast_table and not s.fast:               # every variant this model can run
+            s = dataclasses.replace(s, fast=fp.default_variants(lm.model))
+            doc["settings"] = s.to_dict()
         ids = lm.tokenizer.encode(s.prompt)
         doc["prompt_tokens"], doc["prompt_ids"] = len(ids), ids
         hf = None
@@ -134,6 +143,10 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
                 device, (64 if s.quick else 256) << 20)}
             doc["bandwidth"]["formats"] = bw.format_ceilings(lm, doc["bandwidth"]["machine"])
         standard_experiment(lm, s, result, hf, stage)
+        if s.lockstep:
+            stage("lockstep: every variant one step at a time, in turn")
+            variants = [r.fast for r in result.rows if r.fast and not r.error]
+            doc["lockstep"] = fp.lockstep(lm, variants, s.max_new_tokens, s.prompt)
         if s.bandwidth:
             stage("timing the matmuls alone")
             doc["bandwidth"]["matmul_floor"] = bw.matmul_floor(lm.model)
@@ -164,26 +177,6 @@ def run_bench(settings: BenchSettings, tick: Tick = lambda _: None,
     return doc
 
 
-def attention_curves(device, lm, backends: list[str], quick: bool, tick: Tick):
-    """The attention issue's memory/time curves (engine.attention.measure), at this model's
-    head layout, for the backends of this run; None if that module is not there."""
-    try:
-        from ..attention.measure import measure_backends
-    except ImportError:
-        return None
-    tick("attention memory/time curves")
-    if device.type == "cuda":
-        lengths = (512, 1024, 2048, 4096, 8192)
-    else:
-        lengths = (64, 128, 256) if quick else (128, 256, 512, 1024)
-    cfg = lm.config
-    costs = measure_backends(backends, lengths=lengths, device=device, dtype=lm.model.dtype,
-                             n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim)
-    return [{"backend": c.backend, "phase": c.phase, "length": c.length,
-             "seconds": c.seconds, "peak_bytes": c.peak_bytes, "method": c.method}
-            for c in costs]
-
-
 # ----------------------------------------------------------------------------- serialising
 def finish(doc: dict, duration_s: float, lm=None) -> None:
     """Turn the live objects into plain data, add ratios and the headline."""
@@ -198,9 +191,9 @@ def finish(doc: dict, duration_s: float, lm=None) -> None:
         d["vs_baseline"] = None
         if base is not None and r.samples:
             d["vs_baseline"] = {
-                "decode_tokens_per_s": _ratio(r.median("decode_tokens_per_s"),
+                "decode_tokens_per_s": ratio(r.median("decode_tokens_per_s"),
                                               base.median("decode_tokens_per_s")),
-                "total_speedup": _ratio(base.median("total_s"), r.median("total_s"))}
+                "total_speedup": ratio(base.median("total_s"), r.median("total_s"))}
         out_rows.append(d)
     doc["rows"] = out_rows
     if lm is not None and "machine" in doc.get("bandwidth", {}) and rows:
@@ -213,35 +206,6 @@ def finish(doc: dict, duration_s: float, lm=None) -> None:
     clean = _plain(doc)
     doc.clear()
     doc.update(clean)
-
-
-def headline(doc: dict, rows) -> dict:
-    """The numbers the README quotes, next to the seed's."""
-    by = {r.label: r for r in rows if r.samples}
-    h: dict = {"seed": {"naive_s": 2.5, "kv_s": 1.2, "attention_max_abs_diff": 4.1e-08}}
-    backend = "sdpa" if "kv/sdpa" in by else "naive"
-    naive, kv = by.get(f"naive/{backend}"), by.get(f"kv/{backend}")
-    if naive and kv:
-        h["backend"] = backend
-        h["naive_total_s"], h["kv_total_s"] = naive.median("total_s"), kv.median("total_s")
-        h["kv_speedup_total"] = _ratio(h["naive_total_s"], h["kv_total_s"])
-    diffs = [r.max_abs_logit_diff for r in rows if r.kind == "engine" and r.backend != "naive"
-             and r.fast is None and r.max_abs_logit_diff is not None]
-    h["efficient_attention_max_abs_logit_diff"] = max(diffs) if diffs else None
-    base = by.get(BASELINE)
-    if kv and base:
-        h["kv_decode_tokens_per_s"] = kv.median("decode_tokens_per_s")
-        h["baseline_decode_tokens_per_s"] = base.median("decode_tokens_per_s")
-        h["kv_over_baseline_decode"] = _ratio(h["kv_decode_tokens_per_s"],
-                                              h["baseline_decode_tokens_per_s"])
-        h["kv_and_baseline_identical"] = bool(kv.identical and base.identical)
-    return h
-
-
-def _ratio(a, b):
-    if a is None or b is None or not b or (isinstance(a, float) and math.isnan(a)):
-        return None
-    return a / b
 
 
 def _plain(x):
@@ -259,3 +223,10 @@ def _plain(x):
     if hasattr(x, "item"):
         return _plain(x.item())
     return str(x)
+
+
+def write_json(doc: dict, path: str) -> None:
+    """The result document as strict JSON (no NaN: _plain made every figure a number or null)."""
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2, allow_nan=False)
+        f.write("\n")

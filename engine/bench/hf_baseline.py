@@ -1,38 +1,25 @@
 """The tool people would otherwise use: Hugging Face transformers `generate()`, on the same
 weights (the loaded model's Hugging Face-format folder), dtype and device, in the same process.
 
-Its per-step times come from a logits processor that only notes the clock: `generate()` calls
-the processors once per new token, right after the forward pass, so the gaps between calls are
-the same per-step latencies our engine reports, and `engine.metrics.compute_metrics` turns them
-into TTFT/TPOT/tokens per second with the same definitions as every other row.
+Its per-step times come from engine/timing.py's StepClock, a logits processor that only notes
+the clock: `generate()` calls the processors once per new token, right after the forward pass,
+so the gaps between calls are the same per-step latencies our engine reports, and
+`engine.metrics.compute_metrics` turns them into TTFT/TPOT/tokens per second with the same
+definitions as every other row.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
 from .memory import PeakMemory
 from .runs import Outcome, Sample
 from ..metrics import compute_metrics
+from ..timing import StepClock
 
 
 class BaselineUnavailable(RuntimeError):
     """No transformers, or no Hugging Face-format folder behind the loaded model."""
-
-
-class _Clock:
-    """A logits processor that changes nothing and writes down when each step's logits arrive."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, []
-
-    def __call__(self, input_ids, scores):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter())
-        return scores
 
 
 class HFBaseline:
@@ -62,16 +49,15 @@ class HFBaseline:
         mask = torch.ones_like(x)
 
         def run(keep_logits: bool) -> Outcome:
-            clock = _Clock(self.device)
+            clock = StepClock(self.device)
             with PeakMemory(self.device) as pm, torch.inference_mode():
-                t0 = time.perf_counter()
+                clock.start()
                 out = self.model.generate(
                     x, attention_mask=mask, max_new_tokens=max_new_tokens,
                     min_new_tokens=None, do_sample=False, use_cache=use_cache,
                     logits_processor=self._processors([clock]),
                     return_dict_in_generate=True, output_logits=keep_logits)
-            stamps = [t0] + clock.times
-            latencies = [b - a for a, b in zip(stamps, stamps[1:])]
+            latencies = clock.latencies()
             n_new = out.sequences.shape[1] - len(ids)
             # Its DynamicCache holds K/V for every position but the last generated one.
             kv = self.kv_bytes_per_token * (len(ids) + n_new - 1) if use_cache else 0

@@ -20,6 +20,7 @@ import re
 import torch
 
 from ..metrics import peak_memory_bytes
+from ..timing import sync
 
 
 def _status_kib(field: str) -> int | None:
@@ -43,7 +44,7 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start, self.reset = torch.cuda.memory_allocated(self.device), True
             return self
@@ -58,7 +59,7 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            sync(self.device)
             self.absolute_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
             hwm = _status_kib("VmHWM") if self.reset else None

@@ -17,6 +17,7 @@ included.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,13 +27,14 @@ from ..attention import available_backends, get_backend
 from ..compare import compare as compare_runs
 from ..config import ConfigError, FastPathConfig, GenerationConfig
 from ..decoding import generate
-from ..events import Finished, Token
+from ..events import Finished, Token, run_label
 from ..fast import STEPS
 from ..metrics import RunMetrics
 from .memory import PeakMemory
 from .settings import BenchSettings
 
 REFERENCE = ("naive", "naive")          # strategy, backend: the path everything is compared to
+BASELINE = "transformers (cache)"       # the row every "× HF" ratio divides by
 FIGURES = ("total_s", "ttft_s", "tpot_s", "prefill_s", "decode_tokens_per_s",
            "prefill_tokens_per_s", "peak_memory_bytes", "peak_added_bytes", "kv_bytes")
 
@@ -85,6 +87,7 @@ class Row:
     max_abs_logit_diff: float | None = None
     unstable: bool = False              # a timed run gave other tokens than the warm-up run
     error: str | None = None
+    setup_s: float | None = None        # the first pass's wall time: first-call costs included
 
     def stat(self, figure: str) -> dict:
         return summarise([getattr(s, figure) for s in self.samples])
@@ -97,7 +100,7 @@ class Row:
                 "backend": self.backend, "fast": self.fast, "tokens": list(self.tokens),
                 "identical": self.identical, "first_difference": self.first_difference,
                 "max_abs_logit_diff": self.max_abs_logit_diff, "unstable": self.unstable,
-                "error": self.error, "repetitions": len(self.samples),
+                "error": self.error, "setup_s": self.setup_s, "repetitions": len(self.samples),
                 "figures": {f: self.stat(f) for f in FIGURES},
                 "samples": [{f: getattr(s, f) for f in FIGURES} for s in self.samples]}
 
@@ -180,19 +183,19 @@ class StandardResult:
 def build_rows(lm, settings: BenchSettings, ids: list[int], hf=None) -> list[Row]:
     device = lm.model.device
     backends = pick_backends(settings, device)
-    rows = [Row(label=f"{s}/{b}", kind="engine", strategy=s, backend=b,
+    rows = [Row(label=run_label(s, b), kind="engine", strategy=s, backend=b,
                 runner=engine_runner(lm, ids, settings, s, b))
             for s in settings.strategies for b in backends]
     # Fast-path variants: on the kv cache with the first efficient backend (sdpa if present).
     fb = "sdpa" if "sdpa" in backends else next((b for b in backends if b != "naive"), "naive")
-    rows += [Row(label=f"kv/{fb} +{spec}", kind="engine", strategy="kv", backend=fb, fast=spec,
-                 runner=engine_runner(lm, ids, settings, "kv", fb, spec))
+    rows += [Row(label=run_label("kv", fb, spec), kind="engine", strategy="kv", backend=fb,
+                 fast=spec, runner=engine_runner(lm, ids, settings, "kv", fb, spec))
              for spec in settings.fast]
     if hf is not None:
         # generate() without its cache is the counterpart of the naive strategy: timed only
         # beside it (on a long prompt it recomputes hundreds of tokens per step).
         for use_cache in (True, False) if "naive" in settings.strategies else (True,):
-            label = "transformers (cache)" if use_cache else "transformers (no cache)"
+            label = BASELINE if use_cache else "transformers (no cache)"
             rows.append(Row(label=label, kind="hf", strategy=None, backend=None,
                             runner=hf.runner(ids, settings.max_new_tokens, use_cache)))
     return rows
@@ -219,7 +222,10 @@ def standard_experiment(lm, settings: BenchSettings, result: StandardResult, hf=
             if row.error:
                 continue
             try:
+                t0 = time.perf_counter()
                 out = row.runner(p == 0)
+                if p == 0:                      # preparing weights, building a C step, compiling
+                    row.setup_s = time.perf_counter() - t0
             except (RuntimeError, ValueError) as exc:     # one broken backend, not the bench
                 row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
                 continue

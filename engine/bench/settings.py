@@ -30,8 +30,12 @@ class BenchSettings:
     seed: int = 0                       # for the sweep's random prompts
     threads: int | None = None          # torch CPU threads for the run; None = torch's default
     fast: tuple[str, ...] = ()          # fast-path variants to add as rows, e.g. "fuse+cols"
+    fast_table: bool = False            # only kv/sdpa and its fast-path variants (fast_paths.py)
+    lockstep: bool = False              # … and their steps timed interleaved, one by one
 
     def __post_init__(self) -> None:
+        if self.fast_table:                 # the fast-path table decodes on kv/sdpa only
+            self.strategies, self.backends = ("kv",), ("sdpa",)
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         self.strategies = tuple(self.strategies)
@@ -57,6 +61,8 @@ class BenchSettings:
         self.fast = tuple(self.fast)
         for spec in self.fast:
             FastPathConfig.from_spec(spec)      # a bad name fails here, before anything loads
+        if self.lockstep and not self.fast_table:
+            raise ConfigError("--lockstep times the fast-path table's variants: add --fast-table")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be ≥ 1, got {self.threads}")
         if not self.prompt:

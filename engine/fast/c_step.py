@@ -110,7 +110,6 @@ class CDecoder:
             raise ConfigError(f"--kernel c: {reason}")
         cfg = model.cfg
         self.model, self.cache, self.record_rows = model, cache, record_rows
-        self.compile_seconds = 0.0
         self.rows: np.ndarray | None = None       # (n_layers, n_heads, T) of the last step
         self._keep = []                           # tensors whose addresses the struct holds
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

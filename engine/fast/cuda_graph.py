@@ -20,8 +20,6 @@ tested on the CPU.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .static_step import StaticDecoder
@@ -31,7 +29,6 @@ def capture_decoder(decoder: StaticDecoder, pos: int, warmup: int = 2) -> Static
     """Record the decoder's step as a CUDA graph, with slot `pos` (the next one) as scratch."""
     if decoder.model.device.type != "cuda":
         raise RuntimeError("CUDA graphs need the model on a CUDA device")
-    t0 = time.perf_counter()
     decoder.prime(pos)                        # warm-up and capture write slot `pos`; the first
     run = decoder._run                        # real step overwrites it with the right K/V
     side = torch.cuda.Stream()
@@ -51,5 +48,4 @@ def capture_decoder(decoder: StaticDecoder, pos: int, warmup: int = 2) -> Static
 
     decoder._graph = graph                    # keep the graph (and its memory pool) alive
     decoder._run = replay
-    decoder.capture_seconds = time.perf_counter() - t0
     return decoder

@@ -7,7 +7,7 @@ dot products either way; only the order of the memory reads and of the additions
 results can differ in the last bits, never in the greedy tokens we test).
 
 Which layout is faster is a property of the machine and the BLAS library, not of the model: pick
-it by measurement (`python -m engine.fast.measure --layouts`). On the 2-core AVX2 CPU this project
+it by measurement (`python main.py bench --fast-table --fast cols`). On the 2-core CPU this project
 was measured on, the (in, out) "cols" layout read the LM head (49152 × 576) about twice as fast.
 """
 

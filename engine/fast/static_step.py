@@ -91,7 +91,6 @@ class StaticDecoder:
         model.ensure_rope(self.attend.key_pos.numel())
         self.tokens = torch.zeros(1, 1, dtype=torch.long, device=device)     # (B, T)
         self._run = self._eager
-        self.compile_seconds = 0.0
 
     def _eager(self) -> torch.Tensor:
         return self.model(self.tokens, self.attend.pos, self.attend, last_only=True)[0, -1]

@@ -8,7 +8,9 @@ About 15–30 s with the conversion cache warm; the first run ever also converts
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +27,12 @@ COLS, ROWS = 150, 45
 
 
 class Tmux:
+    count = itertools.count()
+
     def __init__(self) -> None:
-        self.socket = f"minillm-e2e-{os.getpid()}"
+        # A socket of its own per test: the previous test's server may still be exiting on the
+        # last one ("server exited unexpectedly" when a new session asks it).
+        self.socket = f"minillm-e2e-{os.getpid()}-{next(self.count)}"
         self.session = "app"
 
     def cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -62,6 +68,8 @@ class Tmux:
 
     def kill(self) -> None:
         self.cmd("kill-server", check=False)
+        path = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}" / self.socket
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -131,4 +139,26 @@ def test_real_race_shows_lanes_table_and_flash_tiles(tmux):
     Path(os.environ.get("MINILLM_E2E_SCREEN", os.devnull)).write_text(screen)
     # the last forward pass attends over 3 prompt + 5 fed-back tokens = 8 keys: 2 tiles of 4
     assert "2 tiles × 4 keys" in screen and "layer 29 head 0" in screen
+    tmux.keys("q")
+
+
+def test_real_server_view_at_80x24(tmux):
+    """`B` on the embedded model in a real 80×24 terminal: 16 requests through the engine
+    process's batching engine, drawn live, readable, and the app free again at the end."""
+    tmux.cmd("new-session", "-d", "-s", tmux.session, "-x", "80", "-y", "24", "-c", str(ROOT),
+             f"env -u COLUMNS -u LINES {sys.executable} main.py --max-new-tokens 8 "
+             "--truecolor")                        # no 256-colour toast over the lanes
+    tmux.wait(lambda s: "SmolLM2" in s, 120, "the model to load")
+    tmux.keys("B")
+    tmux.wait(lambda s: "running" in s and "KV block pool" in s, 30, "the server view")
+    # Finished, and the lanes drawn with their verdicts (the stats line can come a batch first).
+    screen = tmux.wait(lambda s: "16 done" in s and re.search(r"██ r\d+ +✓", s), 180,
+                       "the batch to finish, its lanes drawn")
+    lines = screen.splitlines()
+    assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
+    assert "contiguous reservations fit" in screen and "paged ran" in screen
+    assert "done: " in screen and "(p50 / p99)" in screen      # the summary's short form
+    assert "16 requests · ↑↓ scroll" in screen, screen
+    tmux.keys("Escape")
+    tmux.wait(lambda s: "Token stream" in s, 10, "the panes again")
     tmux.keys("q")

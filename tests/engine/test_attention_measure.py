@@ -3,10 +3,9 @@ linear for the tiled backends, on the CPU's tensor accounting."""
 
 from __future__ import annotations
 
-import torch
-
 from engine.attention import get_backend
-from engine.attention.measure import format_table, measure_backends, measure_call
+from engine.bench.attention_curves import format_table, measure_backends, measure_call
+from engine.units import format_bytes, format_seconds
 
 SHAPE = dict(n_heads=2, n_kv=1, head_dim=32, repeat=1)
 
@@ -34,4 +33,7 @@ def test_table_has_a_row_per_backend_and_phase():
     table = format_table(costs)
     assert len(costs) == 8
     assert table.count("\n") == 1 + 4 and "T=128" in table and "| flash | decode |" in table
-    assert torch.get_default_dtype() == torch.float32
+    # each cell: time · peak extra memory, in engine/units.py's units
+    naive = next(c for c in costs if (c.backend, c.phase, c.length) == ("naive", "prefill", 128))
+    assert f"{format_seconds(naive.seconds)} · {format_bytes(naive.peak_bytes)}" in table
+    assert "iB" in table and " kB" not in table and " MB" not in table

@@ -13,7 +13,7 @@ import pytest
 
 from cli import batch as batch_cli
 from cli.main import main
-from engine import events as be
+from engine import events as be, workload
 from engine.config import GenerationConfig
 from engine.decoding import run_to_end
 
@@ -30,7 +30,12 @@ def prompts_file(tmp_path):
 
 
 def events_of(stdout: str) -> list:
-    return [be.from_json(json.loads(line)) for line in stdout.splitlines() if line.strip()]
+    """The events of `batch --json`: a recording header first, then envelopes of batch 1."""
+    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    assert lines[0]["type"] == "header" and lines[0]["command"] == "batch"
+    envelopes = [be.Envelope.from_json(d) for d in lines[1:]]
+    assert {e.run for e in envelopes} == {1}
+    return [e.event for e in envelopes]
 
 
 def test_json_events_and_each_request_as_alone(tiny_folder, prompts_file, capsys):
@@ -51,6 +56,22 @@ def test_json_events_and_each_request_as_alone(tiny_folder, prompts_file, capsys
         _, ref = run_to_end(lm.model, lm.tokenizer, e.prompt,
                             GenerationConfig(max_new_tokens=6, attention_rows=False))
         assert done[e.request].tokens == ref.tokens
+
+
+def test_json_output_is_a_recording_replay_reads(tiny_folder, tmp_path, capsys):
+    """`batch --json > FILE` then `replay FILE`: the header, then every envelope, the summary
+    line last; the built-in prompts when no --prompts is given."""
+    from engine.recording import read_recording
+    assert main(["batch", "--model", str(tiny_folder), "--max-new-tokens", "2",
+                 "--block-size", "4", "--json", "--threads", "1"]) == 0
+    path = tmp_path / "batch.jsonl"
+    path.write_text(capsys.readouterr().out)
+    rec = read_recording(str(path))
+    assert rec.notice is None and rec.header["command"] == "batch"
+    assert rec.header["settings"]["batch"]["max_new_tokens"] == 2
+    assert isinstance(rec.envelopes[-1].event, be.BatchSummary)
+    arrived = [e.event for e in rec.envelopes if isinstance(e.event, be.RequestArrived)]
+    assert [a.prompt for a in arrived] == list(batch_cli.BUILTIN_PROMPTS)
 
 
 def test_readable_output_and_summary(tiny_folder, prompts_file, capsys):
@@ -129,7 +150,7 @@ def test_missing_directory_and_oversized_files(tmp_path, capsys, monkeypatch):
         assert message in capsys.readouterr().err
     big = tmp_path / "big.txt"
     big.write_text("prompt\n" * 100)
-    monkeypatch.setattr(batch_cli, "MAX_FILE_BYTES", 64)
+    monkeypatch.setattr(workload, "MAX_FILE_BYTES", 64)
     assert main(["batch", "--prompts", str(big)]) == 2
     assert "split it into smaller files" in capsys.readouterr().err
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from engine.bench import BenchSettings, run_bench
-from engine.bench import report
+from engine.bench import markdown, terminal
+from engine.bench.experiment import _plain, write_json
 from engine.bench.runs import summarise
 from engine.config import FastPathConfig
 from engine.bench.sweep import cumulative_s
@@ -24,6 +25,7 @@ from engine.config import ConfigError, GenerationConfig, ModelConfig
 from engine.decoding import run_to_end
 from engine.fast import STEPS
 from engine.loader import load_model
+from engine.units import format_bytes
 from tests.conftest import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -106,11 +108,20 @@ def test_json_schema(quick_doc):
         assert set(r["vs_baseline"]) == {"decode_tokens_per_s", "total_speedup"}
     base = d["rows"][labels.index("transformers (cache)")]["vs_baseline"]
     assert base["decode_tokens_per_s"] == pytest.approx(1.0)
+    # The headline is computed from the rows: the medians it quotes are those of the rows it
+    # names, and its ratios are theirs.
     h = d["headline"]
-    assert h["seed"] == {"naive_s": 2.5, "kv_s": 1.2, "attention_max_abs_diff": 4.1e-08}
-    for key in ("kv_speedup_total", "kv_over_baseline_decode",
-                "efficient_attention_max_abs_logit_diff"):
-        assert h[key] is not None, key
+    fig = {r["label"]: r["figures"] for r in d["rows"]}
+    assert h["backend"] == "sdpa"
+    assert h["naive_total_s"] == fig["naive/sdpa"]["total_s"]["median"]
+    assert h["kv_total_s"] == fig["kv/sdpa"]["total_s"]["median"]
+    assert h["kv_speedup_total"] == pytest.approx(h["naive_total_s"] / h["kv_total_s"])
+    assert h["kv_over_baseline_decode"] == pytest.approx(
+        fig["kv/sdpa"]["decode_tokens_per_s"]["median"]
+        / fig["transformers (cache)"]["decode_tokens_per_s"]["median"])
+    engine_diffs = [r["max_abs_logit_diff"] for r in d["rows"] if r["kind"] == "engine"
+                    and r["backend"] != "naive" and r["fast"] is None]
+    assert h["efficient_attention_max_abs_logit_diff"] == max(engine_diffs)
     bw = d["bandwidth"]
     assert bw["machine"]["copy_gb_s"] > 0
     assert {r["label"] for r in bw["rows"]} == set(labels)
@@ -124,16 +135,24 @@ def test_json_schema(quick_doc):
     for s in ("naive", "kv", "paged"):
         assert len(sw["step_s"][s]) == len(sw["positions"])
     assert sw["summary"]["longest_position"] == 24
-    curves = d.get("attention_curves")
-    if curves is not None:                       # engine.attention.measure is there
-        assert {c["phase"] for c in curves} == {"prefill", "decode"}
-        assert all(c["seconds"] > 0 and c["peak_bytes"] >= 0 for c in curves)
+    curves = d["attention_curves"]
+    assert {c["phase"] for c in curves} == {"prefill", "decode"}
+    assert {c["backend"] for c in curves} == {r["backend"] for r in d["rows"] if r["backend"]}
+    assert all(c["seconds"] > 0 and c["peak_bytes"] >= 0 for c in curves)
 
 
-def test_json_has_no_nan(quick_doc, tmp_path):
-    """allow_nan=False in the writer: the file is strict JSON any tool can read."""
-    text = json.dumps(quick_doc, allow_nan=False)
-    assert "NaN" not in text
+def test_json_is_strict(tmp_path):
+    """A figure that is not a number (TPOT of one token: nan) is written as null, so the file
+    is strict JSON any tool can read; the writer refuses a nan that slipped through."""
+    doc = _plain({"tpot_s": float("nan"), "rates": (float("inf"), 2.0), "n": 3})
+    assert doc == {"tpot_s": None, "rates": [None, 2.0], "n": 3}
+    write_json(doc, str(tmp_path / "b.json"))
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the file")
+    assert json.loads((tmp_path / "b.json").read_text(), parse_constant=refuse) == doc
+    with pytest.raises(ValueError):
+        write_json({"tpot_s": float("nan")}, str(tmp_path / "c.json"))
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -181,7 +200,7 @@ def test_interrupt_keeps_what_was_measured(hf_folder):
     assert timed == ["naive/naive", "naive/sdpa"]               # the rows before the Ctrl+C
     json.dumps(doc, allow_nan=False)
     buf = io.StringIO()
-    report.render(doc, file=buf)
+    terminal.render(doc, file=buf)
     assert "interrupted" in buf.getvalue() and "naive/sdpa" in buf.getvalue()
 
 
@@ -191,14 +210,14 @@ def test_interrupt_while_loading_still_reports(hf_folder, tmp_path):
         raise KeyboardInterrupt
     doc = run_bench(BenchSettings(model=hf_folder, device="cpu"), tick=tick)
     assert doc["interrupted"] is True and doc["rows"] == []
-    report.write_json(doc, str(tmp_path / "b.json"))
-    report.render(doc, file=io.StringIO())
-    report.markdown(doc)
+    write_json(doc, str(tmp_path / "b.json"))
+    terminal.render(doc, file=io.StringIO())
+    markdown.markdown(doc)
 
 
 def test_render_shows_tables_and_charts(quick_doc):
     buf = io.StringIO()
-    report.render(quick_doc, file=buf)
+    terminal.render(quick_doc, file=buf)
     text = buf.getvalue()
     for part in ("standard experiment", "transformers (cache)", "× HF decode", "bandwidth",
                  "decode step latency vs position", "seed: KV cache took 50 tokens"):
@@ -207,15 +226,48 @@ def test_render_shows_tables_and_charts(quick_doc):
 
 
 def test_markdown_tables(quick_doc):
-    md = report.markdown(quick_doc)
+    md = markdown.markdown(quick_doc)
     assert "| row | total | TTFT |" in md and "| kv/sdpa |" in md
     assert "| position | naive | kv | paged |" in md
+
+
+def test_fast_table(hf_folder, tmp_path):
+    """`bench --fast-table`: kv/sdpa, each variant named by its fast-path words, transformers;
+    every variant compared with the naive reference; the lockstep rates and the Markdown table."""
+    out = tmp_path / "fast.json"
+    code = cli_main(["bench", "--model", hf_folder, "--device", "cpu", "--quick", "--fast-table",
+                     "--fast", "fuse+cols", "--fast", "int8", "--lockstep", "--threads", "1",
+                     "--no-progress", "--json", str(out)])
+    assert code == 0
+    d = json.loads(out.read_text())
+    rows = {r["label"]: r for r in d["rows"]}
+    assert set(rows) == {"kv/sdpa", "kv/sdpa +fuse+cols", "kv/sdpa +int8", "transformers (cache)"}
+    assert rows["kv/sdpa"]["identical"] is True and rows["kv/sdpa +fuse+cols"]["identical"] is True
+    assert all(r["setup_s"] > 0 and r["error"] is None for r in rows.values())
+    assert set(d["lockstep"]) == {"kv/sdpa", "kv/sdpa +fuse+cols", "kv/sdpa +int8"}
+    assert all(v > 0 for v in d["lockstep"].values())
+    md = markdown.markdown(d)
+    table = md[md.index("Fast paths on kv/sdpa"):]
+    for label in rows:
+        assert f"| {label} |" in table, label
+    weights = {r["label"]: r["weight_bytes"] for r in d["bandwidth"]["rows"]}
+    assert weights["kv/sdpa +int8"] < weights["kv/sdpa"]      # int8 reads fewer bytes a step
+    assert format_bytes(weights["kv/sdpa +int8"]) in table
+
+
+def test_startup_table_is_written_in_binary_units():
+    rows = [dict(run="kv/sdpa +c", first_token_s=0.5, first_token_s_all=[0.5, 0.6],
+                 peak_rss_bytes=300 * 2**20, above_runtime_bytes=3 * 2**19,
+                 runtime_rss_bytes=2**30)]
+    text = markdown.startup_markdown(rows)
+    assert "| kv/sdpa +c | 500.0 ms | 500.0 ms, 600.0 ms | 300.0 MiB | 1.5 MiB |" in text
+    assert "1.0 GiB" in text
 
 
 # ----------------------------------------------------------------------------- settings, maths
 @pytest.mark.parametrize("kw", [dict(strategies=("fast",)), dict(repeat=0), dict(warmup=-1),
                                 dict(max_new_tokens=1), dict(dtype="int3"), dict(threads=0),
-                                dict(sweep_max=2), dict(prompt="")])
+                                dict(sweep_max=2), dict(prompt=""), dict(lockstep=True)])
 def test_bad_settings_are_config_errors(kw):
     with pytest.raises(ConfigError):
         BenchSettings(**kw)

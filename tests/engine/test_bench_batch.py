@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from engine.bench import batching, report
 from cli.main import main
+from engine.bench import batching, terminal
 from engine.config import ConfigError
 from tests.conftest import tiny_model
 
@@ -73,7 +73,7 @@ def test_shared_prefix_rows(batch_doc):
 def test_tables_on_the_terminal_and_in_markdown(batch_doc):
     doc, md = batch_doc
     buf = io.StringIO()
-    report.render_batch(doc, file=buf)
+    terminal.render_batch(doc, file=buf)
     text = buf.getvalue()
     for part in ("ontinuous batching", "× batch 1", "× alone", "alone through generate()",
                  "fast path +fuse",
@@ -96,7 +96,7 @@ def test_interrupt_keeps_the_rows_measured(tiny_folder):
     rows = {r["batch"]: r for r in doc["batch"]["rows"]}
     assert rows[1]["samples"] and not rows[2]["samples"]
     json.dumps(doc, allow_nan=False)
-    report.render_batch(doc, file=io.StringIO())
+    terminal.render_batch(doc, file=io.StringIO())
 
 
 @pytest.mark.parametrize("text", ["0,2", "1,x", "", "-4"])

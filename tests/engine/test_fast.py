@@ -210,8 +210,8 @@ def test_cli_flags_map_onto_fast_config():
 
 def test_gpu_decode_table_runs_on_cpu():
     """scripts/gpu_check.py's fast-path table: on the CPU without the CUDA-graph column."""
-    from engine.fast.gpu_timing import decode_table
-    table = decode_table(tiny_model("llama"), lengths=(16,), steps=3)
+    from engine.bench.gpu_tables import fast_path_table
+    table = fast_path_table(tiny_model("llama"), lengths=(16,), steps=3)
     assert "| kv | 16 |" in table and "| paged | 16 |" in table and "graph" not in table
 
 

@@ -30,7 +30,7 @@ from engine.fast import STEPS, decode_bytes, kernels, prepare
 from engine.fast.gguf_file import GGUFFile, GGUFFormatError
 from engine.fast.gguf_weights import GGUFLinear, is_block_model, load_block_model
 from engine.loader import ModelLoadError
-from engine.bench import report
+from engine.bench import markdown
 from engine.model import Transformer
 from tests.conftest import tiny_model
 
@@ -526,7 +526,7 @@ def test_bench_rows_for_gguf(files, tmp_path, monkeypatch):
                           if f["format"].startswith("gguf"))
     per_row = {r["label"]: r for r in doc["bandwidth"]["rows"]}
     assert per_row["kv/sdpa +c+gguf"]["weight_bytes"] == fmt["gguf"]["weight_bytes"]
-    assert "bytes per token" in report.markdown(doc)
+    assert "bytes per token" in markdown.markdown(doc)
 
 
 def test_bench_prompt_file_errors_are_one_line(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 
 from engine import events as be
 from engine.config import GenerationConfig
-from engine.remote import Endpoint, RemoteError, RemoteSource, compare_tokens, stream_events
+from engine.remote import Endpoint, RemoteError, RemoteSource, compare_remote, stream_events
 from engine.requests import RaceRequest, RunRequest
 from tests.serve.conftest import API_KEY, run_tokens, wait_for
 from tests.serve.prom import value
@@ -110,18 +110,42 @@ def test_remote_source_runs_and_compares(server, chat_folder):
         assert {e.run for e in seen} == {5}
         assert isinstance(seen[0].event, be.Started) and seen[0].event.strategy == "remote"
         remote = [e.event for e in seen if isinstance(e.event, be.Token)]
-        tokens, _ = run_tokens(chat_folder, "Once upon", 12)
-        c = compare_tokens(remote, tokens, piece=lambda i: "")
-        assert c.identical and c.first_difference is None
-        other = compare_tokens(remote, tokens[:5] + [(tokens[5] + 1) % 256] + tokens[6:], str)
-        assert other.first_difference == 5
-        by_text = compare_tokens([be.Token(-1, t.text or "?", 0, 0, 0.0) for t in remote],
-                                 tokens, piece=lambda i: "?")
-        assert by_text is not None
+        tokens, text = run_tokens(chat_folder, "Once upon", 12)
+        local = [be.Token(i, t.text, 0, 0, 0.0) for i, t in zip(tokens, remote)]
+        c, how = compare_remote(remote, text, local, text)
+        assert how == "token ids" and c.identical and c.first_difference is None
+        changed = local[:5] + [be.Token((tokens[5] + 1) % 256, "", 0, 0, 0.0)] + local[6:]
+        assert compare_remote(remote, text, changed, text)[0].first_difference == 5
+        no_ids = [be.Token(-1, t.text or "?", 0, 0, 0.0) for t in remote]
+        c, how = compare_remote(no_ids, text, [be.Token(i, "?", 0, 0, 0.0) for i in tokens], "")
+        assert how == "token texts" and c is not None
         src.submit(RaceRequest(9, (RunRequest("x", run_id=10),)))
         assert "one request at a time" in until(be.Failed)[-1].event.message
     finally:
         src.stop()
+
+
+def test_a_race_with_the_server_as_a_contestant(server, chat_folder, monkeypatch):
+    """engine/session.py races our own server beside the local model (the same folder, float64):
+    identical by token ids; without the key the server's 401 is the lane's one line."""
+    from engine.requests import Remote
+    from engine.session import Session
+    session = Session.load(str(chat_folder), "cpu", "float64")
+    cfg = GenerationConfig(max_new_tokens=10)
+    race = RaceRequest(1, (RunRequest("Once upon", cfg, run_id=2),
+                           RunRequest("Once upon", cfg, run_id=3, remote=Remote(server.base))))
+    monkeypatch.setenv("MINILLM_API_KEY", API_KEY)
+    fin = list(session.race(race))[-1].event
+    local, remote = fin.rows
+    assert remote.same_tokens is True and remote.comparison == "token ids"
+    assert remote.tokens == local.tokens and remote.text == local.text
+    assert remote.server_metrics.new_tokens == len(local.tokens)
+    monkeypatch.delenv("MINILLM_API_KEY")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    session.endpoints.clear()             # (the key was read when the endpoint was resolved)
+    fin = list(session.race(race))[-1].event
+    assert fin.rows[1].reason == "error" and "HTTP 401" in fin.rows[1].error
+    assert "\n" not in fin.rows[1].error and fin.rows[0].error is None
 
 
 def test_remote_source_cancel_frees_the_request_on_the_server(server):

@@ -259,9 +259,10 @@ async def test_record_key_writes_a_replayable_file(tmp_path, monkeypatch):
     assert [type(e.event).__name__ for e in rec.envelopes][:3] == ["Ready", "Started", "Prefill"]
 
 
-async def test_events_the_app_does_not_draw_yet_are_passed_over(tmp_path):
-    """A recording may hold event types the app has no pane for yet (a batch's, from the
-    continuous-batching engine): they are skipped, and everything else still plays."""
+async def test_a_batch_after_the_runs_plays_on_the_server_view(tmp_path):
+    """A recording may hold a batch (the continuous-batching engine's events) after its runs:
+    everything before it still plays, and the batch opens the server view on top."""
+    from tui.screens.server import ServerScreen
     import json
     from engine.events import BatchStarted, Envelope
     lines = FIXTURE.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -272,5 +273,7 @@ async def test_events_the_app_does_not_draw_yet_are_passed_over(tmp_path):
     app = replay_app(path, speed=4.0)
     async with drive(app) as (pilot, seen):
         await pilot.press("end")
-        await wait_for(pilot, lambda: isinstance(app.screen, RaceScreen), what="the end")
+        await wait_for(pilot, lambda: isinstance(app.screen, ServerScreen), what="the end")
+        assert any(isinstance(s, RaceScreen) for s in app.screen_stack)
         assert app.source.state.at_end and app.query_one(TokenStream).generated_text
+        assert app.screen.view.started.max_batch == 4 and app.screen.view.batch_id == 0

@@ -39,6 +39,9 @@ the text as it streams, tokens done of max, tok/s and TPOT, and ✓ (same tokens
 contestant so far) or ✗@i (the first token that differs). The contestants run one after another
 — at the same time they would share the cores and each timing would measure the others too.
 It ends in a comparison table (`t` shows it again, `l` switches lanes ↔ token stream).
+Started with `--endpoint URL` (any OpenAI-compatible server: `serve`, vLLM, llama-server), the
+server races last as `remote/HOST:PORT`: its TTFT beside the server's own, its greedy tokens
+compared by the engine; the attention and KV panes cannot show a server's insides.
 **Why it matters:** a faster strategy or kernel is only an optimisation if its tokens match.
 
 ## Fast path
@@ -65,6 +68,19 @@ unforced run: the verdict says from which token it differs and why · `escape` b
 **Why it matters:** sampling settings only reshape one distribution per step — here you see
 them cut it; and a stepped run takes exactly the tokens of an unstepped one.
 
+## Server view
+`B` serves many requests at once — the prompts of `--prompts FILE`, or 16 built-in questions
+behind one shared system prompt — with continuous batching on one paged KV pool, and shows it:
+requests arriving and waiting, the running batch, preemptions as they happen; the block pool
+coloured by request, shared prefix blocks marked ×n (how many sequences hold them), each
+sequence's last block with its unused tail ░; one lane per request (· waiting ▶ running ⏸
+preempted ✓ done) with its TTFT and TPOT; the aggregate tok/s; and how many of these requests
+one contiguous reservation each would have fitted in the same memory. `x` stops the batch,
+`escape` goes back (it goes on; `B` shows it again), `↑` `↓` scroll the lanes.
+**Why it matters:** a server cannot know how long each answer will be; paged blocks hold only
+what was written, and shared prefixes are stored once — so more requests fit, and decoding B
+of them per weight read is where a server's throughput comes from.
+
 ## Latency
 Milliseconds per token against position, this run over the previous ones; TTFT, TPOT, tokens/s
 and peak memory. **Why it matters:** `naive` recomputes the whole sequence each step, so its line
@@ -79,7 +95,7 @@ that changes the output is a bug, not a speed-up.
 `/` edit the prompt (`enter` runs it, `escape` leaves it) · `enter` run · `x` stop ·
 `s` / `b` / `f` cycle strategy / backend / fast path · `o` sampling settings ·
 `R` race (the same prompt through every strategy/backend) · `t` last race table ·
-`n` step mode (one token at a time) ·
+`n` step mode (one token at a time) · `B` server view (many requests at once) ·
 `l` race lanes ↔ token stream · `r` record to a file (again: stop) · `S` screenshot (SVG) ·
 `T` theme · `C` colour depth (truecolor/256/16) · `ctrl+p` commands · `?` this help · `q` quit.
 

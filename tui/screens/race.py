@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -12,17 +11,11 @@ from textual.widgets import DataTable, Static
 
 from engine.config import ConfigError, FastPathConfig
 from engine.events import RaceFinished, RaceRow
+from engine.requests import REMOTE
+from engine.units import format_bytes, format_ms, format_number
 
-from ..widgets.kv_cache import human_bytes
+from ..remote import row_note
 from ..widgets.latency import finish_text
-
-
-def _ms(x: float) -> str:
-    return "—" if x is None or math.isnan(x) else f"{x * 1e3:.1f}"
-
-
-def _num(x: float) -> str:
-    return "—" if x is None or math.isnan(x) else f"{x:.1f}"
 
 
 def lossy(row: RaceRow) -> bool:
@@ -33,6 +26,12 @@ def lossy(row: RaceRow) -> bool:
         return False
 
 
+def remote(row: RaceRow) -> bool:
+    """A contestant that ran on a server (--endpoint): its model, dtype and kernels are the
+    server's, so a difference says something about the server, not about an optimisation."""
+    return row.strategy == REMOTE
+
+
 def compared(race: RaceFinished) -> list[RaceRow]:
     return [r for r in race.rows if r.same_tokens is not None]
 
@@ -40,7 +39,7 @@ def compared(race: RaceFinished) -> list[RaceRow]:
 def exact_agree(race: RaceFinished) -> bool | None:
     """Did every exact contestant produce the reference's tokens? (Lossy ones may differ.)
     None when nothing was compared."""
-    rows = [r for r in compared(race) if not lossy(r)]
+    rows = [r for r in compared(race) if not lossy(r) and not remote(r)]
     return all(r.same_tokens for r in rows) if rows else None
 
 
@@ -56,11 +55,16 @@ def verdict(race: RaceFinished) -> str:
     stopped = [r for r in rows if r.reason == "cancelled"]
     partial = "".join(f"; {r.label} stopped, compared on its {len(r.tokens)} tokens"
                       for r in stopped)
-    differ = [r for r in rows if not r.same_tokens]
+    servers = "".join(f"; {r.label} {r.difference} (the server's own model, dtype and "
+                      f"kernels)" for r in rows if remote(r) and not r.same_tokens)
+    partial += servers
+    differ = [r for r in rows if not r.same_tokens and not remote(r)]
     forks = [r for r in differ if r.forced is not None]   # a forced token: says where and why
     unexpected = [r for r in differ if not lossy(r) and r.forced is None]
-    if not differ:
+    if not differ and not servers:
         return f"✓ all {len(rows) + 1} contestants that ran produced identical tokens{partial}{d}"
+    if not differ:
+        return f"✓ every local contestant produced identical tokens{partial}{d}"
     if not unexpected:
         where = ", ".join(f"{r.label} {r.difference}" for r in differ)
         kind = "the forks and lossy ones" if forks else "the lossy ones"
@@ -116,10 +120,12 @@ class RaceScreen(ModalScreen[None]):
                     f"are not in its TTFT · " if self.warmup else "")
             yield Static(f"{warm}× vs naive: decode tok/s over naive/sdpa's · ≈ expected: a "
                          f"lossy fast path (fewer bits per weight) · engine process peak "
-                         f"memory {human_bytes(peak)}, a high-water mark over the session, "
+                         f"memory {format_bytes(peak)}, a high-water mark over the session, "
                          f"not per contestant", classes="note")
             agree = exact_agree(race)
             classes = "" if agree is None else ("-same" if agree else "-differ")
+            for row in filter(remote, race.rows):
+                yield Static(row_note(row), classes="note remote")
             yield Static(verdict(race), id="verdict", classes=classes)
 
     def on_mount(self) -> None:
@@ -136,7 +142,8 @@ class RaceScreen(ModalScreen[None]):
             delta = "—" if r.max_logit_delta is None else f"{r.max_logit_delta:.2e}"
             backend = r.backend + (f" +{r.fast}" if r.fast else "")
             result = r.error if not r.error or len(r.error) <= 30 else r.error[:29] + "…"
-            table.add_row(r.strategy, backend, result or finish_text(r.reason), _ms(r.ttft_s),
-                          _ms(r.tpot_s), _num(r.tokens_per_s), speedup,
-                          human_bytes(r.kv_bytes), same_cell(r, reference), delta)
+            table.add_row(r.strategy, backend, result or finish_text(r.reason),
+                          format_ms(r.ttft_s), format_ms(r.tpot_s), format_number(r.tokens_per_s),
+                          speedup, "—" if remote(r) else format_bytes(r.kv_bytes),
+                          same_cell(r, reference), delta)
         table.focus()

@@ -12,6 +12,7 @@ from textual.widget import Widget
 from engine.events import AttentionRow, FlashTiles, Prefill, Started, Token
 from themes import ramps
 
+from ..remote import not_exposed, remote_server
 from . import flash_view
 
 KEEP_ROWS = 160
@@ -87,6 +88,7 @@ class AttentionPane(Widget, can_focus=True):
         self.flash_frame = 0                         # tile being consumed; n_tiles: all done
         self.n_layers, self.n_heads = 1, 1
         self._flash_timer = None
+        self.remote = ""                             # the server a followed run streams from
 
     def on_mount(self) -> None:
         self._flash_timer = self.set_interval(1 / FLASH_FPS, self._flash_tick, pause=True)
@@ -98,7 +100,7 @@ class AttentionPane(Widget, can_focus=True):
         for ev in events:
             if isinstance(ev, Started):
                 self.clear()
-                rows = []
+                rows, self.remote = [], remote_server(ev)
             elif isinstance(ev, Prefill):
                 self.pieces = list(ev.prompt_pieces)
             elif isinstance(ev, Token):
@@ -122,6 +124,7 @@ class AttentionPane(Widget, can_focus=True):
         if self.flash is not None:
             self.call_later(self.refresh_bindings)
         self.rows, self.pieces, self.flash, self.flash_frame = {}, [], None, 0
+        self.remote = ""
         if self._flash_timer is not None:
             self._flash_timer.pause()
         self.refresh()
@@ -179,6 +182,8 @@ class AttentionPane(Widget, can_focus=True):
 
     def render(self) -> Text:
         muted = self.get_component_rich_style("attention--label")
+        if self.remote:
+            return Text(not_exposed(self.remote, "attention (nor flash tiles)"), muted)
         if not self.rows:
             return Text("no attention rows yet — run a prompt; then [ ] layer, { } head, "
                         "m row/matrix (keys work while this pane has the focus: Tab)", muted)

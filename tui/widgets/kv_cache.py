@@ -8,16 +8,11 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from engine.events import CacheSnapshot, CacheStats, Started
+from engine.units import format_bytes
+
+from ..remote import not_exposed, remote_server
 
 SEQ_COLOURS = 6      # sequences in a shared pool cycle through this many theme colours
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 class KVCachePane(Widget, can_focus=True):
@@ -50,6 +45,8 @@ class KVCachePane(Widget, can_focus=True):
     """The newest snapshot of the cache (None: no run yet)."""
     recomputed_total: reactive[int] = reactive(0)
     """naive: positions pushed through the model over every step of the run so far."""
+    remote: reactive[str] = reactive("")
+    """The server the followed run streams from ("" for a local run): no cache to show."""
 
     def feed(self, events) -> None:
         """A batch of one run's events: only the newest snapshot is drawn, but naive's
@@ -58,7 +55,7 @@ class KVCachePane(Widget, can_focus=True):
         for ev in events:
             if isinstance(ev, Started):
                 snapshot, recomputed = None, 0
-                self.stats = None
+                self.stats, self.remote = None, remote_server(ev)
             elif isinstance(ev, CacheSnapshot):
                 snapshot = ev.stats
                 if snapshot.kind == "none":
@@ -69,12 +66,14 @@ class KVCachePane(Widget, can_focus=True):
 
     def clear(self) -> None:
         """No run drawn (a replay starting over)."""
-        self.stats, self.recomputed_total = None, 0
+        self.stats, self.recomputed_total, self.remote = None, 0, ""
 
     # ------------------------------------------------------------------ drawing
     def render(self) -> Text:
         s = self.stats
         label = self.get_component_rich_style("kv--label")
+        if self.remote:
+            return Text(not_exposed(self.remote, "KV cache"), label)
         if s is None:
             return Text("no run yet — the cache appears here as it fills", label)
         width = max(self.size.width - 2, 10)
@@ -91,12 +90,12 @@ class KVCachePane(Widget, can_focus=True):
         else:
             self._render_naive(out, s, label)
             return out
-        out.append(f"used {human_bytes(s.bytes_used)} of {human_bytes(s.bytes_reserved)} "
+        out.append(f"used {format_bytes(s.bytes_used)} of {format_bytes(s.bytes_reserved)} "
                    f"reserved\n")
         out.append(self._per_token(s) + "\n", label)
         if s.bytes_without_gqa > s.bytes_reserved:
             ratio = s.bytes_without_gqa / max(s.bytes_reserved, 1)
-            out.append(f"GQA saves {human_bytes(s.bytes_without_gqa - s.bytes_reserved)} "
+            out.append(f"GQA saves {format_bytes(s.bytes_without_gqa - s.bytes_reserved)} "
                        f"({ratio:.0f}× fewer K/V heads than query heads)",
                        self.get_component_rich_style("kv--good"))
         else:
@@ -106,15 +105,15 @@ class KVCachePane(Widget, can_focus=True):
     @staticmethod
     def _per_token(s: CacheStats) -> str:
         per_layer = s.bytes_per_token / max(s.n_layers, 1)
-        return (f"per token: {human_bytes(s.bytes_per_token)} = K and V in {s.n_layers} layers "
-                f"× {human_bytes(per_layer)}")
+        return (f"per token: {format_bytes(s.bytes_per_token)} = K and V in {s.n_layers} layers "
+                f"× {format_bytes(per_layer)}")
 
     def _render_naive(self, out: Text, s: CacheStats, label: Style) -> None:
         out.append("naive · nothing is cached\n", self.get_component_rich_style("kv--bad"))
         out.append(f"this step recomputed K/V for {s.recomputed_tokens} positions; "
                    f"{self.recomputed_total} so far (a cache would have computed each once)\n",
                    label)
-        out.append(f"a KV cache would hold {human_bytes(s.bytes_per_token * s.recomputed_tokens)}"
+        out.append(f"a KV cache would hold {format_bytes(s.bytes_per_token * s.recomputed_tokens)}"
                    f" here\n", label)
         out.append(self._per_token(s), label)
 

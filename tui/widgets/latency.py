@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from rich.style import Style
@@ -15,9 +14,13 @@ from textual.reactive import reactive
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
+from engine.metrics import tpot_s
 from engine.events import Finished, Started, Token, run_label
+from engine.remote import server_figures
+from engine.units import format_bytes, format_ms, format_number
 
-from .kv_cache import human_bytes
+from ..remote import remote_label
+
 
 KEEP_SERIES = 10     # a race of every strategy, backend and fast path still fits
 CHART_HZ = 4         # chart redraws a second at most
@@ -31,11 +34,8 @@ FINISH_REASONS = {
 
 
 def fmt_ms(seconds: float | None) -> str:
-    return "—" if seconds is None or math.isnan(seconds) else f"{seconds * 1e3:.0f} ms"
-
-
-def fmt_num(x: float | None) -> str:
-    return "—" if x is None or math.isnan(x) else f"{x:.1f}"
+    """Whole milliseconds, as the pane's one-line summary has room for (engine/units.py)."""
+    return format_ms(seconds, "{:.0f} ms")
 
 
 def finish_text(reason: str) -> str:
@@ -107,7 +107,8 @@ class LatencyPane(Vertical, can_focus=True):
                 self._finish(ev)
         if self.series and not isinstance(events[-1], Finished):
             s = self.series[-1]
-            tpot = sum(s.ys) / len(s.ys) / 1e3 if s.ys else math.nan
+            # ys hold the gaps after the first token (ms); TPOT as engine/metrics.py has it
+            tpot = tpot_s([self._ttft or 0.0, *(y / 1e3 for y in s.ys)])
             self.metrics = (f"running {s.label} · {len(s.xs) + (self._ttft is not None)} tokens "
                             f"· TTFT {fmt_ms(self._ttft)} · TPOT so far {fmt_ms(tpot)}")
 
@@ -122,10 +123,12 @@ class LatencyPane(Vertical, can_focus=True):
         if m is None:
             self.metrics = f"{finish_text(ev.reason)}: {ev.error or ''}".rstrip(": ")
             return
+        remote = bool(self.series) and remote_label(self.series[-1].label)
+        where = (server_figures(ev.server_metrics, ev.server_timings) or "no server figures"
+                 if remote else f"process peak {format_bytes(m.peak_memory_bytes)}")
         self.metrics = (f"TTFT {fmt_ms(m.ttft_s)} · TPOT {fmt_ms(m.tpot_s)} · "
-                        f"{fmt_num(m.decode_tokens_per_s)} tok/s · {m.new_tokens} tokens, "
-                        f"{finish_text(ev.reason)} · process peak "
-                        f"{human_bytes(m.peak_memory_bytes)}")
+                        f"{format_number(m.decode_tokens_per_s)} tok/s · {m.new_tokens} tokens, "
+                        f"{finish_text(ev.reason)} · {where}")
 
     def clear(self) -> None:
         """No runs drawn (a replay starting over)."""

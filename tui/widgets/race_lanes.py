@@ -16,7 +16,12 @@ from textual.widget import Widget
 
 from engine.compare import first_difference
 from engine.config import ConfigError, FastPathConfig
+from engine import metrics
 from engine.events import Finished, Started, Token
+from engine.remote import server_figures
+from engine.units import format_ms, format_number
+
+from ..remote import remote_label
 
 BAR_MIN, BAR_MAX = 6, 24
 
@@ -37,16 +42,17 @@ class Lane:
     tokens_per_s: float = math.nan
     error: str | None = None
     same_tokens: bool | None = None                  # the engine's verdict, once the race ends
+    remote: bool = False                             # a server's run (--endpoint)
+    first_difference: int | None = None              # the engine's, once the race ends
+    server: str = ""                                 # the server's own figures, in words
+    server_ttft_s: float | None = None               # the server's own TTFT, if it says
 
     def live_numbers(self) -> None:
-        """TTFT, TPOT and tok/s from the token latencies so far (the first carries the prefill,
-        so TPOT averages the others, as engine.metrics does)."""
-        if self.latencies:
-            self.ttft_s = self.latencies[0]
-        if len(self.latencies) > 1:
-            rest = self.latencies[1:]
-            self.tpot_s = sum(rest) / len(rest)
-            self.tokens_per_s = 1 / self.tpot_s if self.tpot_s > 0 else math.nan
+        """TTFT, TPOT and tok/s from the token latencies so far, as engine/metrics.py defines
+        them (the first token carries the prefill, so TPOT averages the others)."""
+        self.ttft_s = metrics.ttft_s(self.latencies)
+        self.tpot_s = metrics.tpot_s(self.latencies)
+        self.tokens_per_s = metrics.decode_tokens_per_s(self.tpot_s)
 
 
 def lossy_label(label: str) -> bool:
@@ -57,8 +63,10 @@ def lossy_label(label: str) -> bool:
         return False
 
 
-def _fmt(x: float, spec: str) -> str:
-    return "—" if x is None or math.isnan(x) else format(x, spec)
+def _clip(text: str, cells: int) -> str:
+    """`text` on one line of at most `cells` cells, with … where it was cut."""
+    text = " ".join(text.split())
+    return text if cell_len(text) <= cells else text[:max(cells - 1, 0)] + "…"
 
 
 class RaceLanes(Widget, can_focus=True):
@@ -112,8 +120,8 @@ class RaceLanes(Widget, can_focus=True):
         """A new race: one waiting lane per (run_id, label), in running order; `warmup`:
         tokens each ran untimed before its timed run."""
         self.warmup = warmup
-        self.lanes = [Lane(run_id, label, max_tokens, lossy_label(label))
-                      for run_id, label in contestants]
+        self.lanes = [Lane(run_id, label, max_tokens, lossy_label(label),
+                           remote=remote_label(label)) for run_id, label in contestants]
         self.prompt, self.finished, self.cancelled = prompt, False, False
         self.refresh()
 
@@ -151,6 +159,9 @@ class RaceLanes(Widget, can_focus=True):
             lane.state, lane.error = "error", ev.error or "error"
             return
         lane.state = "stopped" if ev.reason == "cancelled" else "done"
+        lane.server = server_figures(ev.server_metrics, ev.server_timings)
+        if ev.server_metrics is not None:
+            lane.server_ttft_s = ev.server_metrics.ttft_s
         m = ev.metrics
         if m is not None:             # the engine's own numbers replace the running estimate
             lane.ttft_s, lane.tpot_s, lane.tokens_per_s = m.ttft_s, m.tpot_s, m.decode_tokens_per_s
@@ -166,7 +177,7 @@ class RaceLanes(Widget, can_focus=True):
         never started were skipped by a stop."""
         self.finished, self.cancelled = True, race.cancelled
         for lane, row in zip(self.lanes, race.rows):
-            lane.same_tokens = row.same_tokens
+            lane.same_tokens, lane.first_difference = row.same_tokens, row.first_difference
             if row.error and lane.state != "error":
                 lane.state, lane.error = "error", row.error
         for lane in self.lanes:
@@ -179,9 +190,9 @@ class RaceLanes(Widget, can_focus=True):
     @property
     def reference(self) -> Lane | None:
         """The lane the others are compared with: the first that ran without an error (as the
-        engine's race comparison does)."""
-        return next((lane for lane in self.lanes
-                     if lane.state in ("running", "done") and lane.error is None), None)
+        engine's race comparison does; never a remote one)."""
+        return next((lane for lane in self.lanes if lane.state in ("running", "done")
+                     and lane.error is None and not lane.remote), None)
 
     def difference(self, lane: Lane) -> int | None | str:
         """'ref' for the reference, None while waiting or identical so far, else the first
@@ -191,6 +202,8 @@ class RaceLanes(Widget, can_focus=True):
             return None
         if lane is ref:
             return "ref"
+        if lane.remote and (self.finished or min(lane.ids, default=0) < 0):
+            return lane.first_difference        # the engine's verdict (no ids: only that)
         return first_difference(lane.ids, ref.ids, done=lane.state == "done",
                                 reference_done=ref.state == "done")
 
@@ -239,6 +252,10 @@ class RaceLanes(Widget, can_focus=True):
             return "ref", style("lanes--name")
         if self.reference is None:               # nothing ran to the end to compare with
             return "—", style("lanes--label")
+        if lane.remote and self.finished and lane.same_tokens is None:
+            return "—", style("lanes--label")        # not compared (the table says why)
+        if lane.remote and diff is None and min(lane.ids, default=-1) < 0:
+            return "…", style("lanes--label")        # no ids: compared by the engine at the end
         if diff is None:
             return "✓", style("lanes--same")
         if lane.lossy:
@@ -251,11 +268,15 @@ class RaceLanes(Widget, can_focus=True):
         out.append("━" * filled, self.get_component_rich_style("lanes--bar-done"))
         out.append("─" * (width - filled), self.get_component_rich_style("lanes--bar-todo"))
 
-    def _numbers(self, lane: Lane, wide: bool) -> str:
+    def _numbers(self, lane: Lane, wide: bool, ttft: bool = False) -> str:
         count = f"{len(lane.ids):>{len(str(lane.max_tokens))}}/{lane.max_tokens}"
-        text = f" {count} {_fmt(lane.tokens_per_s, '6.1f')} tok/s"
+        text = f" {count} {format_number(lane.tokens_per_s, '{:6.1f}')} tok/s"
         if wide:
-            text += f" · TPOT {_fmt(lane.tpot_s * 1e3, '5.1f')} ms"
+            text += f" · TPOT {format_ms(lane.tpot_s, '{:5.1f}')} ms"
+        if ttft:                                 # a remote lane: the network is in its TTFT
+            text += f" · TTFT {format_ms(lane.ttft_s, '{:.0f}')} ms"
+            if lane.server_ttft_s is not None:
+                text += f" (server {format_ms(lane.server_ttft_s, '{:.0f}')})"
         return text
 
     def _append_name(self, out: Text, lane: Lane, label_width: int) -> None:
@@ -271,11 +292,13 @@ class RaceLanes(Widget, can_focus=True):
     def _render_header(self, out: Text, lane: Lane, width: int) -> None:
         label_width = self._label_width()
         fixed = 6 + label_width + 1
-        numbers = self._numbers(lane, wide=True)
         state = {"waiting": " waiting", "stopped": " stopped", "skipped": " not run",
                  "error": ""}.get(lane.state, "")
-        if fixed + BAR_MIN + cell_len(numbers + state) > width:
-            numbers = self._numbers(lane, wide=False)
+        # the most that fits: (a remote lane's TTFT,) TPOT, then the count and tok/s only
+        for wide, ttft in ((True, True), (False, True), (True, False), (False, False)):
+            numbers = self._numbers(lane, wide, ttft and lane.remote)
+            if fixed + BAR_MIN + cell_len(numbers + state) <= width:
+                break
         bar = max(min(width - fixed - cell_len(numbers + state), BAR_MAX), BAR_MIN)
         self._append_name(out, lane, label_width)
         self._bar(out, lane, bar)
@@ -291,7 +314,9 @@ class RaceLanes(Widget, can_focus=True):
         numbers = self._numbers(lane, wide=False) + " │ "
         out.append(numbers, self.get_component_rich_style("lanes--label"))
         room = width - (6 + label_width + 1 + BAR_MIN + cell_len(numbers))
-        if room > 4:
+        if room > 4 and lane.error:
+            out.append(_clip(lane.error, room), self.get_component_rich_style("lanes--differ"))
+        elif room > 4:
             self._append_tail(out, lane, room)
         out.append("\n")
 
@@ -301,8 +326,14 @@ class RaceLanes(Widget, can_focus=True):
         room = max(width - indent, 8)
         tail = Text()
         self._append_tail(tail, lane, room * lines)
-        if lane.error:
-            tail = Text(lane.error, self.get_component_rich_style("lanes--differ"))
+        if lane.error:                       # one line; the race table has it in full
+            tail = Text(_clip(lane.error, room), self.get_component_rich_style("lanes--differ"))
+        elif lane.server and lines > 1:      # a remote lane: the server's figures first
+            text_tail = Text()
+            self._append_tail(text_tail, lane, room * (lines - 1))
+            tail = Text(_clip(lane.server, room).ljust(room),
+                        self.get_component_rich_style("lanes--label"))
+            tail.append_text(text_tail)
         n = len(tail.plain)
         rows = tail.divide(range(room, n, room)) if n else []
         rows = rows[-lines:]

@@ -11,7 +11,7 @@ from ..settings import sampling_text
 
 class StatusBar(Widget):
     """One line: [replay position │] [● rec] [sharing │] model · device · dtype │
-    strategy/backend +fast path │ sampling │ identical-tokens badge.
+    strategy/backend +fast path [· races remote/host:port] │ sampling │ identical-tokens badge.
 
     When the line does not fit, the least useful parts go first (device and dtype, then the
     model's name, then the sampling); the strategy and the badge always stay, the badge in
@@ -39,6 +39,8 @@ class StatusBar(Widget):
     fast: reactive[str] = reactive("")
     """Fast-path options of the next run ("c+int8"); empty for the plain model."""
     sampling: reactive[str] = reactive("greedy")
+    remote: reactive[str] = reactive("")
+    """The server that joins each race (--endpoint), as its lane is named; "" for none."""
     identical: reactive[bool | None] = reactive(None)
     """Did the last compared runs produce identical tokens? None: nothing compared yet."""
     delta: reactive[float | None] = reactive(None)
@@ -54,6 +56,7 @@ class StatusBar(Widget):
         """The next run's settings (tui/settings.py's Settings)."""
         self.strategy, self.backend, self.fast = settings.strategy, settings.backend, settings.fast
         self.sampling = sampling_text(settings.sampling, settings.max_new_tokens)
+        self.remote = settings.remote_label
 
     def show_model(self, ready) -> None:
         """The loaded model (engine.events.Ready)."""
@@ -92,6 +95,8 @@ class StatusBar(Widget):
         if self.fast:
             t.append(" +")
             t.append(self.fast, key)
+        if self.remote and level < 4:
+            t.append(f" · races {self.remote}", muted)
         if level < 3:
             t.append(f" │ {self.sampling}")
         t.append(" │ ")

@@ -1,4 +1,5 @@
-"""How much memory and time one attention call costs, per backend and sequence length.
+"""The attention curves stage: how much memory and time one attention call costs, per backend
+and sequence length (`bench --sweep` draws them; scripts/gpu_check.py tables them).
 
 This is the experiment behind the O(T²)-versus-O(T) story: `naive` materialises a (Tq × Tk)
 score matrix per head, so a prefill of T tokens needs memory growing as T²; `sdpa`, `flash` and
@@ -8,7 +9,7 @@ What is measured, for one call `backend.attend(q, k, v, q_offset)` on random inp
 
     seconds      the median of `repeat` calls after one warm-up call. On CUDA, timed with CUDA
                  events around the call (the GPU's own clock: kernel launches are asynchronous);
-                 on the CPU with time.perf_counter.
+                 on the CPU with engine/timing.py's median_of.
     peak_bytes   the peak of memory allocated *during* the call above what was allocated before
                  it (the inputs are not counted; the output is). On CUDA: torch.cuda
                  max_memory_allocated after reset_peak_memory_stats, minus memory_allocated
@@ -26,14 +27,15 @@ head dim 64).
 from __future__ import annotations
 
 import statistics
-import time
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import available_backends, get_backend
+from ..attention import available_backends, get_backend
+from ..timing import median_of, sync
+from ..units import format_bytes, format_seconds
 
 LENGTHS = (128, 256, 512, 1024, 2048, 4096, 8192)
 CPU_MAX_LENGTH = 2048          # naive prefill at 2048 already holds ~0.5 GB of scores
@@ -97,9 +99,9 @@ def measure_call(backend, phase: str, length: int, n_heads: int = 9, n_kv: int =
     device = torch.device(device)
     q, k, v, q_offset = _inputs(phase, length, n_heads, n_kv, head_dim, dtype, device)
     backend.attend(q, k, v, q_offset)                 # warm-up: compilation, caches, autotune
-    times = []
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        times = []
+        sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(repeat):
@@ -110,18 +112,14 @@ def measure_call(backend, phase: str, length: int, n_heads: int = 9, n_kv: int =
             end.synchronize()
             times.append(start.elapsed_time(end) / 1000)
         peak = torch.cuda.max_memory_allocated(device) - before
-        method = "cuda"
+        seconds, method = statistics.median(times), "cuda"
     else:
         with _TensorAccounting() as acct:
             out = backend.attend(q, k, v, q_offset)
             del out
         peak = acct.peak
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            backend.attend(q, k, v, q_offset)
-            times.append(time.perf_counter() - t0)
-        method = "cpu"
-    return AttentionCost(backend.name, phase, length, statistics.median(times), int(peak), method)
+        seconds, method = median_of(lambda: backend.attend(q, k, v, q_offset), repeat), "cpu"
+    return AttentionCost(backend.name, phase, length, seconds, int(peak), method)
 
 
 def measure_backends(backends: list[str] | None = None, lengths=LENGTHS,
@@ -156,14 +154,25 @@ def format_table(costs: list[AttentionCost]) -> str:
             if not cells:
                 continue
             rows.append(f"| {name} | {phase} | " + " | ".join(
-                f"{_ms(cells[n].seconds)} · {_mib(cells[n].peak_bytes)}" if n in cells else "—"
+                f"{format_seconds(cells[n].seconds)} · {format_bytes(cells[n].peak_bytes)}"
+                if n in cells else "—"
                 for n in lengths) + " |")
     return "\n".join(rows)
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.3g} ms"
 
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.3g} MiB"
+def attention_curves(device, lm, backends: list[str], quick: bool,
+                     tick=lambda _: None) -> list[dict]:
+    """The bench's stage: these curves at the loaded model's head layout, for the backends of
+    this run, as JSON-ready dictionaries."""
+    tick("attention memory/time curves")
+    if device.type == "cuda":
+        lengths = (512, 1024, 2048, 4096, 8192)
+    else:
+        lengths = (64, 128, 256) if quick else (128, 256, 512, 1024)
+    cfg = lm.config
+    costs = measure_backends(backends, lengths=lengths, device=device, dtype=lm.model.dtype,
+                             n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim)
+    return [{"backend": c.backend, "phase": c.phase, "length": c.length,
+             "seconds": c.seconds, "peak_bytes": c.peak_bytes, "method": c.method}
+            for c in costs]
