@@ -1,4 +1,4 @@
-"""`python main.py bench`: the seed's experiment for every strategy × backend, the Hugging Face
+"""`python main.py bench`: the first version's experiment for every strategy × backend, the Hugging Face
 baseline in the same run, a length sweep and a bandwidth view. See docs/benchmarks.md.
 
     settings.py     the flags as a validated dataclass

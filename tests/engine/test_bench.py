@@ -220,7 +220,7 @@ def test_render_shows_tables_and_charts(quick_doc):
     terminal.render(quick_doc, file=buf)
     text = buf.getvalue()
     for part in ("standard experiment", "transformers (cache)", "× HF decode", "bandwidth",
-                 "decode step latency vs position", "seed: KV cache took 50 tokens"):
+                 "decode step latency vs position", "first version: KV cache took 50 tokens"):
         assert part in text, part
     assert "\x1b[" not in text                                  # no colour codes into a file
 
