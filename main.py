@@ -9,7 +9,7 @@ import sys
 
 if __name__ == "__main__":
     try:
-        from engine.cli import main      # imports torch: Ctrl+C may land in here
+        from cli.main import main        # a command may import torch: Ctrl+C may land here
         code = main()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

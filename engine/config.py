@@ -16,7 +16,6 @@ from typing import Any
 FAMILIES = ("llama", "qwen2", "gpt2")
 STRATEGIES = ("naive", "kv", "paged")
 DTYPES = ("float32", "bfloat16", "float16", "float64")   # float64: exactness checks (tests)
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):

@@ -92,8 +92,12 @@ class Session:
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "float32",
              progress: Callable[[str, float], None] | None = None, weights: str = "same",
              **kw) -> "Session":
-        """weights="gguf": a GGUF's matrices kept in its own blocks (`run --weights gguf`)."""
-        return cls(load_model(model, device, dtype, progress=progress, weights=weights), **kw)
+        """weights="gguf": a GGUF's matrices kept in its own blocks (`run --weights gguf`) —
+        the fast path's own loader, so that the loader never imports the fast path."""
+        if weights == "gguf":
+            from .fast.gguf_weights import load_gguf_blocks
+            return cls(load_gguf_blocks(model, device, dtype, progress), **kw)
+        return cls(load_model(model, device, dtype, progress=progress), **kw)
 
     # ------------------------------------------------------------------ what is loaded
     def ready(self, probe: bool = True) -> Ready:

@@ -1,6 +1,6 @@
 """What a batch of requests is made of: the prompts, when each arrives, each one's settings.
 
-Shared by `python main.py batch` (engine/batch_cli.py), the session's batch operation
+Shared by `python main.py batch` (cli/batch.py), the session's batch operation
 (engine/session.py) and the app's server view. No torch: the command line builds its parser
 from here before any model is loaded.
 
@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 
-from .config import GenerationConfig
+from .config import ConfigError, GenerationConfig
+
+MAX_FILE_BYTES = 64 << 20          # a prompts file larger than this is a mistake, not a workload
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant at a workshop about how language models run on a computer. "
@@ -63,3 +66,37 @@ def request_config(config: GenerationConfig, i: int) -> GenerationConfig:
         return config
     return dataclasses.replace(config, sampling=dataclasses.replace(config.sampling,
                                                                     seed=seed + i))
+
+
+def read_prompts(path: str) -> list[tuple[int, str]]:
+    """(line number, prompt) for every non-blank line. Raises ConfigError with one line."""
+    if path == "-":
+        raw = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+        name = "standard input"
+    else:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_FILE_BYTES + 1)
+        except FileNotFoundError:
+            raise ConfigError(f"prompts file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory; --prompts wants a text file, one prompt "
+                              f"a line") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        name = path
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{name} is larger than {MAX_FILE_BYTES >> 20} MiB; split it into "
+                          f"smaller files")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{name} is not UTF-8 text (line {line}, byte {exc.start}): save it "
+                          f"as UTF-8") from None
+    text = text.removeprefix("\ufeff")                 # a byte-order mark from some editors
+    prompts = [(i, line.rstrip("\r")) for i, line in enumerate(text.split("\n"), 1)
+               if line.strip()]
+    if not prompts:
+        raise ConfigError(f"no prompts in {name}: write one prompt a line")
+    return prompts

@@ -29,7 +29,7 @@ DEFAULT_POOL_TOKENS = 1024     # per batch slot, when --num-blocks is not given
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from engine.cli import add_generation_args, add_model_args
+    from cli.flags import add_generation_args, add_model_args
     p = subparsers.add_parser(
         "serve", help="an OpenAI-compatible HTTP server on the engine (continuous batching)",
         description="Serve the model over OpenAI's HTTP API: /v1/completions, "
@@ -49,15 +49,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     n.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template to use instead of the model's own")
     add_model_args(p)
-    add_generation_args(p)
+    # What a request leaves out takes these flags' values, said as serve means them.
+    add_generation_args(p, helps={
+        "temperature": "for requests that set none (default 1, as in OpenAI's API; 0 = greedy)",
+        "max_new_tokens": "for requests without max_tokens (default 256, or what the context "
+                          "leaves)",
+        "strategy": "paged (the batching engine's KV pool; the only one)"})
     p.set_defaults(strategy="paged", temperature=1.0, max_new_tokens=256)
-    for action in p._actions:            # what a request leaves out, said as serve means it
-        action.help = {"temperature": "for requests that set none (default 1, as in OpenAI's "
-                                      "API; 0 = greedy)",
-                       "max_new_tokens": "for requests without max_tokens (default 256, or "
-                                         "what the context leaves)",
-                       "strategy": "paged (the batching engine's KV pool; the only one)"
-                       }.get(action.dest, action.help)
     s = p.add_argument_group("scheduler")
     s.add_argument("--max-batch", type=int, default=8, help="requests running at once")
     s.add_argument("--max-step-tokens", type=int, default=512,
@@ -72,7 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def check_flags(a: argparse.Namespace):
     """Every flag, before anything loads. Returns (defaults, scheduler limits, api key)."""
-    from engine.cli import generation_config
+    from cli.flags import generation_config
     from engine.scheduler import SchedulerConfig
     if a.strategy != "paged":
         raise ConfigError(f"serve batches requests on the paged KV pool (--strategy paged); "
@@ -130,8 +128,8 @@ def read_template(path: str | None, lm) -> str | None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from cli.terminal import progress_printer
     from engine.batch import BatchEngine
-    from engine.cli import _progress_printer
     from engine.loader import load_model
     from engine.scheduler import SchedulerConfig
 
@@ -146,7 +144,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    lm = load_model(a.model, a.device, a.dtype, progress=_progress_printer(sys.stderr.isatty()))
+    lm = load_model(a.model, a.device, a.dtype, progress=progress_printer(sys.stderr.isatty()))
     tok = lm.tokenizer
     template = read_template(a.chat_template, lm)
 

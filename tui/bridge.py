@@ -154,3 +154,6 @@ class ProcessSource(QueueSource):
         for q in (self.commands, self.results):
             q.cancel_join_thread()
             q.close()
+        # The frozen heap was for a running app: frozen objects are never collected, not even
+        # at exit, and an extension module that checks for leaks then reports them all.
+        gc.unfreeze()

@@ -1,4 +1,4 @@
-"""How the command line starts the app (engine/cli.py): live, on a recording, on a shared
+"""How the command line starts the app (cli/main.py): live, on a recording, on a shared
 session, or served to browsers. Errors are one line on stderr and an exit status."""
 
 from __future__ import annotations

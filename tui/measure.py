@@ -33,7 +33,7 @@ import time
 from engine.bench.cells import spread
 from engine.bench.experiment import write_json
 from engine.bench.runs import summarise
-from engine.bench.settings import SEED_PROMPT
+from engine.bench.settings import FIRST_PROMPT
 from engine.events import run_label
 from engine.units import format_number, format_rate
 
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--strategy", default="kv")
     p.add_argument("--backend", default="sdpa")
-    p.add_argument("--prompt", default=SEED_PROMPT)
+    p.add_argument("--prompt", default=FIRST_PROMPT)
     p.add_argument("--fast", default="", help="fast-path options, e.g. c (as the app's --fast)")
     p.add_argument("--json", metavar="FILE", default=None,
                    help="also write the runs and their summary to FILE")

@@ -1,6 +1,6 @@
 """What the app is set to: the next run's settings, and how they are shown in words.
 
-`Settings` is what the command line sets (engine/cli.py `add_ui_args`) and the keys change
+`Settings` is what the command line sets (cli/flags.py `add_ui_args`) and the keys change
 (`s`, `b`, `f`, `o`); the app turns it into the engine's `GenerationConfig` for each request.
 No Textual here: the launcher checks settings before any screen exists.
 """
@@ -180,7 +180,7 @@ class Settings:
         if self.flash_tile <= 0:
             return f"--flash-tile must be a positive number of keys, got {self.flash_tile}"
         if self.prompts is not None:
-            from engine.batch_cli import read_prompts
+            from engine.workload import read_prompts
             try:
                 read_prompts(self.prompts)
             except ConfigError as exc:

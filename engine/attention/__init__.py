@@ -23,24 +23,12 @@ def register(cls: type[AttentionBackend]) -> type[AttentionBackend]:
     return cls
 
 
-def _load_optional() -> None:
-    # Backends in their own files register themselves on import; a missing optional
-    # dependency (triton) must not break the others.
-    for module in ("flash", "triton_backend"):
-        try:
-            __import__(f"{__name__}.{module}")
-        except ImportError:
-            pass
-
-
 def backend_names() -> list[str]:
-    _load_optional()
     return list(_REGISTRY)
 
 
 def get_backend(name: str, device: torch.device | str | None = None, **options) -> AttentionBackend:
     """The backend called `name`, checked against `device`. Raises ConfigError for a user mistake."""
-    _load_optional()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown attention backend {name!r}; choose one of: "
                           f"{', '.join(_REGISTRY)}")
@@ -60,6 +48,11 @@ def available_backends(device: torch.device | str) -> list[str]:
             out.append(name)
     return out
 
+
+# The backends in their own files register themselves when imported, so they come after
+# `register`. Both always import: triton itself is imported only when a Triton kernel is
+# first needed (triton_backend.py says why it cannot run without it).
+from . import flash, triton_backend  # noqa: E402,F401
 
 __all__ = ["AttentionBackend", "Capabilities", "register", "get_backend", "backend_names",
            "available_backends"]

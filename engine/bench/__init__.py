@@ -1,4 +1,4 @@
-"""`python main.py bench`: the seed's experiment for every strategy × backend, the Hugging Face
+"""`python main.py bench`: the first version's experiment for every strategy × backend, the Hugging Face
 baseline in the same run, a length sweep and a bandwidth view. See docs/benchmarks.md.
 
     settings.py     the flags as a validated dataclass
@@ -23,75 +23,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import STRATEGIES, ConfigError
+from ..config import ConfigError
 from .experiment import run_bench, write_json
-from .settings import SEED_NEW_TOKENS, SEED_PROMPT, BenchSettings
+from .settings import BenchSettings
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip())
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..cli import add_model_args
-    p = subparsers.add_parser(
-        "bench", help="measure every strategy × backend against Hugging Face transformers",
-        description="The seed's experiment (prompt, 50 new tokens, greedy) for every strategy "
-                    "and attention backend, with transformers generate() as the baseline in "
-                    "the same run; optional length sweep; bandwidth view.")
-    add_model_args(p)
-    p.add_argument("--prompt", default=SEED_PROMPT)
-    p.add_argument("--prompt-file", metavar="FILE", default=None,
-                   help="read the prompt from FILE (e.g. engine/bench/long_prompt.txt, ~500 "
-                        "tokens, for the long-context experiment with --max-new-tokens 200)")
-    p.add_argument("--max-new-tokens", type=int, default=SEED_NEW_TOKENS)
-    p.add_argument("--strategies", type=_names, default=STRATEGIES,
-                   help=f"comma-separated (default: {','.join(STRATEGIES)})")
-    p.add_argument("--backends", type=_names, default=None,
-                   help="comma-separated (default: every backend that runs natively here)")
-    p.add_argument("--repeat", type=int, default=3, help="timed repetitions (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
-    p.add_argument("--sweep", action="store_true",
-                   help="also measure per-step latency against position, as charts")
-    p.add_argument("--sweep-max", type=int, default=None,
-                   help="longest position swept (default: 384 on CPU, 4096 on CUDA)")
-    p.add_argument("--no-baseline", action="store_true", help="skip transformers generate()")
-    p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth view")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per paged-cache block")
-    p.add_argument("--fast", action="append", default=[], metavar="OPTS",
-                   help="add a kv row with fast-path options joined by +, e.g. fuse+cols, "
-                        "fuse+cols+int8, compile (repeatable; see docs/benchmarks.md)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, one per core)")
-    p.add_argument("--quick", action="store_true",
-                   help="a reduced run (16 tokens, one repetition) that ends in well under a "
-                        "minute on a 2-core CPU")
-    p.add_argument("--json", metavar="FILE", default=None,
-                   help="also write every figure, the machine and the settings to FILE")
-    p.add_argument("--markdown", metavar="FILE", default=None,
-                   help="also write the tables as Markdown (as in docs/benchmarks.md)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (without a terminal: no progress lines)")
-    p.add_argument("--fast-table", action="store_true",
-                   help="instead of every strategy × backend: kv/sdpa and each fast-path "
-                        "variant (--fast; default: every one this model can run) beside "
-                        "transformers, with the bytes per step, the bandwidth ceiling and the "
-                        "setup time (docs/fast_path.md)")
-    p.add_argument("--lockstep", action="store_true",
-                   help="with --fast-table: also step the variants one token at a time in "
-                        "turn (fair when the machine's load changes from second to second)")
-    p.add_argument("--startup", action="store_true",
-                   help="only time process start → first token and the peak memory of `run` "
-                        "with the C step, float32 and GGUF blocks (--repeat fresh processes "
-                        "each)")
-    p.add_argument("--batch", metavar="SIZES", default=None,
-                   help="instead of the standard experiment, measure continuous batching at "
-                        "these batch sizes, e.g. 1,2,4,8,16: aggregate decode tok/s, TPOT, "
-                        "identical tokens; and 8 requests sharing a 200-token system prompt "
-                        "with and without prefix caching (docs/batching.md); with --fast, one "
-                        "request alone is also timed with those fast paths")
-    return p
 
 
 def settings_from_args(a: argparse.Namespace) -> BenchSettings:
@@ -171,4 +107,4 @@ def cmd_batch_bench(args: argparse.Namespace, loaded=None) -> int:
     return EXIT_INTERRUPTED if doc["interrupted"] else 0
 
 
-__all__ = ["add_parser", "cmd_bench", "run_bench", "BenchSettings"]
+__all__ = ["cmd_bench", "run_bench", "BenchSettings"]

@@ -32,7 +32,7 @@ from ..config import ConfigError, FastPathConfig
 from ..decoding import CachedAttention, forward_step, make_cache
 from ..events import run_label
 from ..timing import clock
-from .settings import SEED_PROMPT
+from .settings import FIRST_PROMPT
 
 # The variants of docs/fast_path.md's table, in the fast-path words (config.FAST_WORDS).
 VARIANTS = ("fuse", "cols", "fuse+cols", "graphs", "bf16", "fuse+fp16", "fuse+int8",
@@ -54,7 +54,7 @@ def default_variants(model) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- lockstep
 @torch.inference_mode()
-def lockstep(lm, specs, n: int, prompt: str = SEED_PROMPT) -> dict[str, float]:
+def lockstep(lm, specs, n: int, prompt: str = FIRST_PROMPT) -> dict[str, float]:
     """Median decode-step rate (tokens/s) of the plain kv/sdpa step and of each variant, their
     steps interleaved one by one; keyed by run label."""
     model = lm.model
@@ -91,7 +91,7 @@ def lockstep(lm, specs, n: int, prompt: str = SEED_PROMPT) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- startup
-BASELINE_IMPORTS = ("import resource, torch, numpy, tokenizers, engine.cli, engine.decoding; "
+BASELINE_IMPORTS = ("import resource, torch, numpy, tokenizers, cli.main, engine.decoding; "
                     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
 # fast-path words → `run`'s flags for them
 STARTUP_RUNS = (("c", ["--kernel", "c"]), ("c+gguf", ["--weights", "gguf", "--kernel", "c"]))
@@ -109,7 +109,7 @@ def startup(rounds: int = 3, cache: str | None = None) -> list[dict]:
         firsts, peaks = [], []
         for _ in range(rounds):
             t0 = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "main.py", "run", SEED_PROMPT, "--json",
+            proc = subprocess.Popen([sys.executable, "main.py", "run", FIRST_PROMPT, "--json",
                                      "--max-new-tokens", "2", *flags],
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                     text=True, env=env)

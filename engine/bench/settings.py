@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 from ..config import DTYPES, STRATEGIES, ConfigError, FastPathConfig
 
-SEED_PROMPT = "Deep learning is"        # the seed's experiment: this prompt, 50 new tokens, greedy
-SEED_NEW_TOKENS = 50
+FIRST_PROMPT = "Deep learning is"       # the first version's experiment: it, 50 tokens, greedy
+FIRST_NEW_TOKENS = 50
 
 
 @dataclass(slots=True)
@@ -15,8 +15,8 @@ class BenchSettings:
     model: str | None = None            # None = the embedded SmolLM2-135M
     device: str = "auto"
     dtype: str = "float32"
-    prompt: str = SEED_PROMPT
-    max_new_tokens: int = SEED_NEW_TOKENS
+    prompt: str = FIRST_PROMPT
+    max_new_tokens: int = FIRST_NEW_TOKENS
     strategies: tuple[str, ...] = STRATEGIES
     backends: tuple[str, ...] | None = None   # None = every backend available on the device
     repeat: int = 3                     # timed repetitions per row (after the warm-up pass)

@@ -293,3 +293,44 @@ def load_block_model(path: str | Path, reader=None) -> Transformer:
     model.init_rope()
     model.gguf_path = str(path)            # (each block tensor keeps the memory map alive)
     return model.eval()
+
+
+def load_gguf_blocks(spec: str | None = None, device: str = "cpu", dtype: str = "float32",
+                     progress=None):
+    """`--weights gguf`: the model in the file's own quantised blocks, memory-mapped, and the
+    tokenizer from its metadata — no conversion, no cache, no float32 copy. `spec` is found as
+    engine.loader.load_model finds it (None: the embedded model). Returns a LoadedModel."""
+    import time
+
+    from ..loader import LoadedModel, is_gguf, locate, resolve_device, resolve_dtype
+    from ..loader.gguf_tokenizer import tokenizer_from_gguf
+    from ..loader.weights import check_tokenizer
+    from ..tokenizer import Tokenizer
+    from .gguf_file import GGUFFile
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path, name = locate(spec, progress)
+    if progress:
+        progress(f"loading {name or path.name}", 0.0)
+    if path.is_dir() or not is_gguf(path):
+        raise ConfigError(f"--weights gguf reads a GGUF file's own blocks; {path.name} is not "
+                          f"a .gguf file")
+    if dev.type != "cpu" or dt != torch.float32:
+        raise ConfigError("--weights gguf computes in float32 on the CPU: use --device cpu and "
+                          "--dtype float32")
+    if progress:
+        progress("mapping the GGUF blocks", 0.2)
+    reader = GGUFFile(path)
+    model = load_block_model(path, reader)
+    if progress:
+        progress("building the tokenizer", 0.6)
+    tok, add_bos = tokenizer_from_gguf(reader)
+    cfg = model.cfg
+    check_tokenizer(cfg, tok.get_vocab_size(), path.name)
+    if progress:
+        progress("ready", 1.0)
+    return LoadedModel(model=model, tokenizer=Tokenizer(tok, cfg.bos_token_id, cfg.eos_token_ids,
+                                                        add_bos),
+                       config=cfg, name=name or path.name, source=str(path),
+                       load_seconds=time.perf_counter() - t0)

@@ -163,31 +163,6 @@ def _tokenizer(conv: Converted) -> Tokenizer:
                      conv.cfg.eos_token_ids, conv.tokenizer_config.get("add_bos_token") is True)
 
 
-def load_gguf_blocks(path: Path, device: torch.device, dtype: torch.dtype,
-                     progress: Progress | None = None):
-    """`--weights gguf`: the model in the file's own quantised blocks, memory-mapped
-    (engine/fast/gguf_weights.py), and the tokenizer from its metadata — no conversion, no
-    cache, no float32 copy. Returns (model, tokenizer, cfg)."""
-    from ..fast.gguf_file import GGUFFile
-    from ..fast.gguf_weights import load_block_model
-    if path.is_dir() or not (path.suffix == ".gguf" or _is_gguf(path)):
-        raise ConfigError(f"--weights gguf reads a GGUF file's own blocks; {path.name} is not "
-                          f"a .gguf file")
-    if device.type != "cpu" or dtype != torch.float32:
-        raise ConfigError("--weights gguf computes in float32 on the CPU: use --device cpu and "
-                          "--dtype float32")
-    if progress:
-        progress("mapping the GGUF blocks", 0.2)
-    reader = GGUFFile(path)
-    model = load_block_model(path, reader)
-    if progress:
-        progress("building the tokenizer", 0.6)
-    tok, add_bos = tokenizer_from_gguf(reader)
-    check_tokenizer(model.cfg, tok.get_vocab_size(), path.name)
-    cfg = model.cfg
-    return model, Tokenizer(tok, cfg.bos_token_id, cfg.eos_token_ids, add_bos), cfg
-
-
 def _usable_cache_root() -> Path | None:
     """The cache root, made private and swept of partial work left by dead processes; None
     (after a notice) when it cannot be used — the model then loads from memory."""
@@ -207,39 +182,41 @@ def _usable_cache_root() -> Path | None:
 
 
 # ----------------------------------------------------------------------------- entry point
+def locate(spec: str | None, progress: Progress | None = None) -> tuple[Path, str | None]:
+    """Where the model `spec` names is: (its path, the name to show, or None for the path's
+    own). None is the embedded default; a path must exist; "org/name" is a hub id, fetched."""
+    if spec is None:
+        return embedded_gguf(), EMBEDDED_NAME
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path, None
+    if looks_like_hub_id(spec):
+        return hub_download(spec, progress), spec
+    raise ModelNotFound(
+        f"model path not found: {spec} (looked in {Path.cwd()}); give an existing "
+        f".gguf file or Hugging Face folder, or a hub id as org/name")
+
+
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "float32",
-               progress: Progress | None = None, weights: str = "same") -> LoadedModel:
+               progress: Progress | None = None) -> LoadedModel:
     """Load `spec` (None = the embedded default; a .gguf path; a folder; or a hub id).
 
-    weights="gguf": a GGUF's matrices stay in the file's quantised blocks, memory-mapped
-    (engine/fast/gguf_weights.py) — no float32 conversion, no conversion cache."""
+    (A GGUF's matrices kept in its own quantised blocks, `--weights gguf`, is the fast path's
+    loader: engine/fast/gguf_weights.py `load_gguf_blocks`.)"""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if spec is None:
-        path, name = embedded_gguf(), EMBEDDED_NAME
-    else:
-        path, name = Path(spec).expanduser(), None
-        if not path.exists():
-            if looks_like_hub_id(spec):
-                path = hub_download(spec, progress)
-                name = spec
-            else:
-                raise ModelNotFound(
-                    f"model path not found: {spec} (looked in {Path.cwd()}); give an existing "
-                    f".gguf file or Hugging Face folder, or a hub id as org/name")
+    path, name = locate(spec, progress)
     if progress:
         progress(f"loading {name or path.name}", 0.0)
     converted, hf_folder = False, None
-    if weights == "gguf":
-        model, tok, cfg = load_gguf_blocks(path, dev, dt, progress)
-    elif path.is_dir():
+    if path.is_dir():
         model, tok, cfg = load_hf_folder(path, dev, dt, progress)
         hf_folder = path
     elif path.suffix in PICKLE_SUFFIXES:
         raise ModelLoadError(f"{path.name} is a pickle checkpoint, which can run arbitrary code "
                              f"when loaded; only .safetensors and .gguf are accepted")
-    elif path.suffix == ".gguf" or _is_gguf(path):
+    elif is_gguf(path):
         model, tok, cfg, converted, hf_folder = load_gguf(path, dev, dt, progress)
         model.gguf_path = str(path)     # --weights gguf beside it reads the same file's blocks
     else:
@@ -249,6 +226,11 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "floa
     return LoadedModel(model=model, tokenizer=tok, config=cfg, name=name or path.name,
                        source=str(path), load_seconds=time.perf_counter() - t0,
                        converted=converted, hf_folder=str(hf_folder) if hf_folder else None)
+
+
+def is_gguf(path: Path) -> bool:
+    """A .gguf file, or any file that starts with GGUF's magic bytes."""
+    return path.suffix == ".gguf" or _is_gguf(path)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -265,7 +247,7 @@ def _is_gguf(path: Path) -> bool:
 __all__ = [
     "load_model", "LoadedModel", "ModelLoadError", "ModelNotFound", "resolve_device",
     "resolve_dtype", "DTYPES", "EMBEDDED_NAME", "Progress", "cache_root", "embedded_gguf",
-    "load_gguf", "load_gguf_blocks", "convert_gguf", "load_hf_folder", "read_safetensors",
+    "load_gguf", "locate", "is_gguf", "convert_gguf", "load_hf_folder", "read_safetensors",
     "hub_download",
     "looks_like_hub_id", "open_gguf", "gguf_config", "gguf_state_dict", "tensor_plan",
     "unpermute_qk", "tokenizer_from_gguf", "gguf_tokenizer_json", "gguf_cache_key", "CACHE_FORMAT",

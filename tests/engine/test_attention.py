@@ -7,7 +7,7 @@ case really reads through a scrambled block table. The reference is `NaiveAttent
 K/V.
 
 Tolerances, tied to the dtype:
-  float32   max |Δ| ≤ 1e-5 (the issue's bound). Every backend sums in float32; only the order of
+  float32   max |Δ| ≤ 1e-5 (the exact paths' bound). Every backend sums in float32; only the order of
             the additions differs, which costs ~1e-7 here.
   bfloat16  |Δ| ≤ 2⁻⁷·|ref| + 2⁻⁸. A bfloat16 keeps 8 significant bits, so rounding a float32
             result moves it by at most half a unit in the last place (ulp), ≤ 2⁻⁸·|x|; two

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import batch_cli
-from engine import events as be
-from engine.cli import main
+from cli import batch as batch_cli
+from cli.main import main
+from engine import events as be, workload
 from engine.config import GenerationConfig
 from engine.decoding import run_to_end
 
@@ -150,7 +150,7 @@ def test_missing_directory_and_oversized_files(tmp_path, capsys, monkeypatch):
         assert message in capsys.readouterr().err
     big = tmp_path / "big.txt"
     big.write_text("prompt\n" * 100)
-    monkeypatch.setattr(batch_cli, "MAX_FILE_BYTES", 64)
+    monkeypatch.setattr(workload, "MAX_FILE_BYTES", 64)
     assert main(["batch", "--prompts", str(big)]) == 2
     assert "split it into smaller files" in capsys.readouterr().err
 

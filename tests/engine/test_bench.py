@@ -20,7 +20,7 @@ from engine.bench.experiment import _plain, write_json
 from engine.bench.runs import summarise
 from engine.config import FastPathConfig
 from engine.bench.sweep import cumulative_s
-from engine.cli import main as cli_main
+from cli.main import main as cli_main
 from engine.config import ConfigError, GenerationConfig, ModelConfig
 from engine.decoding import run_to_end
 from engine.fast import STEPS
@@ -220,7 +220,7 @@ def test_render_shows_tables_and_charts(quick_doc):
     terminal.render(quick_doc, file=buf)
     text = buf.getvalue()
     for part in ("standard experiment", "transformers (cache)", "× HF decode", "bandwidth",
-                 "decode step latency vs position", "seed: KV cache took 50 tokens"):
+                 "decode step latency vs position", "first version: KV cache took 50 tokens"):
         assert part in text, part
     assert "\x1b[" not in text                                  # no colour codes into a file
 

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from cli.main import main
 from engine.bench import batching, terminal
-from engine.cli import main
 from engine.config import ConfigError
 from tests.conftest import tiny_model
 

@@ -88,7 +88,8 @@ def test_kernel_c_refuses_what_it_cannot_run():
 
 
 def test_cli_kernel_flag():
-    from engine.cli import build_parser, generation_config
+    from cli.flags import generation_config
+    from cli.parser import build_parser
     args = build_parser().parse_args(["run", "hi", "--kernel", "c", "--weights", "int8"])
     assert generation_config(args).fast == FastPathConfig(kernel="c", weights="int8")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import engine.loader
-from engine.cli import main
+from cli.main import main
 from engine.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ def test_missing_model_file_from_a_real_process(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-# ----------------------------------------------------------------------------- issue 12
+# ----------------------------------------------------------------------------- one-line errors
 def one_error_line(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -116,7 +116,7 @@ def _raise(exc):
 COMMANDS = {
     "run": (["run", "hi"], "engine.session:Session", "run", KeyError("boom")),
     "bench": (["bench", "--quick"], "engine.bench", "cmd_bench", ZeroDivisionError("boom")),
-    "ui": (["ui"], "engine.cli", "cmd_ui", TypeError("boom")),
+    "ui": (["ui"], "cli.main", "cmd_ui", TypeError("boom")),
 }
 
 
@@ -270,3 +270,29 @@ def test_replay_of_a_bad_file_is_one_line(tmp_path, capsys, content, message):
     assert main(["replay", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.strip().count("\n") == 0
+
+
+def test_a_bench_that_cannot_import_is_an_error_not_a_missing_command(monkeypatch, capsys):
+    """The bench is listed whatever happens inside it; if it cannot be imported, running it is
+    one error line and exit status 1 — never "invalid choice: 'bench'"."""
+    import engine
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "bench" in capsys.readouterr().out
+    monkeypatch.delattr(engine, "bench", raising=False)
+    monkeypatch.setitem(sys.modules, "engine.bench", None)       # what a broken import gives
+    assert main(["bench", "--quick"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "Error: import of engine.bench" in line
+
+
+def test_the_parser_imports_neither_torch_nor_textual():
+    """Every command's flags are known before torch loads: the app's own process (the model
+    runs in another), a replay and `watch` never import it."""
+    code = ("import sys; from cli.parser import build_parser; p = build_parser(); "
+            "[p.parse_args(a) for a in (['ui'], ['bench', '--quick'], ['replay', 'f'], "
+            "['serve'], ['batch', '--prompts', 'f'])]; "
+            "print(sorted(m for m in ('torch', 'textual') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"

@@ -197,7 +197,8 @@ def test_embedded_int8_divergence_is_small(embedded):
 
 # ---------------------------------------------------------------------------- CLI and GPU table
 def test_cli_flags_map_onto_fast_config():
-    from engine.cli import build_parser, generation_config
+    from cli.flags import generation_config
+    from cli.parser import build_parser
     args = build_parser().parse_args(["run", "hi", "--fuse", "--layout", "cols", "--weights",
                                       "int8", "--threads", "1", "--cuda-graphs"])
     fast = generation_config(args).fast

@@ -425,7 +425,8 @@ def test_hostile_files_are_refused_before_any_kernel_reads_them(files, tmp_path)
 
 
 def test_cli_weights_gguf_flag():
-    from engine.cli import build_parser, generation_config
+    from cli.flags import generation_config
+    from cli.parser import build_parser
     args = build_parser().parse_args(["run", "hi", "--kernel", "c", "--weights", "gguf"])
     assert generation_config(args).fast == FastPathConfig(kernel="c", weights="gguf")
 
@@ -454,9 +455,9 @@ def test_embedded_c_gguf_golden(embedded):
 @pytest.mark.slow
 @needs_kernels
 def test_embedded_loads_straight_from_the_map(tmp_path, monkeypatch):
-    from engine.loader import load_model
+    from engine.fast.gguf_weights import load_gguf_blocks
     monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "no-cache"))
-    lm = load_model(None, "cpu", weights="gguf")
+    lm = load_gguf_blocks(None, "cpu")
     assert is_block_model(lm.model)
     assert not (tmp_path / "no-cache").exists() or not any((tmp_path / "no-cache").iterdir())
     from tests.engine.test_golden import GOLDEN_TOKENS, PROMPT
@@ -498,7 +499,7 @@ def test_bench_rows_for_gguf(files, tmp_path, monkeypatch):
     """`bench --fast c+gguf --fast gguf` on a GGUF: both rows identical to the reference, fewer
     bytes per token than float32 and int8, and the format ceilings side by side."""
     import json
-    from engine.cli import main as cli_main
+    from cli.main import main as cli_main
     monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
     path, _ = files("llama", T.Q4_1)
     prompt = tmp_path / "prompt.txt"
@@ -529,7 +530,7 @@ def test_bench_rows_for_gguf(files, tmp_path, monkeypatch):
 
 
 def test_bench_prompt_file_errors_are_one_line(tmp_path):
-    from engine.cli import main as cli_main
+    from cli.main import main as cli_main
     code = cli_main(["bench", "--prompt-file", str(tmp_path / "missing.txt"), "--quick"])
     assert code == 2
 

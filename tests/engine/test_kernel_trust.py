@@ -128,7 +128,7 @@ def test_a_library_owned_by_someone_else_is_not_loaded(env, planted_so):
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to give a folder to another user")
 def test_a_kernel_folder_someone_else_owns_is_not_used(env, planted_so):
-    """/tmp/shared/minillm/kernels made by another user (the issue's XDG_CACHE_HOME=/tmp/shared):
+    """/tmp/shared/minillm/kernels made by another user (XDG_CACHE_HOME=/tmp/shared, a cache folder others write to):
     nothing in it is read; the kernels are built in a private temporary folder instead."""
     path = plant(planted_so, hash_too=True)
     for p in (path.parent.parent, path.parent, path, Path(f"{path}.sha256")):

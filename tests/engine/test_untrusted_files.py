@@ -1,4 +1,4 @@
-"""Files on disk are claims, not facts (issue 12): lying metadata, hostile shapes, NaN weights,
+"""Files on disk are claims, not facts: lying metadata, hostile shapes, NaN weights,
 FIFOs, a damaged or planted conversion cache, a full disk, signals during a cold start, and
 GPT-2 GGUF files with llama.cpp's tensor names.
 
@@ -254,7 +254,7 @@ def test_unsupported_is_a_config_error_and_lies_are_load_errors():
 # ----------------------------------------------------------------------------- not regular files
 FIFO_RUNS = """
 import sys
-from engine.cli import main
+from cli.main import main
 for target in sys.argv[1:]:
     print("exit", main(["run", "hi", "--model", target, "--device", "cpu"]), file=sys.stderr)
 """

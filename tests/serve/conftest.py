@@ -124,7 +124,7 @@ _RUNS: dict = {}
 
 def run_tokens(folder, prompt: str, max_new: int, *extra: str) -> tuple[list[int], str]:
     """`python main.py run PROMPT --json` in this process: (tokens, text) of its Finished."""
-    from engine.cli import main
+    from cli.main import main
     key = (str(folder), prompt, max_new, extra)
     if key not in _RUNS:
         import contextlib

@@ -31,7 +31,7 @@ def key(monkeypatch):
 
 
 def cli(*argv) -> tuple[int, str, str]:
-    from engine.cli import main
+    from cli.main import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(list(argv))

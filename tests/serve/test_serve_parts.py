@@ -146,7 +146,7 @@ def test_logprobs_are_log_softmax_of_the_logits_in_generate_and_batch():
 ])
 def test_serve_mistakes_are_one_line_before_loading(capsys, flags, message, monkeypatch):
     from engine import loader
-    from engine.cli import main
+    from cli.main import main
     if "--model" not in flags:               # prove nothing loads: loading would fail loudly
         monkeypatch.setattr(loader, "load_model", lambda *a, **k: 1 / 0)
     assert main(["serve", *flags]) == 2
@@ -159,7 +159,7 @@ def test_a_port_in_use_is_one_line(tiny_folder, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        from engine.cli import main
+        from cli.main import main
         assert main(["serve", "--model", str(tiny_folder), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err

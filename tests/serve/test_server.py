@@ -169,7 +169,7 @@ def test_token_id_prompts(client, model_id, chat_folder):
 # ----------------------------------------------------------------------------- refusals
 def cli_error(chat_folder, capsys, *flags, prompt: str = "hello") -> str:
     """The one line `run` prints for the same mistake."""
-    from engine.cli import main
+    from cli.main import main
     assert main(["run", prompt, "--model", str(chat_folder), *flags]) == 2
     return capsys.readouterr().err.strip().removeprefix("error: ")
 

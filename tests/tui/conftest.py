@@ -92,7 +92,8 @@ def app_factory():
 def pytest_pyfunc_call(pyfuncitem):
     """Run `async def` tests with asyncio.run (no pytest-asyncio/anyio plugin needed)."""
     if inspect.iscoroutinefunction(pyfuncitem.obj):
-        kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+        params = inspect.signature(pyfuncitem.obj).parameters
+        kwargs = {name: pyfuncitem.funcargs[name] for name in params}
         asyncio.run(pyfuncitem.obj(**kwargs))
         return True
     return None

@@ -154,8 +154,8 @@ async def test_a_sampled_race_shows_the_server_uncompared(scripted):
 
 
 def test_endpoint_settings_are_checked_before_the_app_starts():
-    from engine.cli import build_parser
-    args = build_parser(with_bench=False).parse_args(
+    from cli.parser import build_parser
+    args = build_parser().parse_args(
         ["ui", "--endpoint", "gpu-box:8000", "--endpoint-model", "m"])
     s = Settings.from_args(args)
     assert (s.endpoint, s.endpoint_model, s.error()) == ("gpu-box:8000", "m", None)

@@ -175,7 +175,7 @@ def test_web_serves_the_app_page_over_http():
 
 
 def test_a_bad_share_address_is_one_line_on_stderr(capsys):
-    from engine.cli import main
+    from cli.main import main
     assert main(["--share", "nowhere"]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.strip() == (

@@ -6,6 +6,7 @@ No sleeps: the tests wait on the events the engine sends.
 
 from __future__ import annotations
 
+import gc
 import queue
 
 from engine.config import GenerationConfig
@@ -75,6 +76,7 @@ def test_step_commands_through_the_real_engine_process(tiny_folder):
     source.start(lambda envelopes, restart: [got.put(e) for e in envelopes])
     try:
         wait_for(got, Ready)
+        assert gc.get_freeze_count() > 0                 # the app's heap, frozen while it runs
         config = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
         source.submit(RunRequest("hello", config, 1, step=True))
         assert wait_for(got, LogitLens).index == 0
@@ -100,3 +102,6 @@ def test_step_commands_through_the_real_engine_process(tiny_folder):
         assert source.process.exitcode == 0
     finally:
         source.stop()
+    # … and thawed when it stops: frozen objects are never collected, not even at exit, where
+    # triton's bindings then report every object of theirs still alive as a leak.
+    assert gc.get_freeze_count() == 0

@@ -216,10 +216,26 @@ async def test_help_opens_scrollable_at_once_and_closes():
         assert app.focused is scroll                 # no Tab needed before the keys scroll
         await pilot.press("pagedown")
         assert scroll.scroll_y > 0
-        from tui.screens.help import HELP
-        assert HELP.count("**Why it matters:**") == 9   # 7 panes, step mode, the server view
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_help_explains_every_pane_the_user_sees():
+    """Every pane's title on the main screen is a section of the help, and each section says
+    why it matters."""
+    from textual.widgets import Markdown
+    app = make_app()
+    async with drive(app, size=(120, 40)) as (pilot, seen):
+        titles = {str(w.border_title) for w in app.screen.walk_children() if w.border_title}
+        assert {"Token stream", "Attention", "KV cache", "Latency", "Race"} <= titles
+        await pilot.press("question_mark")
+        await pilot.pause()
+        help_text = app.screen.query_one(Markdown)
+        headings = {label for level, label, _ in help_text.table_of_contents if level == 2}
+        assert titles <= headings, titles - headings
+        sections = dict(part.split("\n", 1) for part in help_text.source.split("\n## ")[1:])
+        for title in titles:
+            assert "Why it matters:" in sections[title], title
 
 
 async def test_small_terminal_message_and_reflow():
@@ -350,7 +366,7 @@ async def test_fast_path_key_cycles_usable_options_and_runs_carry_them():
 
 
 def test_bad_fast_option_on_the_command_line_is_an_error():
-    from engine.cli import build_parser
+    from cli.parser import build_parser
     from tui.settings import Settings
     settings = Settings.from_args(build_parser().parse_args(["ui", "--fast", "warp"]))
     assert "warp" in settings.error()

@@ -29,7 +29,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from engine.batch_cli import read_prompts
+from engine.workload import read_prompts
 from engine.config import ConfigError
 from engine.events import BatchStarted
 from engine.requests import BatchRequest

@@ -18,16 +18,16 @@ import shutil
 import sys
 import time
 
-from .workload import BUILTIN_PROMPTS, arrival_times, request_config
-from .config import ConfigError, GenerationConfig, SamplingConfig
+from engine.config import ConfigError, GenerationConfig
+from engine.workload import BUILTIN_PROMPTS, arrival_times, read_prompts, request_config
 
-MAX_FILE_BYTES = 64 << 20          # a prompts file larger than this is a mistake, not a workload
+from .flags import add_model_args, add_sampling_args, sampling_config
+
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 BATCH_RUN = 1                      # the run id of `batch --json`'s envelopes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .cli import add_model_args
     p = subparsers.add_parser(
         "batch", help="serve many prompts at once (continuous batching on the paged KV pool)",
         description="Continuous batching: every prompt of FILE is a request; requests share one "
@@ -39,13 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     g = p.add_argument_group("generation (each request)")
     g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None,
-                   help="request i samples with seed SEED + i (its own generator)")
+    add_sampling_args(g, helps={"seed": "request i samples with seed SEED + i (its own "
+                                        "generator)"})
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--backend", default="sdpa",
                    help="attention backend: sdpa (the PyTorch path), triton (CUDA), naive, flash")
@@ -71,58 +66,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------- the prompts file
-def read_prompts(path: str) -> list[tuple[int, str]]:
-    """(line number, prompt) for every non-blank line. Raises ConfigError with one line."""
-    if path == "-":
-        raw = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
-        name = "standard input"
-    else:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_FILE_BYTES + 1)
-        except FileNotFoundError:
-            raise ConfigError(f"prompts file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path} is a directory; --prompts wants a text file, one prompt "
-                              f"a line") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-        name = path
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"{name} is larger than {MAX_FILE_BYTES >> 20} MiB; split it into "
-                          f"smaller files")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"{name} is not UTF-8 text (line {line}, byte {exc.start}): save it "
-                          f"as UTF-8") from None
-    text = text.removeprefix("\ufeff")                 # a byte-order mark from some editors
-    prompts = [(i, line.rstrip("\r")) for i, line in enumerate(text.split("\n"), 1)
-               if line.strip()]
-    if not prompts:
-        raise ConfigError(f"no prompts in {name}: write one prompt a line")
-    return prompts
-
-
 def request_configs(a: argparse.Namespace, n: int) -> list[GenerationConfig]:
     """One GenerationConfig per request (validated): the same flags, seed + i each
     (engine/workload.py, as the session's batches)."""
-    sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                              min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-                              seed=a.seed)
-    base = GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling,
+    base = GenerationConfig(max_new_tokens=a.max_new_tokens, sampling=sampling_config(a),
                             block_size=a.block_size, stop=tuple(a.stop), attention_rows=False)
     return [request_config(base, i) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- the command
 def cmd_batch(a: argparse.Namespace) -> int:
-    from .attention import get_backend
-    from .batch import BatchEngine, serve
-    from .loader import load_model
-    from .scheduler import SchedulerConfig
+    from engine.attention import get_backend
+    from engine.batch import BatchEngine, serve
+    from engine.loader import load_model
+    from engine.scheduler import SchedulerConfig
 
     prompts = (read_prompts(a.prompts) if a.prompts is not None else    # every user mistake
                list(enumerate(BUILTIN_PROMPTS, 1)))                        # fails before loading
@@ -176,7 +133,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
 def json_header(a: argparse.Namespace, lm) -> dict:
     """The first line of `batch --json`: a recording's header (engine/recording.py), so the
     output is a recording `replay` plays."""
-    from .recording import header
+    from engine.recording import header
     settings = {"batch": {k: getattr(a, k) for k in (
         "prompts", "max_new_tokens", "temperature", "seed", "backend", "max_batch",
         "max_step_tokens", "block_size", "num_blocks", "arrival_rate", "arrival_seed")}}
@@ -201,11 +158,11 @@ class Display:
         self.recorder = None
 
     def start(self, header_line: dict) -> None:
-        from .recording import Recorder
+        from engine.recording import Recorder
         self.recorder = Recorder(self.out, header_line)
 
     def __call__(self, ev) -> None:
-        from . import events as be
+        from engine import events as be
         if isinstance(ev, be.BatchSummary):
             self.summary = ev
         if self.as_json:
