@@ -51,13 +51,18 @@ class MainScreen(Screen):
         self.tokens, self.lanes = TokenStream(id="tokens"), RaceLanes(id="lanes")
         self.attention, self.kv = AttentionPane(id="attention"), KVCachePane(id="kv")
         self.latency, self.status = LatencyPane(id="latency"), StatusBar(id="status")
+        # Kept, not queried (as the panes are): engine events may still be drawn while the app
+        # closes and its widgets are already gone.
+        self.load_row = Horizontal(id="loading")
+        self.load_text = Label("starting the engine…", id="loading-text")
+        self.load_bar = ProgressBar(total=1.0, show_eta=False, id="load-progress")
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="prompt-row"):
             yield self.prompt
-        with Horizontal(id="loading"):
-            yield Label("starting the engine…", id="loading-text")
-            yield ProgressBar(total=1.0, show_eta=False, id="load-progress")
+        with self.load_row:
+            yield self.load_text
+            yield self.load_bar
         with Container(id="panes"):
             yield self.tokens
             yield self.lanes
@@ -88,12 +93,12 @@ class MainScreen(Screen):
 
     def loading(self, text: str, fraction: float | None = None) -> None:
         """What the engine is doing before its model is ready."""
-        self.query_one("#loading-text", Label).update(text)
+        self.load_text.update(text)
         if fraction is not None:
-            self.query_one("#load-progress", ProgressBar).update(progress=fraction)
+            self.load_bar.update(progress=fraction)
 
     def loaded(self) -> None:
-        self.query_one("#loading").add_class("-done")
+        self.load_row.add_class("-done")
 
     def feed(self, events: list) -> None:
         """One run's batch of events to every pane that draws a run."""

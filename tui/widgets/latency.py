@@ -81,11 +81,15 @@ class LatencyPane(Vertical, can_focus=True):
         self.series: list[Series] = []
         self._dirty = False
         self._ttft: float | None = None          # the run under way: its first token's time
+        # Kept, not queried: events may still arrive while the app is closing and its
+        # children are already gone; updating a removed Static is harmless, a query is not.
+        self.plot, self.legend = PlotextPlot(), Static(id="legend")
+        self.metrics_line = Static(id="metrics")
 
     def compose(self) -> ComposeResult:
-        yield PlotextPlot()
-        yield Static(id="legend")
-        yield Static(id="metrics")
+        yield self.plot
+        yield self.legend
+        yield self.metrics_line
 
     def on_mount(self) -> None:
         self.set_interval(1 / CHART_HZ, self.redraw)
@@ -144,14 +148,14 @@ class LatencyPane(Vertical, can_focus=True):
         return base + [c.lighten(0.25) for c in base]
 
     def watch_metrics(self, text: str) -> None:
-        self.query_one("#metrics", Static).update(text)
+        self.metrics_line.update(text)
 
     def redraw(self) -> None:
         """Rebuild the chart if anything changed since the last call."""
         if not self._dirty:
             return
         self._dirty = False
-        plot = self.query_one(PlotextPlot)
+        plot = self.plot
         plt = plot.plt
         plt.clear_data()
         plt.clear_figure()
@@ -170,7 +174,7 @@ class LatencyPane(Vertical, can_focus=True):
         plt.xticks(sorted({1, *(max(1, round(last * k / 4)) for k in range(1, 5))}))
         plt.xlabel("generated token")
         plot.refresh()
-        self.query_one("#legend", Static).update(legend)
+        self.legend.update(legend)
 
     # ------------------------------------------------------------------ actions
     def action_clear_history(self) -> None:
