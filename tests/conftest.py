@@ -80,3 +80,18 @@ def tiny_folder(tmp_path_factory):
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).save_pretrained(folder)
     byte_tokenizer().backend.save(str(folder / "tokenizer.json"))
     return folder
+
+
+@pytest.fixture
+def scripted():
+    """Start tests/sse_server.py's Scripted servers (a token stream over OpenAI's API); all
+    closed after the test."""
+    from tests.sse_server import Scripted
+    servers = []
+
+    def start(*a, **kw):
+        servers.append(Scripted(*a, **kw))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -43,74 +42,6 @@ def local(session):
     """The local greedy run's tokens: what a server with this model would stream."""
     events = [e.event for e in session.run(RunRequest(PROMPT, cfg()))]
     return [e for e in events if isinstance(e, Token)]
-
-
-class Scripted:
-    """An OpenAI-style /v1/completions that streams `tokens` ((id or None, text) pairs), one a
-    chunk, with or without logprobs; `stall` holds the stream open after the first chunk."""
-
-    def __init__(self, tokens, logprobs=True, ids=True, stall: threading.Event | None = None):
-        script = self
-        self.bodies: list[dict] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                self._json({"object": "list", "data": [{"id": "scripted"}]})
-
-            def do_POST(self):
-                script.bodies.append(json.loads(self.rfile.read(
-                    int(self.headers["Content-Length"]))))
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                for k, (tid, text) in enumerate(tokens):
-                    lp = {"tokens": [text], "token_logprobs": [-0.1]}
-                    if ids:
-                        lp["token_ids"] = [tid]
-                    self._event({"choices": [{"index": 0, "text": text, "finish_reason": None,
-                                              "logprobs": lp if logprobs else None}]})
-                    if stall is not None and k == 0:
-                        stall.wait(30)
-                        return
-                self._event({"choices": [{"index": 0, "text": "", "finish_reason": "length"}],
-                             "timings": {"prompt_n": 2, "prompt_ms": 1.5,
-                                         "predicted_n": len(tokens), "predicted_ms": 4.0}})
-                self.wfile.write(b"data: [DONE]\n\n")
-
-            def _event(self, d):
-                self.wfile.write(f"data: {json.dumps(d)}\n\n".encode())
-                self.wfile.flush()
-
-            def _json(self, d):
-                data = json.dumps(d).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def scripted():
-    servers = []
-
-    def start(*a, **kw):
-        servers.append(Scripted(*a, **kw))
-        return servers[-1]
-    yield start
-    for s in servers:
-        s.close()
 
 
 def race(session, url, config=None, locals_=("kv", "naive"), model=None):

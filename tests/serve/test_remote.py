@@ -12,8 +12,6 @@ import io
 import json
 import contextlib
 import queue
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -23,6 +21,7 @@ from engine.remote import Endpoint, RemoteError, RemoteSource, compare_remote, s
 from engine.requests import RaceRequest, RunRequest
 from tests.serve.conftest import API_KEY, run_tokens, wait_for
 from tests.serve.prom import value
+from tests.sse_server import SSEServer
 
 
 @pytest.fixture
@@ -184,47 +183,18 @@ def test_remote_source_says_when_there_is_no_server():
 
 
 # ----------------------------------------------------------------------------- scripted streams
-class Script:
-    """A one-shot HTTP server replaying `chunks` as SSE (and a model list)."""
+class Script(SSEServer):
+    """A one-shot HTTP server replaying `chunks` as SSE (and a model list); with another
+    `status`, an OpenAI-style error instead."""
 
     def __init__(self, chunks: list, status: int = 200):
-        script = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                self._send(200, "application/json", json.dumps(
-                    {"object": "list", "data": [{"id": "m"}]}).encode())
-
-            def do_POST(self):
-                script.body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if status != 200:
-                    return self._send(status, "application/json", json.dumps(
-                        {"error": {"message": "no such thing"}}).encode())
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                for c in chunks:
-                    text = c if isinstance(c, str) else json.dumps(c)
-                    self.wfile.write(f"data: {text}\n\n".encode())
-                self.wfile.flush()
-
-            def _send(self, code, kind, data):
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        def respond(h):
+            if status != 200:
+                return h.send(status, {"error": {"message": "no such thing"}})
+            h.start_stream()
+            for c in chunks:
+                h.event(c)
+        super().__init__(respond)
 
 
 def clock(*times):

@@ -15,7 +15,6 @@ import pytest
 
 from engine.config import GenerationConfig
 from engine.events import RaceFinished, Token
-from tests.engine.test_remote_race import Scripted
 from tests.serve.conftest import start_server
 from tests.tui.conftest import drive, make_app, ready, wait_for
 from tui.fake_engine import fake_generate
@@ -100,18 +99,6 @@ def fake_tokens(prompt: str, n: int) -> list[tuple[int, str]]:
     return [(e.id, e.text) for e in fake_generate(None, None, prompt,
                                                   GenerationConfig(max_new_tokens=n))
             if isinstance(e, Token)]
-
-
-@pytest.fixture
-def scripted():
-    servers = []
-
-    def start(*a, **kw):
-        servers.append(Scripted(*a, **kw))
-        return servers[-1]
-    yield start
-    for s in servers:
-        s.close()
 
 
 async def test_a_server_that_differs_is_named_but_leaves_the_local_verdict(scripted):
