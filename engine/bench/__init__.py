@@ -62,17 +62,10 @@ def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
         print(markdown.startup_markdown(rows), end="")
         return 0
     settings = settings_from_args(args)          # a bad flag fails here, before loading
-    mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
-    with terminal.progress(mode) as (tick, set_total):
+    with terminal.progress(progress_mode(args)) as (tick, set_total):
         doc = run_bench(settings, tick, set_total, loaded=loaded)
     terminal.render(doc)
-    if args.json:
-        write_json(doc, args.json)
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown.markdown(doc))
-        print(f"wrote {args.markdown}", file=sys.stderr)
+    write_outputs(doc, args, markdown.markdown)
     if doc["interrupted"]:
         return EXIT_INTERRUPTED
     rows = doc.get("rows") or []
@@ -92,19 +85,29 @@ def cmd_batch_bench(args: argparse.Namespace, loaded=None) -> int:
         max_new_tokens=min(args.max_new_tokens, 16) if args.quick else args.max_new_tokens,
         repeat=1 if args.quick else args.repeat, warmup=0 if args.quick else args.warmup,
         backend=(args.backends or ("sdpa",))[0], fast=tuple(args.fast))
-    mode = "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
-    with terminal.progress(mode) as (tick, set_total):
+    with terminal.progress(progress_mode(args)) as (tick, set_total):
         doc = batching.bench_document(s, args.model, args.device, args.dtype, args.threads,
                                       tick, set_total, loaded)
     terminal.render_batch(doc)
+    write_outputs(doc, args, markdown.batch_markdown)
+    return EXIT_INTERRUPTED if doc["interrupted"] else 0
+
+
+def progress_mode(args: argparse.Namespace) -> str:
+    """A bar in a terminal, plain lines otherwise, nothing with --no-progress."""
+    return "off" if args.no_progress else "bar" if sys.stderr.isatty() else "lines"
+
+
+def write_outputs(doc: dict, args: argparse.Namespace, to_markdown) -> None:
+    """--json and --markdown: the document as JSON, its tables as `to_markdown` writes them;
+    each file named on stderr."""
     if args.json:
         write_json(doc, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown.batch_markdown(doc))
+            f.write(to_markdown(doc))
         print(f"wrote {args.markdown}", file=sys.stderr)
-    return EXIT_INTERRUPTED if doc["interrupted"] else 0
 
 
 __all__ = ["cmd_bench", "run_bench", "BenchSettings"]
