@@ -30,13 +30,8 @@ EOS = 7
 TOK = byte_tokenizer(eos_token_ids=(EOS,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine they only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models gain nothing from threads; on a shared 2-core machine they only wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS: dict = {}
