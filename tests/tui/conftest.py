@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from textual.notifications import Notify
@@ -22,6 +25,7 @@ from tui.messages import EngineEvents
 from tui.settings import Settings
 
 SIZE = (150, 45)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_app(delay: float = 0.0, load_error: str | None = None, depth: str = "truecolor",
@@ -81,6 +85,16 @@ async def finished(pilot, seen: Seen, n: int = 1, timeout: float = 10.0):
                 if isinstance(e.event, Finished)]
     await wait_for(pilot, lambda: len(done()) >= n, timeout, f"{n} finished runs")
     return done()[-1]
+
+
+def replays_without_torch(script: str) -> None:
+    """Run `script` (which makes torch and the model packages unimportable, replays, then
+    prints "replayed" and sys.modules["torch"]) in a fresh interpreter: it must end cleanly
+    and torch must never have been imported."""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "replayed None"
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ reads what a user would see: the screen, the rendered lines of its panes, the no
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +28,7 @@ from tui.widgets.block_pool import BlockPool
 from tui.widgets.request_lanes import RequestLanes
 from tui.widgets.server_stats import ServerStats
 
-from .conftest import drive, finished, make_app, ready, wait_for
+from .conftest import drive, finished, make_app, ready, replays_without_torch, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -219,7 +217,4 @@ def test_a_recorded_batch_replays_without_torch(tmp_path):
             print("replayed", sys.modules["torch"])
         asyncio.run(main())
     """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "replayed None"
+    replays_without_torch(script)
