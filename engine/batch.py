@@ -54,13 +54,13 @@ class BatchEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, cfg: SchedulerConfig,
                  backend: str | AttentionBackend = "sdpa",
                  clock: Callable[[], float] = time.perf_counter, snapshots: bool = True,
-                 model_name: str = ""):
+                 model_name: str = "", packed: bool = True):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         if isinstance(backend, str):
             backend = get_backend(backend, model.device)
         self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks)
-        self.runner = ModelRunner(model, backend, cfg.num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model, backend, cfg.num_blocks, cfg.block_size, packed)
         self.clock, self.t0 = clock, clock()
         self.snapshots = snapshots             # a PoolSnapshot after every step
         self.sequences: dict[int, Sequence] = {}

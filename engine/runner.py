@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionBackend
 from .model import Transformer
+from .packed_linear import packed_model
 from .scheduler import Chunk
 
 
@@ -171,8 +172,11 @@ class ModelRunner:
     """Owns the K/V pool tensors and runs a step's chunks through the model."""
 
     def __init__(self, model: Transformer, backend: AttentionBackend, num_blocks: int,
-                 block_size: int):
+                 block_size: int, packed: bool = True):
         cfg = model.cfg
+        # The forward runs on a copy whose projections are fused and packed for few-row
+        # products (engine/packed_linear.py) where that applies; `model` stays untouched.
+        model = packed_model(model) if packed else model
         shape = (cfg.n_layers, num_blocks, cfg.n_kv_heads, block_size, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)   # the pool
         self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
