@@ -71,6 +71,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="only time process start → first token and the peak memory of `run` "
                         "with the C step, float32 and GGUF blocks (--repeat fresh processes "
                         "each)")
+    p.add_argument("--plain-weights", action="store_true",
+                   help="with --batch: the batch engine multiplies by the model's own weights "
+                        "(F.linear) at every batch size, instead of its fused copy packed for "
+                        "few-row products (docs/batching.md)")
     p.add_argument("--batch", metavar="SIZES", default=None,
                    help="instead of the standard experiment, measure continuous batching at "
                         "these batch sizes, e.g. 1,2,4,8,16: aggregate decode tok/s, TPOT, "

@@ -31,6 +31,7 @@ from ..batch import BatchEngine, serve
 from ..config import ConfigError, FastPathConfig, GenerationConfig
 from ..decoding import run_to_end
 from ..fast import STEPS
+from ..packed_linear import can_pack
 from ..scheduler import SchedulerConfig
 from ..units import format_ms, format_number
 from .runs import summarise
@@ -66,6 +67,7 @@ class BatchBenchSettings:
     backend: str = "sdpa"
     prefix: bool = True                 # the shared-prefix experiment too
     fast: tuple[str, ...] = ()          # also time one request alone with these fast paths
+    packed: bool = True                 # the batch engine's packed projections (every row)
 
     def __post_init__(self) -> None:
         self.sizes = tuple(self.sizes)
@@ -120,14 +122,16 @@ def shared_prefix_prompts(tokenizer, n: int = 8, system_tokens: int = SYSTEM_TOK
 
 
 def run_batch(lm, prompts: list[list[int]], cfg: GenerationConfig, block_size: int,
-              backend: str, prefix_caching: bool = True) -> tuple[BatchEngine, list]:
+              backend: str, prefix_caching: bool = True, packed: bool = True
+              ) -> tuple[BatchEngine, list]:
     """Serve `prompts` together (all arriving at once) and return the engine and its events."""
     longest = max(len(p) for p in prompts) + cfg.max_new_tokens
     blocks = len(prompts) * -(-longest // block_size)          # room for everyone: no preemption
     sched = SchedulerConfig(max_batch=len(prompts), block_size=block_size, num_blocks=blocks,
                             max_step_tokens=max(512, sum(len(p) for p in prompts)),
                             prefix_caching=prefix_caching)
-    engine = BatchEngine(lm.model, lm.tokenizer, sched, backend=backend, snapshots=False)
+    engine = BatchEngine(lm.model, lm.tokenizer, sched, backend=backend, snapshots=False,
+                         packed=packed)
     events = list(serve(engine, [(0.0, p, cfg) for p in prompts]))
     return engine, events
 
@@ -167,7 +171,8 @@ def batch_sizes(lm, s: BatchBenchSettings, result: dict,
         for b in s.sizes:
             tick(f"batch: {'warm-up' if p < s.warmup else f'pass {p - s.warmup + 1}'}, "
                  f"batch {b}")
-            engine, events = run_batch(lm, prompts[:b], cfg, s.block_size, s.backend)
+            engine, events = run_batch(lm, prompts[:b], cfg, s.block_size, s.backend,
+                                       packed=s.packed)
             summary = events[-1]
             row = rows[b]
             if p == 0:
@@ -192,7 +197,8 @@ def shared_prefix(lm, s: BatchBenchSettings, result: dict,
                   prompt_tokens=[len(p) for p in prompts], block_size=s.block_size)
     for caching in (True, False):
         tick(f"batch: shared prefix, prefix caching {'on' if caching else 'off'}")
-        engine, events = run_batch(lm, prompts, cfg, s.block_size, s.backend, caching)
+        engine, events = run_batch(lm, prompts, cfg, s.block_size, s.backend, caching,
+                                   s.packed)
         summary = events[-1]
         got = tokens_by_request(events)
         result["on" if caching else "off"] = {
@@ -213,7 +219,8 @@ def run_batch_bench(lm, s: BatchBenchSettings, doc: dict,
     out = doc.setdefault("batch", {"settings": {
         "sizes": list(s.sizes), "max_new_tokens": s.max_new_tokens, "repeat": s.repeat,
         "warmup": s.warmup, "block_size": s.block_size, "backend": s.backend,
-        "fast": list(s.fast), "threads": torch.get_num_threads()}})
+        "fast": list(s.fast), "threads": torch.get_num_threads(),
+        "projections": projections(lm.model, s.packed)}})
     sizes: dict = {}
     out["_sizes"] = sizes
     batch_sizes(lm, s, sizes, tick)
@@ -237,11 +244,23 @@ def finish(doc: dict) -> None:
     out["alone_fast_decode_tokens_per_s"] = {spec: statistics.median(v) if v else None
                                              for spec, v in runs.items() if spec}
     for r in rows:
-        r["over_batch_1"] = (r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-                             if base and r["decode_tokens_per_s"] else None)
+        # Each pass ran every batch size back to back, so a pass's own ratio compares rows
+        # measured under the same load: the median of those is the figure, with its range.
+        per_pass = ([b / a for a, b in zip(base["samples"], r["samples"]) if a and b]
+                    if base else [])
+        ratio = summarise(per_pass)
+        r["over_batch_1"] = ratio["median"]
+        r["over_batch_1_min"], r["over_batch_1_max"] = ratio["min"], ratio["max"]
+        r["over_batch_1_per_pass"] = per_pass
         r["over_alone"] = (r["decode_tokens_per_s"] / out["alone_decode_tokens_per_s"]
                            if alone and r["decode_tokens_per_s"] else None)
     out["rows"] = rows
+
+
+def projections(model, packed: bool) -> str:
+    """How the batch engine multiplies by the weights (the same for every batch size)."""
+    return ("fused, packed for oneDNN (engine/packed_linear.py)"
+            if packed and can_pack(model) else "the model's own nn.Linear (F.linear)")
 
 
 # ----------------------------------------------------------------------------- one document

@@ -10,7 +10,9 @@ import pytest
 
 from cli.main import main
 from engine.bench import batching, terminal
+from engine.bench.cells import batch_lines
 from engine.config import ConfigError
+from engine.packed_linear import onednn_works
 from tests.conftest import tiny_model
 
 pytest.importorskip("transformers")
@@ -46,6 +48,37 @@ def test_batch_rows(batch_doc):
     assert alone > 0 and rows[1]["over_alone"] == rows[1]["decode_tokens_per_s"] / alone
     assert doc["batch"]["alone_fast_decode_tokens_per_s"]["fuse"] > 0     # --fast fuse
     assert doc["batch"]["settings"]["max_new_tokens"] == 16
+
+
+def test_batch_1_ratio_is_the_median_of_each_pass_own_ratio():
+    """Passes are interleaved, so a pass's batch 8 and batch 1 ran under the same load: the
+    headline is the median of the per-pass ratios, with their range — not one lucky pass."""
+    rows = {1: batching.BatchRow(batch=1, decode_tokens_per_s=[10.0, 20.0, 10.0]),
+            8: batching.BatchRow(batch=8, decode_tokens_per_s=[60.0, 100.0, 70.0])}
+    doc = {"batch": {"_sizes": {"rows": rows, "alone": {"": [11.0, 12.0, 13.0]}}}}
+    batching.finish(doc)
+    eight = doc["batch"]["rows"][1]
+    assert eight["over_batch_1_per_pass"] == [6.0, 5.0, 7.0]
+    assert (eight["over_batch_1"], eight["over_batch_1_min"], eight["over_batch_1_max"]) == \
+        (6.0, 5.0, 7.0)
+    assert eight["over_alone"] == 70.0 / 12.0                     # medians of the passes
+    head, cells, _, _ = batch_lines(doc)
+    assert cells[1][head.index("× batch 1")] == "6.00× (5.00–7.00)"
+
+
+def test_projections_are_the_same_at_every_batch_size(batch_doc, tiny_folder, tmp_path):
+    """The batch engine's packed projections by default, the model's own with --plain-weights;
+    the document says which (one setting for every row: like is compared with like)."""
+    doc, md = batch_doc
+    packed = "fused, packed for oneDNN" if onednn_works() else "the model's own"
+    assert doc["batch"]["settings"]["projections"].startswith(packed)
+    assert f"projections: {packed}" in md
+    code = main(["bench", "--batch", "1,2", "--model", str(tiny_folder), "--device", "cpu",
+                 "--quick", "--threads", "1", "--no-progress", "--plain-weights",
+                 "--json", str(tmp_path / "plain.json")])
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert code == 0 and plain["batch"]["settings"]["projections"].startswith("the model's own")
+    assert [r["identical"] for r in plain["batch"]["rows"]] == [1, 2]
 
 
 def test_shared_prefix_rows(batch_doc):
