@@ -44,6 +44,11 @@ from .model import RMSNorm, Transformer
 # The number of rows the blocked layout is chosen for: the decode batch the engine is built for
 # (any number of rows works; 4–16 all measured alike on the 2-core CPU).
 ROWS = 8
+# oneDNN picks other kernels for 1–3 rows, and on the 2-core CPU they were slower than its 4-row
+# one (the embedded model's 121 products, 1 thread: 1 row 42 ms, 2 rows 48, 4 rows 33): fewer
+# rows are padded with zeros to 4. Each output row depends only on its own input row, so the
+# padding is computed and dropped, and changes nothing else.
+MIN_ROWS = 4
 
 _PACKED: "weakref.WeakKeyDictionary[Transformer, Transformer]" = weakref.WeakKeyDictionary()
 
@@ -58,7 +63,13 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.shape[-2]                                         # x: (…, rows, in)
+        if rows >= MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        zeros = x.new_zeros(*x.shape[:-2], MIN_ROWS - rows, x.shape[-1])
+        y = torch.ops.mkldnn._linear_pointwise(torch.cat((x, zeros), dim=-2), self.packed,
+                                               self.bias, "none", [], "")  # (…, 4, out)
+        return y[..., :rows, :]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, layout=oneDNN blocks"
