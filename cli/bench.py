@@ -66,7 +66,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "setup time (docs/fast_path.md)")
     p.add_argument("--lockstep", action="store_true",
                    help="with --fast-table: also step the variants one token at a time in "
-                        "turn (fair when the machine's load changes from second to second)")
+                        "turn; with --batch: the batch sizes take turns, one step each, each "
+                        "timed on its own clock (fair when the machine's load changes from "
+                        "second to second)")
     p.add_argument("--startup", action="store_true",
                    help="only time process start → first token and the peak memory of `run` "
                         "with the C step, float32 and GGUF blocks (--repeat fresh processes "

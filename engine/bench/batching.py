@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,6 +69,7 @@ class BatchBenchSettings:
     prefix: bool = True                 # the shared-prefix experiment too
     fast: tuple[str, ...] = ()          # also time one request alone with these fast paths
     packed: bool = True                 # the batch engine's packed projections (every row)
+    lockstep: bool = False              # the batch sizes take turns, one step each
 
     def __post_init__(self) -> None:
         self.sizes = tuple(self.sizes)
@@ -121,19 +123,68 @@ def shared_prefix_prompts(tokenizer, n: int = 8, system_tokens: int = SYSTEM_TOK
     return [system + tokenizer.encode(" " + QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
 
 
+def make_engine(lm, prompts: list[list[int]], cfg: GenerationConfig, block_size: int,
+                backend: str, prefix_caching: bool = True, packed: bool = True,
+                clock: Callable[[], float] = time.perf_counter) -> BatchEngine:
+    """An engine with room for all of `prompts` at once (no preemption)."""
+    longest = max(len(p) for p in prompts) + cfg.max_new_tokens
+    blocks = len(prompts) * -(-longest // block_size)
+    sched = SchedulerConfig(max_batch=len(prompts), block_size=block_size, num_blocks=blocks,
+                            max_step_tokens=max(512, sum(len(p) for p in prompts)),
+                            prefix_caching=prefix_caching)
+    return BatchEngine(lm.model, lm.tokenizer, sched, backend=backend, snapshots=False,
+                       packed=packed, clock=clock)
+
+
 def run_batch(lm, prompts: list[list[int]], cfg: GenerationConfig, block_size: int,
               backend: str, prefix_caching: bool = True, packed: bool = True
               ) -> tuple[BatchEngine, list]:
     """Serve `prompts` together (all arriving at once) and return the engine and its events."""
-    longest = max(len(p) for p in prompts) + cfg.max_new_tokens
-    blocks = len(prompts) * -(-longest // block_size)          # room for everyone: no preemption
-    sched = SchedulerConfig(max_batch=len(prompts), block_size=block_size, num_blocks=blocks,
-                            max_step_tokens=max(512, sum(len(p) for p in prompts)),
-                            prefix_caching=prefix_caching)
-    engine = BatchEngine(lm.model, lm.tokenizer, sched, backend=backend, snapshots=False,
-                         packed=packed)
+    engine = make_engine(lm, prompts, cfg, block_size, backend, prefix_caching, packed)
     events = list(serve(engine, [(0.0, p, cfg) for p in prompts]))
     return engine, events
+
+
+class OwnClock:
+    """A clock that runs only while its own engine steps. In lockstep the batch sizes take
+    turns, one step each, so load that comes and goes on a shared machine falls on every batch
+    size alike, step by step; the time an engine waits for the others' steps is not its own,
+    so its figures (TTFT, TPOT, tok/s: engine/metrics.py) are those of its own steps."""
+
+    def __init__(self) -> None:
+        self.spent, self.since = 0.0, None
+
+    def __call__(self) -> float:
+        running = time.perf_counter() - self.since if self.since is not None else 0.0
+        return self.spent + running
+
+    def step(self, engine: BatchEngine) -> list:
+        self.since = time.perf_counter()
+        try:
+            return engine.step()
+        finally:
+            self.spent += time.perf_counter() - self.since
+            self.since = None
+
+
+def lockstep_batches(lm, groups: dict[int, list[list[int]]], cfg: GenerationConfig,
+                     s: "BatchBenchSettings") -> dict[int, list]:
+    """Each group of prompts served by its own engine (all arriving at once), the engines
+    stepping in turn; every group's events, its BatchSummary last."""
+    clocks = {b: OwnClock() for b in groups}
+    engines = {b: make_engine(lm, prompts, cfg, s.block_size, s.backend, packed=s.packed,
+                              clock=clocks[b]) for b, prompts in groups.items()}
+    for b, engine in engines.items():
+        for p in groups[b]:
+            engine.add(p, cfg, arrival_s=0.0)
+    events: dict[int, list] = {b: [] for b in groups}
+    while any(engine.has_work() for engine in engines.values()):
+        for b, engine in engines.items():
+            if engine.has_work():
+                events[b] += clocks[b].step(engine)
+    for b, engine in engines.items():
+        events[b].append(engine.summary())
+    return events
 
 
 def tokens_by_request(events) -> dict[int, tuple[int, ...]]:
@@ -168,11 +219,17 @@ def batch_sizes(lm, s: BatchBenchSettings, result: dict,
             c = dataclasses.replace(cfg, fast=FastPathConfig.from_spec(spec))
             alone[spec].append(run_to_end(lm.model, lm.tokenizer, prompts[0], c, steps=STEPS)[1]
                                .metrics.decode_tokens_per_s)
+        name = 'warm-up' if p < s.warmup else f'pass {p - s.warmup + 1}'
+        if s.lockstep:
+            tick(f"batch: {name}, batch sizes {','.join(map(str, s.sizes))} in lockstep")
+            runs = lockstep_batches(lm, {b: prompts[:b] for b in s.sizes}, cfg, s)
         for b in s.sizes:
-            tick(f"batch: {'warm-up' if p < s.warmup else f'pass {p - s.warmup + 1}'}, "
-                 f"batch {b}")
-            engine, events = run_batch(lm, prompts[:b], cfg, s.block_size, s.backend,
-                                       packed=s.packed)
+            if s.lockstep:
+                events = runs[b]
+            else:
+                tick(f"batch: {name}, batch {b}")
+                events = run_batch(lm, prompts[:b], cfg, s.block_size, s.backend,
+                                   packed=s.packed)[1]
             summary = events[-1]
             row = rows[b]
             if p == 0:
@@ -220,7 +277,7 @@ def run_batch_bench(lm, s: BatchBenchSettings, doc: dict,
         "sizes": list(s.sizes), "max_new_tokens": s.max_new_tokens, "repeat": s.repeat,
         "warmup": s.warmup, "block_size": s.block_size, "backend": s.backend,
         "fast": list(s.fast), "threads": torch.get_num_threads(),
-        "projections": projections(lm.model, s.packed)}})
+        "projections": projections(lm.model, s.packed), "lockstep": s.lockstep}})
     sizes: dict = {}
     out["_sizes"] = sizes
     batch_sizes(lm, s, sizes, tick)
@@ -280,7 +337,6 @@ def bench_document(s: BatchBenchSettings, model: str | None, device: str, dtype:
     """Load, run both experiments, and return one JSON-ready dictionary (Ctrl+C: what was
     measured so far, marked interrupted)."""
     import datetime as _dt
-    import time
     from ..loader import load_model
     from .experiment import _plain, environment
     doc: dict = {"schema": "minillm-bench-batch/1", "complete": False, "interrupted": False,
@@ -290,7 +346,7 @@ def bench_document(s: BatchBenchSettings, model: str | None, device: str, dtype:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     n_prompts = max(s.sizes) + (8 if s.prefix else 0)
-    set_total(1 + n_prompts + (s.warmup + s.repeat) * len(s.sizes)
+    set_total(1 + n_prompts + (s.warmup + s.repeat) * (1 if s.lockstep else len(s.sizes))
               + s.repeat * (1 + len(s.fast)) + (2 if s.prefix else 0))
     try:
         tick("loading the model")

@@ -106,10 +106,12 @@ def batch_lines(doc: dict) -> tuple[list[str], list[list[str]], list[str], list[
 def batch_caption(doc: dict) -> str:
     env, st = doc.get("environment", {}), (doc.get("batch") or {}).get("settings", {})
     la = env.get("load_average_start")
+    order = ("in lockstep (the sizes take turns, step by step)" if st.get("lockstep")
+             else "interleaved")
     return (f"{doc.get('model', {}).get('name', '?')} · {env.get('device_name', '?')} "
             f"({env.get('device', '?')}, {st.get('threads', '?')} threads) · "
             f"{env.get('dtype', '?')} · {st.get('max_new_tokens')} new tokens, greedy · "
-            f"{st.get('warmup')} warm-up + {st.get('repeat')} timed passes, interleaved · "
+            f"{st.get('warmup')} warm-up + {st.get('repeat')} timed passes, {order} · "
             f"backend {st.get('backend')} · projections: {st.get('projections', '?')} · "
             f"load average {la[0] if la else '?'} at the start")
 

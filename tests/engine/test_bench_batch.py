@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 
@@ -79,6 +80,37 @@ def test_projections_are_the_same_at_every_batch_size(batch_doc, tiny_folder, tm
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert code == 0 and plain["batch"]["settings"]["projections"].startswith("the model's own")
     assert [r["identical"] for r in plain["batch"]["rows"]] == [1, 2]
+
+
+def test_own_clock_runs_only_while_its_engine_steps():
+    """In lockstep an engine's clock stands still while the other batch sizes step."""
+    clock = batching.OwnClock()
+    seen = []
+
+    class Engine:
+        def step(self):
+            start = clock()
+            time.sleep(0.01)                      # the step's own work
+            seen.append(clock() - start)
+            return ["event"]
+    assert clock() == 0.0 and clock.step(Engine()) == ["event"]
+    after = clock()
+    time.sleep(0.01)                              # another engine's step
+    assert clock() == after >= seen[0] >= 0.01
+
+
+def test_lockstep_gives_every_batch_size_its_own_figures_and_tokens(tiny_folder, tmp_path):
+    """`--batch 1,2,3 --lockstep`: the sizes step in turn, each engine on its own clock; every
+    request's tokens are still its lone run's, and the document and caption say lockstep."""
+    code = main(["bench", "--batch", "1,2,3", "--model", str(tiny_folder), "--device", "cpu",
+                 "--quick", "--threads", "1", "--no-progress", "--lockstep",
+                 "--json", str(tmp_path / "lock.json"), "--markdown", str(tmp_path / "lock.md")])
+    doc = json.loads((tmp_path / "lock.json").read_text())
+    assert code == 0 and doc["complete"] and doc["batch"]["settings"]["lockstep"]
+    rows = doc["batch"]["rows"]
+    assert [(r["batch"], r["identical"]) for r in rows] == [(1, 1), (2, 2), (3, 3)]
+    assert all(r["decode_tokens_per_s"] > 0 and r["tpot_p50_s"] > 0 for r in rows)
+    assert "in lockstep" in (tmp_path / "lock.md").read_text()
 
 
 def test_shared_prefix_rows(batch_doc):
