@@ -69,7 +69,7 @@ class BatchBenchSettings:
     prefix: bool = True                 # the shared-prefix experiment too
     fast: tuple[str, ...] = ()          # also time one request alone with these fast paths
     packed: bool = True                 # the batch engine's packed projections (every row)
-    lockstep: bool = False              # the batch sizes take turns, one step each
+    lockstep: bool = True               # the batch sizes take turns, one step each
 
     def __post_init__(self) -> None:
         self.sizes = tuple(self.sizes)

@@ -99,18 +99,23 @@ def test_own_clock_runs_only_while_its_engine_steps():
     assert clock() == after >= seen[0] >= 0.01
 
 
-def test_lockstep_gives_every_batch_size_its_own_figures_and_tokens(tiny_folder, tmp_path):
-    """`--batch 1,2,3 --lockstep`: the sizes step in turn, each engine on its own clock; every
-    request's tokens are still its lone run's, and the document and caption say lockstep."""
+def test_lockstep_by_default_and_each_size_on_its_own_with_no_lockstep(batch_doc, tiny_folder,
+                                                                        tmp_path):
+    """By default the sizes step in turn, each engine on its own clock; --no-lockstep runs
+    each size on its own. Either way every request's tokens are its lone run's, and the
+    document and the caption say which."""
+    doc, md = batch_doc
+    assert doc["batch"]["settings"]["lockstep"] and "in lockstep" in md
     code = main(["bench", "--batch", "1,2,3", "--model", str(tiny_folder), "--device", "cpu",
-                 "--quick", "--threads", "1", "--no-progress", "--lockstep",
-                 "--json", str(tmp_path / "lock.json"), "--markdown", str(tmp_path / "lock.md")])
-    doc = json.loads((tmp_path / "lock.json").read_text())
-    assert code == 0 and doc["complete"] and doc["batch"]["settings"]["lockstep"]
-    rows = doc["batch"]["rows"]
+                 "--quick", "--threads", "1", "--no-progress", "--no-lockstep",
+                 "--json", str(tmp_path / "seq.json"), "--markdown", str(tmp_path / "seq.md")])
+    seq = json.loads((tmp_path / "seq.json").read_text())
+    assert code == 0 and seq["complete"] and not seq["batch"]["settings"]["lockstep"]
+    rows = seq["batch"]["rows"]
     assert [(r["batch"], r["identical"]) for r in rows] == [(1, 1), (2, 2), (3, 3)]
     assert all(r["decode_tokens_per_s"] > 0 and r["tpot_p50_s"] > 0 for r in rows)
-    assert "in lockstep" in (tmp_path / "lock.md").read_text()
+    text = (tmp_path / "seq.md").read_text()
+    assert "interleaved" in text and "in lockstep" not in text
 
 
 def test_shared_prefix_rows(batch_doc):
@@ -150,13 +155,29 @@ def test_interrupt_keeps_the_rows_measured(tiny_folder):
     def tick(what):
         if what.endswith("batch 2") and "pass" in what:
             raise KeyboardInterrupt
-    s = batching.BatchBenchSettings(sizes=(1, 2), max_new_tokens=4, repeat=1, warmup=0)
+    s = batching.BatchBenchSettings(sizes=(1, 2), max_new_tokens=4, repeat=1, warmup=0,
+                                    lockstep=False)
     doc = batching.bench_document(s, None, "cpu", "float32", 1, tick, loaded=lm)
     assert doc["interrupted"] and not doc["complete"]
     rows = {r["batch"]: r for r in doc["batch"]["rows"]}
     assert rows[1]["samples"] and not rows[2]["samples"]
     json.dumps(doc, allow_nan=False)
     terminal.render_batch(doc, file=io.StringIO())
+
+
+def test_interrupt_in_lockstep_keeps_the_passes_measured(tiny_folder):
+    """In lockstep (the default) a pass runs every size at once: Ctrl+C in the second pass
+    keeps the first pass's rows."""
+    from engine.loader import load_model
+    lm = load_model(str(tiny_folder), "cpu", "float32")
+
+    def tick(what):
+        if "pass 2" in what:
+            raise KeyboardInterrupt
+    s = batching.BatchBenchSettings(sizes=(1, 2), max_new_tokens=4, repeat=2, warmup=0)
+    doc = batching.bench_document(s, None, "cpu", "float32", 1, tick, loaded=lm)
+    assert doc["interrupted"] and doc["batch"]["settings"]["lockstep"]
+    assert [len(r["samples"]) for r in doc["batch"]["rows"]] == [1, 1]
 
 
 @pytest.mark.parametrize("text", ["0,2", "1,x", "", "-4"])
