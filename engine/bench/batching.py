@@ -13,8 +13,13 @@ in the same run:
                    caching: peak KV blocks in use, the hit rate, identical tokens; and what a
                    contiguous cache per request would have reserved
 
-The passes are interleaved (every batch size once, then again …) so that load from elsewhere
-on a shared machine falls on every row alike; the ratios between rows are the result.
+The batch sizes run in lockstep (one engine each, taking turns one step at a time, each timed
+on its own clock: OwnClock) so that load from elsewhere on a shared machine falls on every row
+alike, step by step; `--no-lockstep` runs one size after another, pass after pass. Either way
+the ratios between rows are the result: "× batch 1" is the median of each pass's own ratio,
+with the lowest and highest. The batch engine multiplies by its packed projections
+(engine/packed_linear.py) at every batch size alike, or by the model's own with
+`--plain-weights`; "× alone" compares with generate() on the model's own weights.
 """
 
 from __future__ import annotations
