@@ -59,6 +59,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: all at once)")
     s.add_argument("--arrival-seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    s.add_argument("--plain-weights", action="store_true",
+                   help="multiply by the model's own weights (F.linear) instead of a fused copy "
+                        "packed for few-row products (float32 on the CPU: faster batches, "
+                        "one more copy of the projections in memory; docs/batching.md)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per line, in the recording format: a header, "
                         "then every event in its envelope, the summary last (`replay` plays "
@@ -102,7 +106,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
     cfg = SchedulerConfig(max_batch=a.max_batch, max_step_tokens=a.max_step_tokens,
                           block_size=a.block_size, num_blocks=blocks,
                           prefix_caching=not a.no_prefix_caching)
-    engine = BatchEngine(lm.model, lm.tokenizer, cfg, backend=backend, model_name=lm.name)
+    engine = BatchEngine(lm.model, lm.tokenizer, cfg, backend=backend, model_name=lm.name,
+                         packed=not a.plain_weights)
     for (line, _), request_ids, gcfg in zip(prompts, ids, configs):
         try:
             engine.check_request(request_ids, gcfg)

@@ -64,13 +64,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "variant (--fast; default: every one this model can run) beside "
                         "transformers, with the bytes per step, the bandwidth ceiling and the "
                         "setup time (docs/fast_path.md)")
-    p.add_argument("--lockstep", action="store_true",
+    p.add_argument("--lockstep", action=argparse.BooleanOptionalAction, default=None,
                    help="with --fast-table: also step the variants one token at a time in "
-                        "turn (fair when the machine's load changes from second to second)")
+                        "turn (default: off); with --batch: the batch sizes take turns, one "
+                        "step each, each timed on its own clock (default: on; --no-lockstep "
+                        "runs each size on its own, pass after pass). Fair when the machine's "
+                        "load changes from second to second")
     p.add_argument("--startup", action="store_true",
                    help="only time process start → first token and the peak memory of `run` "
                         "with the C step, float32 and GGUF blocks (--repeat fresh processes "
                         "each)")
+    p.add_argument("--plain-weights", action="store_true",
+                   help="with --batch: the batch engine multiplies by the model's own weights "
+                        "(F.linear) at every batch size, instead of its fused copy packed for "
+                        "few-row products (docs/batching.md)")
     p.add_argument("--batch", metavar="SIZES", default=None,
                    help="instead of the standard experiment, measure continuous batching at "
                         "these batch sizes, e.g. 1,2,4,8,16: aggregate decode tok/s, TPOT, "

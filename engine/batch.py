@@ -41,7 +41,7 @@ from .events import (BatchStarted, BatchSummary, PoolSnapshot, PrefillChunk, Req
                      RequestArrived, RequestFinished, RequestPreempted, RequestResumed,
                      RequestToken, SequenceView, StepDone)
 from .metrics import (BatchMetrics, RunMetrics, compute_batch_metrics, compute_metrics,
-                      tokens_per_s)
+                      tokens_per_s, tpot_s)
 from .model import Transformer
 from .runner import ModelRunner
 from .sampling import make_generator, sample, token_logprobs
@@ -54,13 +54,13 @@ class BatchEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, cfg: SchedulerConfig,
                  backend: str | AttentionBackend = "sdpa",
                  clock: Callable[[], float] = time.perf_counter, snapshots: bool = True,
-                 model_name: str = ""):
+                 model_name: str = "", packed: bool = True):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         if isinstance(backend, str):
             backend = get_backend(backend, model.device)
         self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks)
-        self.runner = ModelRunner(model, backend, cfg.num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model, backend, cfg.num_blocks, cfg.block_size, packed)
         self.clock, self.t0 = clock, clock()
         self.snapshots = snapshots             # a PoolSnapshot after every step
         self.sequences: dict[int, Sequence] = {}
@@ -211,6 +211,7 @@ class BatchEngine:
         previous = seq.token_times[-1] if seq.token_times else seq.arrival_s
         seq.tokens.append(token)
         seq.token_times.append(now)
+        seq.latencies.append(now - previous)
         self.new_tokens += 1
         kept = None
         if seq.logits is not None:
@@ -221,7 +222,8 @@ class BatchEngine:
         out = [RequestToken(request=seq.id, id=token, text=seq.stream.push(token),
                             position=len(seq.tokens) - 1, index=len(seq.generated) - 1,
                             latency_s=now - previous, time_s=now, logits=kept,
-                            logprob=logprob, top_logprobs=top)]
+                            logprob=logprob, top_logprobs=top,
+                            tpot_s=_real(tpot_s(seq.latencies)))]
         cfg, generated = seq.config, seq.generated
         if cfg.stop_at_eos and token in self.tokenizer.eos_token_ids:
             self._finish(seq, "eos", now)
@@ -233,7 +235,7 @@ class BatchEngine:
 
     def _finish(self, seq: Sequence, reason: str, now: float, error: str | None = None) -> None:
         self.scheduler.finish(seq, reason)
-        gaps = [b - a for a, b in zip([seq.arrival_s] + seq.token_times, seq.token_times)]
+        gaps = seq.latencies
         m = compute_metrics(len(seq.prompt), gaps[0] if gaps else 0.0, gaps,
                             self.model.device, 0)
         if reason not in ("error", "cancelled"):

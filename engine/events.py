@@ -490,7 +490,9 @@ class PrefillChunk:
 @dataclass(frozen=True, slots=True)
 class RequestToken:
     """One new token of request r. `latency_s` is the time since its previous token — for the
-    first token, since its arrival (the time to first token)."""
+    first token, since its arrival (the time to first token). `tpot_s`: the request's TPOT so
+    far (engine/metrics.py, over its latencies up to this token; None before its second), what
+    RequestFinished will say once it ends — so a live view shows it while the request runs."""
     request: int
     id: int
     text: str                   # the new text it completes (may be "" mid-character)
@@ -502,6 +504,7 @@ class RequestToken:
     logits: Any = field(default=None, compare=False, metadata={"local": True})
     logprob: float | None = None                        # as Token's, when asked for
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    tpot_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,10 @@ table[position // block_size], position % block_size), then lets each query read
 
 Writing before reading is what lets two requests admitted in the same step share a prefix block
 that one of them is computing in that very step (engine/cache/block_manager.py).
+
+On the CPU in float32 the forward runs on a copy of the model whose projections are fused and
+packed once for few-row products (engine/packed_linear.py): with the model's own weights, 8 rows
+cost 1.6–1.9× what 1 row costs; packed, ~1.1× (docs/batching.md, "Measured").
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionBackend
 from .model import Transformer
+from .packed_linear import packed_model
 from .scheduler import Chunk
 
 
@@ -61,7 +66,9 @@ class PackedBatch:
     decode: list[Segment]       # segments of one row (decode steps)
     decode_rows: torch.Tensor   # (D,) their rows
     decode_tables: torch.Tensor  # (D, max blocks) long, padded with block 0
-    decode_mask: torch.Tensor   # (D, 1, 1, max blocks · block size) True where a key is theirs
+    decode_mask: torch.Tensor   # (D, 1, 1, max blocks · block size) 0 where a key is theirs,
+                                # -inf elsewhere: built once a step, read by every layer
+    only_decode: bool           # every row is a decode row, in order (the usual step)
     # The triton path: every row in one launch.
     tables: torch.Tensor        # (S, max blocks) int32, one block table per segment, padded
     row_seq: torch.Tensor       # (N,) int32 segment of each row
@@ -69,7 +76,7 @@ class PackedBatch:
 
     @classmethod
     def build(cls, chunks: list[Chunk], tables: dict[int, list[int]], block_size: int,
-              device: torch.device) -> "PackedBatch":
+              device: torch.device, dtype: torch.dtype = torch.float32) -> "PackedBatch":
         ids, pos, blocks, offsets, samples, row_seq = [], [], [], [], [], []
         segments, seq_tables = [], []
         for s, c in enumerate(chunks):
@@ -91,6 +98,9 @@ class PackedBatch:
         decode_width = max((len(seq_tables[i]) for i in one), default=0)
         keys = torch.arange(decode_width * block_size, device=device)
         lengths = torch.tensor([segments[i].start + 1 for i in one], device=device)
+        # The additive form of the mask (what SDPA makes of a boolean one, in every layer).
+        mask = torch.zeros((len(one), 1, 1, len(keys)), dtype=dtype, device=device)
+        mask.masked_fill_(keys >= lengths[:, None, None, None], float("-inf"))
 
         def long(x):
             return torch.tensor(x, dtype=torch.long, device=device)
@@ -100,7 +110,7 @@ class PackedBatch:
                    decode=[segments[i] for i in one],
                    decode_rows=long([segments[i].row for i in one]),
                    decode_tables=long([padded[i][:decode_width] for i in one]),
-                   decode_mask=(keys < lengths[:, None])[:, None, None, :],
+                   decode_mask=mask, only_decode=len(one) == len(ids),
                    tables=torch.tensor(padded, dtype=torch.int32, device=device),
                    row_seq=torch.tensor(row_seq, dtype=torch.int32, device=device),
                    row_pos=torch.tensor(pos, dtype=torch.int32, device=device))
@@ -128,6 +138,9 @@ class PagedBatchAttention:
             return self.backend.attend_paged_rows(q, k_pool, v_pool, b.tables, b.row_seq,
                                                   b.row_pos)
         # 2. Read: each sequence's queries against its own keys.
+        if self.masked_decode and b.only_decode:      # nothing to pick out or put back
+            return decode_attention(q[0], k_pool, v_pool, b.decode_tables,
+                                    b.decode_mask).unsqueeze(0)           # (1, H, N, hd)
         out = torch.empty_like(q)                                         # (1, H, N, hd)
         rest = b.segments
         if self.masked_decode and b.decode:
@@ -145,8 +158,9 @@ def gather(k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
            length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's K/V copied out of its blocks: (1, n_kv, length, hd) each."""
     n_kv, hd = k_pool.shape[1], k_pool.shape[3]
-    k = k_pool[table].transpose(0, 1).reshape(n_kv, -1, hd)[:, :length]   # (n_kv, length, hd)
-    v = v_pool[table].transpose(0, 1).reshape(n_kv, -1, hd)[:, :length]
+    # index_select, not k_pool[table]: the same copy, several times faster for small tables.
+    k = k_pool.index_select(0, table).transpose(0, 1).reshape(n_kv, -1, hd)[:, :length]
+    v = v_pool.index_select(0, table).transpose(0, 1).reshape(n_kv, -1, hd)[:, :length]
     return k.unsqueeze(0), v.unsqueeze(0)
 
 
@@ -155,12 +169,16 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     """One new query per sequence, all sequences in one SDPA call.
 
     q: (H, D, hd), row i the query of sequence i; tables: (D, W) its block table, padded to the
-    longest; mask: (D, 1, 1, W · block size), True for the keys 0 … position of sequence i.
-    Each sequence's keys are gathered through its table; the mask hides the padding, so row i's
-    softmax runs over exactly its own keys. Returns (H, D, hd)."""
+    longest; mask: (D, 1, 1, W · block size), 0 for the keys 0 … position of sequence i and
+    -inf after (a boolean mask works too). Each sequence's keys are gathered through its table;
+    the mask hides the padding, so row i's softmax runs over exactly its own keys.
+    Returns (H, D, hd)."""
     (D, W), (_, n_kv, bs, hd) = tables.shape, k_pool.shape
-    keys = k_pool[tables].transpose(1, 2).reshape(D, n_kv, W * bs, hd)    # (D, n_kv, L, hd)
-    values = v_pool[tables].transpose(1, 2).reshape(D, n_kv, W * bs, hd)
+    flat = tables.reshape(-1)                                             # (D·W,)
+    keys = (k_pool.index_select(0, flat).view(D, W, n_kv, bs, hd)         # (D, W, n_kv, bs, hd)
+            .transpose(1, 2).reshape(D, n_kv, W * bs, hd))                # (D, n_kv, L, hd)
+    values = (v_pool.index_select(0, flat).view(D, W, n_kv, bs, hd)
+              .transpose(1, 2).reshape(D, n_kv, W * bs, hd))
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(2), keys, values,                     # q: (D, H, 1, hd)
         attn_mask=mask, enable_gqa=n_kv != q.shape[0])                    # → (D, H, 1, hd)
@@ -171,8 +189,11 @@ class ModelRunner:
     """Owns the K/V pool tensors and runs a step's chunks through the model."""
 
     def __init__(self, model: Transformer, backend: AttentionBackend, num_blocks: int,
-                 block_size: int):
+                 block_size: int, packed: bool = True):
         cfg = model.cfg
+        # The forward runs on a copy whose projections are fused and packed for few-row
+        # products (engine/packed_linear.py) where that applies; `model` stays untouched.
+        model = packed_model(model) if packed else model
         shape = (cfg.n_layers, num_blocks, cfg.n_kv_heads, block_size, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)   # the pool
         self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
@@ -197,7 +218,8 @@ class ModelRunner:
         """(R, vocab) float32 logits: one row per chunk that samples, in chunk order."""
         self.copy_blocks(list(copies))
         self.model.ensure_rope(max(c.end for c in chunks))   # positions come as a tensor here
-        batch = PackedBatch.build(chunks, tables, self.block_size, self.model.device)
+        batch = PackedBatch.build(chunks, tables, self.block_size, self.model.device,
+                                  self.model.dtype)
         attend = PagedBatchAttention(self.backend, self.k, self.v, batch)
         logits = self.model(batch.tokens, 0, attend, positions=batch.positions,
                             rows=batch.sample_rows)                          # (1, R, vocab)

@@ -44,6 +44,9 @@ class Sequence:
     status: Status = Status.WAITING
     admitted_s: float | None = None    # first admission
     token_times: list[float] = field(default_factory=list)   # when each new token was sampled
+    latencies: list[float] = field(default_factory=list)     # arrival → first token, then the
+                                                             # gaps between tokens (its TTFT,
+                                                             # its TPOT: engine/metrics.py)
     cached_tokens: int = 0             # prompt tokens found in the prefix cache at admission
     preemptions: int = 0
     finish_reason: str | None = None

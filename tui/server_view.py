@@ -32,7 +32,7 @@ class RequestState:
     cached_tokens: int = 0
     preemptions: int = 0
     ttft_s: float | None = None     # the engine's: its first token's latency (from arrival)
-    tpot_s: float | None = None     # the engine's, once it finished
+    tpot_s: float | None = None     # the engine's: so far while it runs, then its final one
     reason: str = ""
     error: str | None = None
 
@@ -95,6 +95,7 @@ class BatchView:
             r.state = "running"
             if ev.index == 0:
                 r.ttft_s = ev.latency_s
+            r.tpot_s = ev.tpot_s
         elif isinstance(ev, RequestAdmitted) and r is not None:
             r.state, r.cached_tokens = "running", ev.cached_tokens
             cached = f", {ev.cached_tokens} from the prefix cache" if ev.cached_tokens else ""

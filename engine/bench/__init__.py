@@ -45,7 +45,7 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
                          bandwidth=not a.no_bandwidth, quick=a.quick, block_size=a.block_size,
                          threads=a.threads, fast=tuple(a.fast),
                          fast_table=getattr(a, "fast_table", False),
-                         lockstep=getattr(a, "lockstep", False))
+                         lockstep=bool(getattr(a, "lockstep", False)))
 
 
 def cmd_bench(args: argparse.Namespace, loaded=None) -> int:
@@ -84,7 +84,8 @@ def cmd_batch_bench(args: argparse.Namespace, loaded=None) -> int:
         sizes=batching.parse_sizes(args.batch), block_size=args.block_size,
         max_new_tokens=min(args.max_new_tokens, 16) if args.quick else args.max_new_tokens,
         repeat=1 if args.quick else args.repeat, warmup=0 if args.quick else args.warmup,
-        backend=(args.backends or ("sdpa",))[0], fast=tuple(args.fast))
+        backend=(args.backends or ("sdpa",))[0], fast=tuple(args.fast),
+        packed=not args.plain_weights, lockstep=args.lockstep is not False)
     with terminal.progress(progress_mode(args)) as (tick, set_total):
         doc = batching.bench_document(s, args.model, args.device, args.dtype, args.threads,
                                       tick, set_total, loaded)

@@ -13,14 +13,20 @@ in the same run:
                    caching: peak KV blocks in use, the hit rate, identical tokens; and what a
                    contiguous cache per request would have reserved
 
-The passes are interleaved (every batch size once, then again …) so that load from elsewhere
-on a shared machine falls on every row alike; the ratios between rows are the result.
+The batch sizes run in lockstep (one engine each, taking turns one step at a time, each timed
+on its own clock: OwnClock) so that load from elsewhere on a shared machine falls on every row
+alike, step by step; `--no-lockstep` runs one size after another, pass after pass. Either way
+the ratios between rows are the result: "× batch 1" is the median of each pass's own ratio,
+with the lowest and highest. The batch engine multiplies by its packed projections
+(engine/packed_linear.py) at every batch size alike, or by the model's own with
+`--plain-weights`; "× alone" compares with generate() on the model's own weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +37,7 @@ from ..batch import BatchEngine, serve
 from ..config import ConfigError, FastPathConfig, GenerationConfig
 from ..decoding import run_to_end
 from ..fast import STEPS
+from ..packed_linear import can_pack
 from ..scheduler import SchedulerConfig
 from ..units import format_ms, format_number
 from .runs import summarise
@@ -66,6 +73,8 @@ class BatchBenchSettings:
     backend: str = "sdpa"
     prefix: bool = True                 # the shared-prefix experiment too
     fast: tuple[str, ...] = ()          # also time one request alone with these fast paths
+    packed: bool = True                 # the batch engine's packed projections (every row)
+    lockstep: bool = True               # the batch sizes take turns, one step each
 
     def __post_init__(self) -> None:
         self.sizes = tuple(self.sizes)
@@ -119,17 +128,68 @@ def shared_prefix_prompts(tokenizer, n: int = 8, system_tokens: int = SYSTEM_TOK
     return [system + tokenizer.encode(" " + QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
 
 
-def run_batch(lm, prompts: list[list[int]], cfg: GenerationConfig, block_size: int,
-              backend: str, prefix_caching: bool = True) -> tuple[BatchEngine, list]:
-    """Serve `prompts` together (all arriving at once) and return the engine and its events."""
+def make_engine(lm, prompts: list[list[int]], cfg: GenerationConfig, block_size: int,
+                backend: str, prefix_caching: bool = True, packed: bool = True,
+                clock: Callable[[], float] = time.perf_counter) -> BatchEngine:
+    """An engine with room for all of `prompts` at once (no preemption)."""
     longest = max(len(p) for p in prompts) + cfg.max_new_tokens
-    blocks = len(prompts) * -(-longest // block_size)          # room for everyone: no preemption
+    blocks = len(prompts) * -(-longest // block_size)
     sched = SchedulerConfig(max_batch=len(prompts), block_size=block_size, num_blocks=blocks,
                             max_step_tokens=max(512, sum(len(p) for p in prompts)),
                             prefix_caching=prefix_caching)
-    engine = BatchEngine(lm.model, lm.tokenizer, sched, backend=backend, snapshots=False)
+    return BatchEngine(lm.model, lm.tokenizer, sched, backend=backend, snapshots=False,
+                       packed=packed, clock=clock)
+
+
+def run_batch(lm, prompts: list[list[int]], cfg: GenerationConfig, block_size: int,
+              backend: str, prefix_caching: bool = True, packed: bool = True
+              ) -> tuple[BatchEngine, list]:
+    """Serve `prompts` together (all arriving at once) and return the engine and its events."""
+    engine = make_engine(lm, prompts, cfg, block_size, backend, prefix_caching, packed)
     events = list(serve(engine, [(0.0, p, cfg) for p in prompts]))
     return engine, events
+
+
+class OwnClock:
+    """A clock that runs only while its own engine steps. In lockstep the batch sizes take
+    turns, one step each, so load that comes and goes on a shared machine falls on every batch
+    size alike, step by step; the time an engine waits for the others' steps is not its own,
+    so its figures (TTFT, TPOT, tok/s: engine/metrics.py) are those of its own steps."""
+
+    def __init__(self) -> None:
+        self.spent, self.since = 0.0, None
+
+    def __call__(self) -> float:
+        running = time.perf_counter() - self.since if self.since is not None else 0.0
+        return self.spent + running
+
+    def step(self, engine: BatchEngine) -> list:
+        self.since = time.perf_counter()
+        try:
+            return engine.step()
+        finally:
+            self.spent += time.perf_counter() - self.since
+            self.since = None
+
+
+def lockstep_batches(lm, groups: dict[int, list[list[int]]], cfg: GenerationConfig,
+                     s: "BatchBenchSettings") -> dict[int, list]:
+    """Each group of prompts served by its own engine (all arriving at once), the engines
+    stepping in turn; every group's events, its BatchSummary last."""
+    clocks = {b: OwnClock() for b in groups}
+    engines = {b: make_engine(lm, prompts, cfg, s.block_size, s.backend, packed=s.packed,
+                              clock=clocks[b]) for b, prompts in groups.items()}
+    for b, engine in engines.items():
+        for p in groups[b]:
+            engine.add(p, cfg, arrival_s=0.0)
+    events: dict[int, list] = {b: [] for b in groups}
+    while any(engine.has_work() for engine in engines.values()):
+        for b, engine in engines.items():
+            if engine.has_work():
+                events[b] += clocks[b].step(engine)
+    for b, engine in engines.items():
+        events[b].append(engine.summary())
+    return events
 
 
 def tokens_by_request(events) -> dict[int, tuple[int, ...]]:
@@ -164,10 +224,17 @@ def batch_sizes(lm, s: BatchBenchSettings, result: dict,
             c = dataclasses.replace(cfg, fast=FastPathConfig.from_spec(spec))
             alone[spec].append(run_to_end(lm.model, lm.tokenizer, prompts[0], c, steps=STEPS)[1]
                                .metrics.decode_tokens_per_s)
+        name = 'warm-up' if p < s.warmup else f'pass {p - s.warmup + 1}'
+        if s.lockstep:
+            tick(f"batch: {name}, batch sizes {','.join(map(str, s.sizes))} in lockstep")
+            runs = lockstep_batches(lm, {b: prompts[:b] for b in s.sizes}, cfg, s)
         for b in s.sizes:
-            tick(f"batch: {'warm-up' if p < s.warmup else f'pass {p - s.warmup + 1}'}, "
-                 f"batch {b}")
-            engine, events = run_batch(lm, prompts[:b], cfg, s.block_size, s.backend)
+            if s.lockstep:
+                events = runs[b]
+            else:
+                tick(f"batch: {name}, batch {b}")
+                events = run_batch(lm, prompts[:b], cfg, s.block_size, s.backend,
+                                   packed=s.packed)[1]
             summary = events[-1]
             row = rows[b]
             if p == 0:
@@ -192,7 +259,8 @@ def shared_prefix(lm, s: BatchBenchSettings, result: dict,
                   prompt_tokens=[len(p) for p in prompts], block_size=s.block_size)
     for caching in (True, False):
         tick(f"batch: shared prefix, prefix caching {'on' if caching else 'off'}")
-        engine, events = run_batch(lm, prompts, cfg, s.block_size, s.backend, caching)
+        engine, events = run_batch(lm, prompts, cfg, s.block_size, s.backend, caching,
+                                   s.packed)
         summary = events[-1]
         got = tokens_by_request(events)
         result["on" if caching else "off"] = {
@@ -213,7 +281,8 @@ def run_batch_bench(lm, s: BatchBenchSettings, doc: dict,
     out = doc.setdefault("batch", {"settings": {
         "sizes": list(s.sizes), "max_new_tokens": s.max_new_tokens, "repeat": s.repeat,
         "warmup": s.warmup, "block_size": s.block_size, "backend": s.backend,
-        "fast": list(s.fast), "threads": torch.get_num_threads()}})
+        "fast": list(s.fast), "threads": torch.get_num_threads(),
+        "projections": projections(lm.model, s.packed), "lockstep": s.lockstep}})
     sizes: dict = {}
     out["_sizes"] = sizes
     batch_sizes(lm, s, sizes, tick)
@@ -237,11 +306,23 @@ def finish(doc: dict) -> None:
     out["alone_fast_decode_tokens_per_s"] = {spec: statistics.median(v) if v else None
                                              for spec, v in runs.items() if spec}
     for r in rows:
-        r["over_batch_1"] = (r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-                             if base and r["decode_tokens_per_s"] else None)
+        # Each pass ran every batch size back to back, so a pass's own ratio compares rows
+        # measured under the same load: the median of those is the figure, with its range.
+        per_pass = ([b / a for a, b in zip(base["samples"], r["samples"]) if a and b]
+                    if base else [])
+        ratio = summarise(per_pass)
+        r["over_batch_1"] = ratio["median"]
+        r["over_batch_1_min"], r["over_batch_1_max"] = ratio["min"], ratio["max"]
+        r["over_batch_1_per_pass"] = per_pass
         r["over_alone"] = (r["decode_tokens_per_s"] / out["alone_decode_tokens_per_s"]
                            if alone and r["decode_tokens_per_s"] else None)
     out["rows"] = rows
+
+
+def projections(model, packed: bool) -> str:
+    """How the batch engine multiplies by the weights (the same for every batch size)."""
+    return ("fused, packed for oneDNN (engine/packed_linear.py)"
+            if packed and can_pack(model) else "the model's own nn.Linear (F.linear)")
 
 
 # ----------------------------------------------------------------------------- one document
@@ -261,7 +342,6 @@ def bench_document(s: BatchBenchSettings, model: str | None, device: str, dtype:
     """Load, run both experiments, and return one JSON-ready dictionary (Ctrl+C: what was
     measured so far, marked interrupted)."""
     import datetime as _dt
-    import time
     from ..loader import load_model
     from .experiment import _plain, environment
     doc: dict = {"schema": "minillm-bench-batch/1", "complete": False, "interrupted": False,
@@ -271,7 +351,7 @@ def bench_document(s: BatchBenchSettings, model: str | None, device: str, dtype:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     n_prompts = max(s.sizes) + (8 if s.prefix else 0)
-    set_total(1 + n_prompts + (s.warmup + s.repeat) * len(s.sizes)
+    set_total(1 + n_prompts + (s.warmup + s.repeat) * (1 if s.lockstep else len(s.sizes))
               + s.repeat * (1 + len(s.fast)) + (2 if s.prefix else 0))
     try:
         tick("loading the model")

@@ -80,7 +80,9 @@ def batch_lines(doc: dict) -> tuple[list[str], list[list[str]], list[str], list[
                      format_number(r["decode_tokens_per_s"]) + (
                          f" ±{r['decode_spread_pct']:.0f}%" if r.get("decode_spread_pct")
                          is not None else ""),
-                     format_number(r["over_batch_1"], "{:.2f}×"),
+                     format_number(r["over_batch_1"], "{:.2f}×") + (
+                         f" ({r['over_batch_1_min']:.2f}–{r['over_batch_1_max']:.2f})"
+                         if len(r.get("over_batch_1_per_pass") or ()) > 1 else ""),
                      format_number(r.get("over_alone"), "{:.2f}×"),
                      format_seconds(r["tpot_p50_s"]),
                      format_seconds(r["ttft_p50_s"]), f"{r['identical']}/{r['requests']}"])
@@ -104,11 +106,14 @@ def batch_lines(doc: dict) -> tuple[list[str], list[list[str]], list[str], list[
 def batch_caption(doc: dict) -> str:
     env, st = doc.get("environment", {}), (doc.get("batch") or {}).get("settings", {})
     la = env.get("load_average_start")
+    order = ("in lockstep (the sizes take turns, step by step)" if st.get("lockstep")
+             else "interleaved")
     return (f"{doc.get('model', {}).get('name', '?')} · {env.get('device_name', '?')} "
             f"({env.get('device', '?')}, {st.get('threads', '?')} threads) · "
             f"{env.get('dtype', '?')} · {st.get('max_new_tokens')} new tokens, greedy · "
-            f"{st.get('warmup')} warm-up + {st.get('repeat')} timed passes, interleaved · "
-            f"backend {st.get('backend')} · load average {la[0] if la else '?'} at the start")
+            f"{st.get('warmup')} warm-up + {st.get('repeat')} timed passes, {order} · "
+            f"backend {st.get('backend')} · projections: {st.get('projections', '?')} · "
+            f"load average {la[0] if la else '?'} at the start")
 
 
 def batch_alone_lines(doc: dict) -> list[str]:
@@ -125,6 +130,7 @@ def batch_alone_lines(doc: dict) -> list[str]:
 
 def batch_titles(doc: dict) -> tuple[str, str]:
     system = ((doc.get("batch") or {}).get("prefix") or {}).get("system_tokens", 200)
-    return ("continuous batching: B requests at once (median of the passes)",
+    return ("continuous batching: B requests at once (median of the passes; × batch 1: the "
+            "median of each pass's own ratio, lowest–highest in brackets)",
             f"8 requests sharing a {system}-token system prompt")
 

@@ -328,6 +328,27 @@ def test_events_tell_the_story_and_round_trip_through_json():
     assert 0 < summary.prefix_hit_rate < 1
 
 
+def test_each_token_carries_the_tpot_so_far():
+    """A live view shows a running request's TPOT: every RequestToken carries it, by
+    engine/metrics.py's definition over the latencies so far (None at the first token), and
+    the last one is what RequestFinished says — preempted and resumed requests too."""
+    from engine.metrics import tpot_s
+    model = model64()
+    requests = [(list(range(40, 52)), gen(7)), (list(range(60, 75)), gen(9)),
+                (list(b"abc"), gen(5))]
+    engine = BatchEngine(model, TOK, SchedulerConfig(max_batch=3, max_step_tokens=16,
+                                                     block_size=4, num_blocks=9))
+    events = drive(engine, {0: requests[:2], 2: requests[2:]})
+    assert engine.scheduler.preemptions > 0                 # the pool is too small for all
+    for rid, fin in finished(events).items():
+        tokens = [e for e in events if isinstance(e, be.RequestToken) and e.request == rid]
+        latencies = [e.latency_s for e in tokens]
+        assert tokens[0].tpot_s is None and len(tokens) == len(fin.tokens) > 2
+        for i, e in enumerate(tokens[1:], start=2):
+            assert e.tpot_s == tpot_s(latencies[:i]) > 0
+        assert tokens[-1].tpot_s == fin.tpot_s
+
+
 def test_rope_tables_grow_for_a_packed_batch(monkeypatch):
     """The RoPE tables are built lazily up to the positions runs reach; a packed batch brings
     its positions as a tensor, so the runner grows them first."""

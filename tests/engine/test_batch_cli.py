@@ -38,9 +38,12 @@ def events_of(stdout: str) -> list:
     return [e.event for e in envelopes]
 
 
-def test_json_events_and_each_request_as_alone(tiny_folder, prompts_file, capsys):
+@pytest.mark.parametrize("weights", [[], ["--plain-weights"]])
+def test_json_events_and_each_request_as_alone(tiny_folder, prompts_file, capsys, weights):
+    """With the batch engine's packed projections (the default) and with the model's own."""
     rc = main(["batch", "--prompts", str(prompts_file), "--model", str(tiny_folder),
-               "--max-new-tokens", "6", "--block-size", "4", "--json", "--threads", "1"])
+               "--max-new-tokens", "6", "--block-size", "4", "--json", "--threads", "1",
+               *weights])
     assert rc == 0
     events = events_of(capsys.readouterr().out)
     assert isinstance(events[0], be.BatchStarted) and isinstance(events[-1], be.BatchSummary)

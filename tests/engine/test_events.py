@@ -69,6 +69,8 @@ SAMPLES = [
     E.PrefillChunk(request=3, start=4, tokens=1, last=True, step=2),
     E.RequestToken(request=3, id=42, text=" wor", position=5, index=0, latency_s=0.5,
                    time_s=0.75),
+    E.RequestToken(request=3, id=43, text="ld", position=6, index=1, latency_s=0.25,
+                   time_s=1.0, tpot_s=0.25),
     E.RequestPreempted(request=3, freed_blocks=2, recompute_tokens=6, step=3, time_s=1.0),
     E.RequestResumed(request=3, cached_tokens=4, recompute_tokens=2, time_s=1.5),
     E.RequestFinished(request=3, reason="error", tokens=(42,), text=" wor", prompt_tokens=5,

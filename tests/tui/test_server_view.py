@@ -16,7 +16,7 @@ from textual.geometry import Region
 
 import tui.screens.server as server
 from engine.config import GenerationConfig
-from engine.events import RequestFinished
+from engine.events import RequestFinished, RequestToken
 from engine.recording import Recorder, header
 from engine.requests import BatchRequest
 from engine.workload import BUILTIN_PROMPTS
@@ -25,7 +25,7 @@ from tui.screens.main import MainScreen
 from tui.screens.server import ServerScreen
 from tui.settings import Settings
 from tui.widgets.block_pool import BlockPool
-from tui.widgets.request_lanes import RequestLanes
+from tui.widgets.request_lanes import RequestLanes, seconds
 from tui.widgets.server_stats import ServerStats
 
 from .conftest import drive, finished, make_app, ready, replays_without_torch, wait_for
@@ -111,6 +111,31 @@ async def test_sixteen_requests_readable_and_nothing_spills(size):
                 if isinstance(e.event, RequestFinished)}
         r3 = next(r for r in rows if r.lstrip().startswith("██ r3 "))
         assert f"{fins[3].ttft_s * 1e3:.0f} ms" in r3
+
+
+async def test_a_running_request_shows_its_tpot_so_far():
+    """While a request runs, its lane shows a TPOT the engine sent with its tokens
+    (RequestToken.tpot_s, engine/metrics.py's figure), not "—" until it finishes."""
+    app = make_app(delay=0.05, max_new_tokens=40)
+    async with drive(app, (200, 50)) as (pilot, seen):
+        await start(pilot)
+
+        def sent(request: int) -> set[str]:
+            return {seconds(e.event.tpot_s) for b in seen.batches for e in b.envelopes
+                    if isinstance(e.event, RequestToken) and e.event.request == request
+                    and e.event.tpot_s is not None}
+
+        def a_running_lane_shows_it() -> bool:
+            rows = lines(app.screen.query_one(RequestLanes))
+            for r in view(app).requests.values():
+                row = next((x for x in rows if x.lstrip().startswith(f"██ r{r.request} ")), "")
+                figures = sent(r.request)
+                if "▶" in row and figures and any(f"TPOT {f:>6}" in row for f in figures):
+                    return True
+            return False
+        await wait_for(pilot, a_running_lane_shows_it, 30, "a running lane with its TPOT")
+        await pilot.press("x")
+        await batch_over(pilot)
 
 
 async def test_x_stops_the_batch_and_the_app_is_free_again():

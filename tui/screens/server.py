@@ -9,7 +9,7 @@
     ╰────────────────────────────────────────────────────────────────────────────╯
     r7 preempted: 5 blocks freed, 98 tokens to recompute
     ╭─ Requests ────────────────────────────────────────────────────────────────╮
-    │ ██ r0 ▶ ━━━━━───── 23/50  TTFT 410 ms  TPOT   —  │ … its text             │
+    │ ██ r0 ▶ ━━━━━───── 23/50  TTFT 410 ms  TPOT  88 ms │ … its text           │
 
 `B` in the app starts a batch — the prompts of `--prompts FILE`, or the built-in ones
 (engine/workload.py: 16 questions behind one system prompt) — with the app's sampling and

@@ -1,14 +1,15 @@
 """The server view's lanes: one line per request of a batch, all running at once.
 
-    ██ r3  ▶ ━━━━━━──── 23/50  TTFT 0.41 s  TPOT   —    │ … the tail of its text
-    ██ r4  ⏸ ━━━───────  9/50  TTFT 0.52 s  TPOT   —    │ … preempted: waits to recompute
+    ██ r3  ▶ ━━━━━━──── 23/50  TTFT 0.41 s  TPOT 88 ms  │ … the tail of its text
+    ██ r4  ⏸ ━━━───────  9/50  TTFT 0.52 s  TPOT 95 ms  │ … preempted: waits to recompute
     ██ r5  ✓ ━━━━━━━━━━ 50/50  TTFT 0.38 s  TPOT 92 ms  │ … finished
+    ██ r6  ▶ ━─────────  1/50  TTFT 0.60 s  TPOT   —    │ … one token: no TPOT yet
 
 The race lanes (tui/widgets/race_lanes.py) with other rows: the requests of a batch run
 *together*, so there is no reference to compare with — each lane says where its request is
 (· waiting, ▶ running, ⏸ preempted, ✓ done, ■ stopped, ✗ failed), its colour is its blocks'
-colour in the pool, and its figures are the engine's (TTFT from its first token, TPOT once it
-finished). Where the box is tall enough each request gets a second line: its question (the
+colour in the pool, and its figures are the engine's (TTFT from its first token; TPOT from
+its second, so far while it runs — each RequestToken carries it — then its final one). Where the box is tall enough each request gets a second line: its question (the
 end of its prompt) beside its figures, its answer below. The screen scrolls the lanes.
 """
 
