@@ -42,7 +42,8 @@
  * intrinsics, 32 weights at a time; the portable build (no intrinsics, no OpenMP:
  * -DMINILLM_PORTABLE, or any CPU without AVX2, such as an ARM Mac) writes each block as eight
  * independent float lanes, a loop shape a compiler vectorises by itself (NEON, SSE) without
- * reordering any sum.
+ * reordering any sum. Where the CPU also has AVX-512, Q4_0 / Q4_1 rows take a third, 16-lane
+ * arrangement with fewer instructions per block ("AVX-512: 16 lanes" below).
  * Included by decode_step.c after gemv.c (which defines VECTOR and hsum).
  */
 #include <stdint.h>
