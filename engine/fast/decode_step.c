@@ -218,6 +218,29 @@ static float exp_shifted(float *s, int64_t T, float max)
 }
 #endif
 
+/* gate_i ← SiLU(gate_i) · up_i = gate_i · σ(gate_i) · up_i, with σ written so e^x only ever
+ * sees x ≤ 0: σ(g) = 1 / (1 + e^−g) for g ≥ 0, e^g / (1 + e^g) for g < 0 (the same value). Eight
+ * lanes at a time with exp8 — a libm expf per element was ~5 % of a two-thread step, all of it
+ * on one thread. */
+static void silu_mul(float *gate, const float *up, int64_t n)
+{
+    int64_t i = 0;
+#ifdef VECTOR
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 e = exp8(_mm256_or_ps(g, sign));                        /* e^−|g| */
+        __m256 num = _mm256_blendv_ps(one, e, g);                      /* g < 0: e, else 1 */
+        __m256 s = _mm256_div_ps(num, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, s), _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) {
+        float g = gate[i], e = exp_poly(g < 0.0f ? g : -g);
+        gate[i] = g * ((g < 0.0f ? e : 1.0f) / (1.0f + e)) * up[i];
+    }
+}
+
 /* One query head over the T cached positions of its K/V head g: scores, softmax, the weighted
  * sum of values into out, the probabilities left in s. The cache is walked block by block (a
  * block's tokens are consecutive rows of hd floats), so no position costs a division. */
@@ -307,8 +330,7 @@ int decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table
             matvec(gate, h, m->wgate[l], m->sgate[l], NULL, F, D, m->format, 0, NULL, threads);
             matvec(up, h, m->wup[l], m->sup[l], NULL, F, D, m->format, 0, NULL, threads);
         }
-        for (int64_t i = 0; i < F; i++)
-            gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        silu_mul(gate, up, F);
         matvec(h, gate, m->wdown[l], m->sdown[l], NULL, D, F, m->format, GTYPE(m, l, 6), NULL,
                threads);
         for (int64_t i = 0; i < D; i++)

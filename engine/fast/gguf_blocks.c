@@ -42,7 +42,8 @@
  * intrinsics, 32 weights at a time; the portable build (no intrinsics, no OpenMP:
  * -DMINILLM_PORTABLE, or any CPU without AVX2, such as an ARM Mac) writes each block as eight
  * independent float lanes, a loop shape a compiler vectorises by itself (NEON, SSE) without
- * reordering any sum.
+ * reordering any sum. Where the CPU also has AVX-512, Q4_0 / Q4_1 rows take a third, 16-lane
+ * arrangement with fewer instructions per block ("AVX-512: 16 lanes" below).
  * Included by decode_step.c after gemv.c (which defines VECTOR and hsum).
  */
 #include <stdint.h>
@@ -387,6 +388,104 @@ static inline q32 unpack_q6(const uint8_t *ql, const uint8_t *qh, int g)
     return q_sub(q_add(lo, q_shl4(hi)), 32);
 }
 
+/* ------------------------------------------------------------------ AVX-512: 16 lanes
+ * On a CPU with AVX-512 (the project's own Zen 4 among them) the 4-bit formats of most files —
+ * Q4_0, Q4_1 (the embedded model's projections) — get a second arrangement of the same sums,
+ * written around what costs time there: each vector instruction, not memory (a row of these
+ * blocks runs at about the same speed from L2 as from DRAM). Per block, everything but the
+ * products themselves is taken out of the loop or shared:
+ *
+ *   - a nibble is never shifted: the high nibbles are converted as they sit (16·q: an AND and a
+ *     conversion) and meet x/16 instead of x — the call prepares x with every block's second
+ *     half divided by 16 once (`xq`), and (16·q)·(x/16) is q·x exactly;
+ *   - the float16 scales are converted four blocks at a time: one permute picks the four blocks'
+ *     (d, m) out of their bytes, one conversion makes them floats, and the m·Σx terms of the
+ *     four blocks are one 8-lane multiply-add against a prepared (−8·Σx, Σx) row (`xo`) — Q4_0's
+ *     d·(q − 8) is d·q plus the same kind of term, −8·d·Σx;
+ *   - the per-block scale is a multiply-add whose d comes broadcast from memory.
+ *
+ * Measured on the project's CPU (one thread, in-cache rows of the model's shapes): Q4_1
+ * 6.1–6.9 cycles per 32 weights instead of 7.6–8.4 for the 8-lane code. Q8_0 (the embedded
+ * model's LM head) is not here: the same treatment ran no faster than its 8-lane loop, which
+ * widens 8 bytes at a time straight from memory. */
+#if defined(VECTOR) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) \
+    && defined(__F16C__)
+#define WIDE 1
+
+/* The float16 scales of n ≤ 4 consecutive blocks starting at `row`, as 8 floats: d0 m0 d1 m1 …
+ * for Q4_1 (20-byte blocks: the pairs are dwords 0, 5, 10, 15 of the 64 bytes at the first
+ * block — one load, one dword permute), d0 d0 d1 d1 … for Q4_0 (18-byte blocks: the d's are
+ * words 0, 9, 18, 27 — one word permute). Lanes of missing blocks are 0, and only the bytes of
+ * those n blocks are read (a masked load when n < 4), so a matrix's end is never overrun. */
+static inline __m256 scales4(const int type, const uint8_t *row, int n)
+{
+    const int64_t need = (n - 1) * block_bytes(type) + (type == GG_Q4_1 ? 4 : 2);
+    __m512i a = n == 4 ? _mm512_loadu_si512(row)
+                       : _mm512_maskz_loadu_epi8((1ULL << need) - 1, row);
+    __m128i h;
+    if (type == GG_Q4_1)
+        h = _mm512_castsi512_si128(_mm512_permutexvar_epi32(
+            _mm512_zextsi128_si512(_mm_setr_epi32(0, 5, 10, 15)), a));
+    else
+        h = _mm512_castsi512_si128(_mm512_permutexvar_epi16(
+            _mm512_zextsi128_si512(_mm_setr_epi16(0, 0, 9, 9, 18, 18, 27, 27)), a));
+    if (n < 4)
+        h = _mm_maskz_mov_epi16((__mmask8)((1u << (2 * n)) - 1), h);
+    return _mm256_cvtph_ps(h);
+}
+
+/* Σ_i q_i·x_i of one Q4 block, 16 lanes: the low nibbles with x, the high ones as 16·q with
+ * x/16. */
+static inline __m512 wide_block(const uint8_t *q, const float *x)
+{
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+    __m512 high = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF0)));  /* 16·q */
+    return _mm512_fmadd_ps(high, _mm512_loadu_ps(x + 16), _mm512_mul_ps(low, _mm512_loadu_ps(x)));
+}
+
+/* One row of Q4_0 / Q4_1 blocks · x. xq: x with every block's second half / 16; xo: per block
+ * the pair (−8·Σx, Σx), lined up with scales4's lanes: Q4_0 takes the first of each pair
+ * (against its d), Q4_1 the second (against its m). Four blocks a turn, two accumulators. */
+static INLINE float wide_row(const int type, const uint8_t *row, const float *xq,
+                             const float *xo, int64_t nb)
+{
+    const int64_t bb = block_bytes(type), skip = type == GG_Q4_1 ? 4 : 2;  /* to the nibbles */
+    const __mmask8 offsets = type == GG_Q4_1 ? 0xAA : 0x55;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m256 off = _mm256_setzero_ps();
+    float dm[8] __attribute__((aligned(32)));
+    for (int64_t b = 0; b < nb; b += 4) {
+        const int n = nb - b < 4 ? (int)(nb - b) : 4;
+        __m256 f = scales4(type, row, n);
+        _mm256_store_ps(dm, f);
+        off = _mm256_fmadd_ps(_mm256_maskz_mov_ps(offsets, f), _mm256_loadu_ps(xo + 2 * b), off);
+        if (n == 4) {
+            acc0 = _mm512_fmadd_ps(wide_block(row + skip, xq), _mm512_set1_ps(dm[0]), acc0);
+            acc1 = _mm512_fmadd_ps(wide_block(row + bb + skip, xq + 32),
+                                   _mm512_set1_ps(dm[2]), acc1);
+            acc0 = _mm512_fmadd_ps(wide_block(row + 2 * bb + skip, xq + 64),
+                                   _mm512_set1_ps(dm[4]), acc0);
+            acc1 = _mm512_fmadd_ps(wide_block(row + 3 * bb + skip, xq + 96),
+                                   _mm512_set1_ps(dm[6]), acc1);
+        } else {
+            for (int j = 0; j < n; j++)
+                acc0 = _mm512_fmadd_ps(wide_block(row + j * bb + skip, xq + 32 * j),
+                                       _mm512_set1_ps(dm[2 * j]), acc0);
+        }
+        row += 4 * bb;
+        xq += 128;
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum(off);
+}
+#endif
+
+/* What a product of x needs besides x, prepared once per call: Σx per 32 columns and, for the
+ * AVX-512 rows, x with its high halves / 16 and the offset pairs (see above). */
+typedef struct {
+    const float *x, *xs, *xq, *xo;
+} Input;
+
 /* ------------------------------------------------------------------ one row · x */
 static INLINE int has_min(int type) { return type == GG_Q4_1 || type == GG_Q5_1; }
 
@@ -432,14 +531,20 @@ static INLINE float dot_blocks32(const int type, const uint8_t *row, const float
     return (f8_sum(acc0) + f8_sum(acc1)) + (off0 + off1);
 }
 
-static float dot_row(int type, const uint8_t *row, const float *x, const float *xs, int64_t cols)
+static float dot_row(int type, const uint8_t *row, const Input *in, int64_t cols)
 {
+    const float *x = in->x, *xs = in->xs;
     f8 acc = f8_zero();
     float offsets = 0.0f;                      /* Σ over sub-blocks of −dmin·m_j · Σx */
     switch (type) {
     case GG_Q8_0: return dot_blocks32(GG_Q8_0, row, x, xs, cols / 32);
+#ifdef WIDE
+    case GG_Q4_0: return wide_row(GG_Q4_0, row, in->xq, in->xo, cols / 32);
+    case GG_Q4_1: return wide_row(GG_Q4_1, row, in->xq, in->xo, cols / 32);
+#else
     case GG_Q4_0: return dot_blocks32(GG_Q4_0, row, x, xs, cols / 32);
     case GG_Q4_1: return dot_blocks32(GG_Q4_1, row, x, xs, cols / 32);
+#endif
     case GG_Q5_0: return dot_blocks32(GG_Q5_0, row, x, xs, cols / 32);
     case GG_Q5_1: return dot_blocks32(GG_Q5_1, row, x, xs, cols / 32);
     case GG_Q4_K: case GG_Q5_K: {
@@ -524,10 +629,26 @@ int gguf_gemv_parts(const GemvPart *p, int parts, const float *x, int64_t cols, 
             return -1;
         total += p[j].n;
     }
-    float stack[512], *xs = stack;
-    if (cols / 32 > 512 && !(xs = malloc(sizeof(float) * (size_t)(cols / 32))))
+    /* The prepared input, in one 64-byte-aligned allocation: Σx per block, and for the AVX-512
+     * rows x with its second halves / 16 and the offset pairs (+ 8 lanes of zeros to read). */
+    const int64_t nb = cols / 32, a = (nb + 15) / 16 * 16, c16 = (cols + 15) / 16 * 16;
+    float *xs = aligned_alloc(64, sizeof(float) * (size_t)(a + c16 + 2 * a + 16));
+    if (!xs)
         return -1;
     block_sums(x, cols, xs);
+    Input in = {x, xs, NULL, NULL};
+#ifdef WIDE
+    float *xq = xs + a, *xo = xq + c16;
+    for (int64_t c = 0; c < cols; c++)
+        xq[c] = c % 32 < 16 ? x[c] : x[c] * 0.0625f;        /* exact: a power of two */
+    for (int64_t b = 0; b < nb; b++) {
+        xo[2 * b] = -8.0f * xs[b];                          /* Q4_0: −8·d·Σx */
+        xo[2 * b + 1] = xs[b];                              /* Q4_1: m·Σx */
+    }
+    memset(xo + 2 * nb, 0, sizeof(float) * 16);
+    in.xq = xq;
+    in.xo = xo;
+#endif
     #pragma omp parallel for schedule(static) num_threads(threads) if (total * cols >= 32768)
     for (int64_t i = 0; i < total; i++) {
         int j = 0;
@@ -535,10 +656,9 @@ int gguf_gemv_parts(const GemvPart *p, int parts, const float *x, int64_t cols, 
         while (r >= p[j].n)                     /* which product row i belongs to */
             r -= p[j++].n;
         const uint8_t *row = p[j].w + (p[j].rows ? (int64_t)p[j].rows[r] : r) * rb[j];
-        p[j].y[r] = dot_row(p[j].type, row, x, xs, cols) + (p[j].bias ? p[j].bias[r] : 0.0f);
+        p[j].y[r] = dot_row(p[j].type, row, &in, cols) + (p[j].bias ? p[j].bias[r] : 0.0f);
     }
-    if (xs != stack)
-        free(xs);
+    free(xs);
     return 0;
 }
 

@@ -10,15 +10,18 @@ decode_step.c includes the other two, so one shared library holds every function
 compiled once into the per-user cache (engine.files.cache_root(), so $MINILLM_CACHE is
 respected), named by a hash of the sources, the flags and the machine's CPU flags (a home
 directory shared between machines never loads a build for another CPU), and called through
-ctypes. Two builds of the same sources:
+ctypes. Three builds of the same sources:
 
-    native     cc -O3 -march=native -fopenmp   AVX2 kernels where the CPU has them, threads; a
-               compiler without OpenMP (Apple clang) gets the same build single-threaded
+    native     cc -O3 -march=native -fopenmp   AVX2 kernels where the CPU has them (and the
+               AVX-512 rows of gguf_blocks.c where it has those too), threads; a compiler
+               without OpenMP (Apple clang) gets the same build single-threaded
+    avx2       native with -mno-avx512f        what an AVX2-only CPU runs: on an AVX-512 machine
+               it is how the tests hold the AVX2 code to the same tokens
     portable   cc -O3 -DMINILLM_PORTABLE       no intrinsics, no OpenMP: the plain C loops any
                CPU runs (the tests hold this fallback to the same tokens)
 
-`library()` is the native build unless MINILLM_KERNELS=portable. Both use -ffp-contract=off: the
-compiler may not fuse a multiply and an add on its own, so a dequantised weight is rounded
+`library()` is the native build unless MINILLM_KERNELS names another. All use -ffp-contract=off:
+the compiler may not fuse a multiply and an add on its own, so a dequantised weight is rounded
 exactly as numpy rounds it (the kernels ask for fused multiply-adds where they want them).
 No compiler, or a failed build, simply means `available()` is False (`why_unavailable()` says
 why, in one line): the int8 option then widens the weights in PyTorch (same numbers, slower),
@@ -62,6 +65,8 @@ _SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "gguf_blocks.c", "de
 # Build name → its compiler flag sets, tried in order until one compiles.
 VARIANTS = {
     "native": (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"]),
+    "avx2": (["-O3", "-march=native", "-mno-avx512f", "-fopenmp"],
+             ["-O3", "-march=native", "-mno-avx512f"]),
     "portable": (["-O3", "-DMINILLM_PORTABLE"],),
 }
 COMMON = ["-ffp-contract=off", "-shared", "-fPIC"]
@@ -237,8 +242,9 @@ def _compile(cc: str, out: Path, tmpdir: Path, flags: list[str]) -> None:
 
 
 def default_variant() -> str:
-    """The build `library()` returns: MINILLM_KERNELS=portable selects the portable one."""
-    return "portable" if os.environ.get("MINILLM_KERNELS", "").lower() == "portable" else "native"
+    """The build `library()` returns: MINILLM_KERNELS=portable or =avx2 selects that one."""
+    chosen = os.environ.get("MINILLM_KERNELS", "").lower()
+    return chosen if chosen in VARIANTS else "native"
 
 
 def why_unavailable(variant: str | None = None) -> str | None:

@@ -7,7 +7,8 @@ within 1e-4 of the float32 model built from the same file by the loader's own co
 greedy tokens are identical and the attention rows equal. Below them, the kernels themselves:
 dequantisation must be *bit-exact* against gguf.quants.dequantize (it is what makes a prompt's
 logits those of the float32 model), products within float32 rounding of a float64 reference —
-for both builds, the native (AVX2) one and the portable one (no intrinsics, no OpenMP).
+for every build: the native one (AVX-512 rows where the CPU has them), the AVX2 one and the
+portable one (no intrinsics, no OpenMP).
 
 gguf's `quants.quantize` writes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1; K-quants (Q4_K, Q5_K, Q6_K) are
 written as random blocks with sane scales.
@@ -176,14 +177,16 @@ def lib_for(variant):
     return lib
 
 
-@pytest.mark.parametrize("variant", ["native", "portable"])
+@pytest.mark.parametrize("variant", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("qtype", SMALL + K_QUANTS + FLOATS, ids=lambda t: t.name)
 def test_block_kernels_against_gguf_dequantize(variant, qtype):
     lib = lib_for(variant)
     rng = np.random.default_rng(int(qtype))
     per_block = gguf.GGML_QUANT_SIZES[qtype][0]
     # Edge shapes: rows not a multiple of anything, one block per row, several blocks per row.
-    for rows, cols in ((7, 256), (1, per_block * 2), (33, 768), (5, max(per_block, 8))):
+    # Seven blocks a row: the AVX-512 rows' groups of four plus a tail of three.
+    for rows, cols in ((7, 256), (1, per_block * 2), (33, 768), (5, max(per_block, 8)),
+                       (3, per_block * 7)):
         if qtype in FLOATS:
             blocks = encode(rng.normal(size=(rows, cols)), qtype if qtype != T.BF16 else T.F32,
                             rng)
@@ -300,16 +303,19 @@ def test_generate_with_gguf_weights_gives_the_float32_tokens(files, tokenizer, s
 
 
 @needs_kernels
-def test_portable_build_gives_the_same_tokens(files, monkeypatch):
-    """The kernels without intrinsics or OpenMP (MINILLM_KERNELS=portable, what an ARM laptop
-    without OpenMP builds) decode the same greedy tokens, logits within float32 rounding."""
-    lib_for("portable")
-    path, ref = files("qwen2", T.Q5_1)
+@pytest.mark.parametrize("variant", ["avx2", "portable"])
+def test_other_builds_give_the_same_tokens(files, monkeypatch, variant):
+    """The AVX2 kernels (what a CPU without AVX-512 runs; on this one, MINILLM_KERNELS=avx2) and
+    the kernels without intrinsics or OpenMP (MINILLM_KERNELS=portable, what an ARM laptop
+    without OpenMP builds) decode the same greedy tokens as the native build, logits within
+    float32 rounding."""
+    lib_for(variant)
+    path, ref = files("qwen2", T.Q4_1)
     blocks = load_block_model(path)
     prompt = [9, 8, 7, 6]
     want, want_tokens, _ = step_all(blocks, prompt, 30, c_step=True, record=False)
-    monkeypatch.setenv("MINILLM_KERNELS", "portable")
-    assert not kernels.vectorised()
+    monkeypatch.setenv("MINILLM_KERNELS", variant)
+    assert kernels.vectorised() == (variant == "avx2")
     got, tokens, _ = step_all(blocks, prompt, 30, c_step=True, record=False)
     assert tokens == want_tokens
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
