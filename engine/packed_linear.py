@@ -25,8 +25,8 @@ Q/K/V and gate/up are stacked first (engine/fast/fuse.py, exact): fewer, larger 
 The cost is memory: the packed copy is a second copy of every projection (the embedding and the
 norms are shared) — for the embedded model in float32, +540 MB. It is built once per model and
 kept while the model lives (so a model whose weights are changed in place afterwards would be
-served with the old ones: nothing in the engine does that). Only float32 on the CPU, where oneDNN is available; everything else
-runs the model as it is.
+served with the old ones: nothing in the engine does that). Only float32 on the CPU, where oneDNN
+is available; everything else runs the model as it is.
 """
 
 from __future__ import annotations
