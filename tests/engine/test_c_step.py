@@ -55,6 +55,40 @@ def test_c_step_equals_pytorch_step_at_every_position(family, strategy, weights)
     assert caches[1].length == 60
 
 
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("strategy", ["kv", "paged"])
+def test_attention_split_between_threads_is_the_same_attention(threads, strategy, head_dim):
+    """Past 32 positions the C step cuts each K/V head's positions into one range per thread
+    and merges the ranges' softmaxes (decode_step.c, attend_part / merge_head): logits and
+    attention rows stay those of the PyTorch step — with ranges that start inside a paged
+    block, with three threads (uneven ranges), and for heads of 64 and 128 floats, whose
+    weighted sums of values are held in registers 64 floats at a time."""
+    from engine.fast.c_step import CDecoder
+    model = tiny_model("qwen2", head_dim=head_dim)
+    prompt = [5, 17, 99, 3, 250, 8, 1]
+    caches = [make_cache(strategy, model, 128, 16, None, None) for _ in range(2)]
+    ref = CachedAttention(get_backend("naive", model.device), caches[0], record_rows=True)
+    mine = CachedAttention(get_backend("naive", model.device), caches[1])
+    forward_step(model, torch.tensor([prompt]), 0, ref)
+    forward_step(model, torch.tensor([prompt]), 0, mine)
+    dec = CDecoder(model, caches[1], record_rows=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        token = 7
+        for pos in range(len(prompt), 110):
+            want = forward_step(model, torch.tensor([[token]]), pos, ref)
+            got = dec.step(token, pos)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.from_numpy(dec.rows).float(),
+                                       torch.from_numpy(ref.row_matrix()).float(), atol=2e-3,
+                                       rtol=0)
+            token = int(want.argmax())
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("strategy", ["kv", "paged"])
 def test_generate_with_kernel_c_gives_the_reference_tokens(tokenizer, strategy):
     model = tiny_model("llama")
