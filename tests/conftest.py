@@ -105,3 +105,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def session():
+    """A Session (the engine's one door) on the tiny Llama, seed 5, with the byte tokenizer — one
+    per module. A module that needs another model defines its own `session`."""
+    from types import SimpleNamespace
+
+    from engine.session import Session
+    model = tiny_model("llama", seed=5)
+    lm = SimpleNamespace(model=model, tokenizer=byte_tokenizer(), name="tiny-llama",
+                         config=model.cfg)
+    return Session(lm)

@@ -302,17 +302,13 @@ def load_gguf_blocks(spec: str | None = None, device: str = "cpu", dtype: str = 
     engine.loader.load_model finds it (None: the embedded model). Returns a LoadedModel."""
     import time
 
-    from ..loader import LoadedModel, is_gguf, locate, resolve_device, resolve_dtype
+    from ..loader import LoadedModel, begin_load, is_gguf
     from ..loader.gguf_tokenizer import tokenizer_from_gguf
     from ..loader.weights import check_tokenizer
     from ..tokenizer import Tokenizer
     from .gguf_file import GGUFFile
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    path, name = locate(spec, progress)
-    if progress:
-        progress(f"loading {name or path.name}", 0.0)
+    dev, dt, path, name = begin_load(spec, device, dtype, progress)
     if path.is_dir() or not is_gguf(path):
         raise ConfigError(f"--weights gguf reads a GGUF file's own blocks; {path.name} is not "
                           f"a .gguf file")

@@ -197,6 +197,18 @@ def locate(spec: str | None, progress: Progress | None = None) -> tuple[Path, st
         f".gguf file or Hugging Face folder, or a hub id as org/name")
 
 
+def begin_load(spec: str | None, device: str, dtype: str, progress: Progress | None
+               ) -> tuple[torch.device, torch.dtype, Path, str | None]:
+    """Where every loader starts: the device and dtype resolved, the model found (`locate`),
+    "loading …" reported. Returns (device, dtype, path, name)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path, name = locate(spec, progress)
+    if progress:
+        progress(f"loading {name or path.name}", 0.0)
+    return dev, dt, path, name
+
+
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "float32",
                progress: Progress | None = None) -> LoadedModel:
     """Load `spec` (None = the embedded default; a .gguf path; a folder; or a hub id).
@@ -204,11 +216,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "floa
     (A GGUF's matrices kept in its own quantised blocks, `--weights gguf`, is the fast path's
     loader: engine/fast/gguf_weights.py `load_gguf_blocks`.)"""
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    path, name = locate(spec, progress)
-    if progress:
-        progress(f"loading {name or path.name}", 0.0)
+    dev, dt, path, name = begin_load(spec, device, dtype, progress)
     converted, hf_folder = False, None
     if path.is_dir():
         model, tok, cfg = load_hf_folder(path, dev, dt, progress)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -19,18 +18,9 @@ from engine.config import GenerationConfig, SamplingConfig
 from engine.events import Finished, RaceFinished, Started, Token, from_json, to_json
 from engine.remote import compare_remote
 from engine.requests import RaceRequest, Remote, RunRequest
-from engine.session import Session
-from tests.conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer
 
 PROMPT = "The cat"
-
-
-@pytest.fixture(scope="module")
-def session():
-    model = tiny_model("llama", seed=5)
-    lm = SimpleNamespace(model=model, tokenizer=byte_tokenizer(), name="tiny-llama",
-                         config=model.cfg)
-    return Session(lm)
 
 
 def cfg(**kw) -> GenerationConfig:

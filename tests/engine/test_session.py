@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,15 +12,6 @@ from engine.config import ConfigError, FastPathConfig, GenerationConfig, Samplin
 from engine.events import (Finished, RaceFinished, RaceStarted, Ready, Started, Token, to_json)
 from engine.requests import RaceRequest, RunRequest
 from engine.session import Session
-from tests.conftest import byte_tokenizer, tiny_model
-
-
-@pytest.fixture(scope="module")
-def session():
-    model = tiny_model("llama", seed=5)
-    lm = SimpleNamespace(model=model, tokenizer=byte_tokenizer(), name="tiny-llama",
-                         config=model.cfg)
-    return Session(lm)
 
 
 def cfg(**kw) -> GenerationConfig:
