@@ -76,7 +76,7 @@ class _Rows:
         if isinstance(module, GGUFLinear):
             self.format = 3                                          # GGUF blocks
             self.w, self.s, self.b = module.blocks, None, module.bias
-            self.gtype, self.map = module.ggml_type, module.rows
+            self.gtype, self.map = module.matrix.kernel_type(kernels.library()), module.rows
         elif isinstance(module, Int8Linear):
             # decode_step.c's `format`: 1 = int8 row-major, 2 = int8 in 4×8 tiles
             self.format = 2 if module.tiled else 1
@@ -178,7 +178,8 @@ class CDecoder:
         m.rope_cos, m.rope_sin = model.rope_cos.data_ptr(), model.rope_sin.data_ptr()
         self._keep.append(head)             # the model itself is kept by self.model
         if isinstance(model.tok_emb, GGUFEmbedding):         # GGUF blocks (gguf_weights.py)
-            m.tok_emb, m.emb_gtype = model.tok_emb.blocks.data_ptr(), model.tok_emb.ggml_type
+            m.tok_emb = model.tok_emb.blocks.data_ptr()
+            m.emb_gtype = model.tok_emb.matrix.kernel_type(kernels.library())
         else:
             m.tok_emb, m.emb_gtype = model.tok_emb.weight.data_ptr(), -1
         m.head_gtype = head.gtype

@@ -108,7 +108,9 @@ class GGUFFile:
         except UntrustedPath as exc:           # the very descriptor that was checked
             raise GGUFFormatError(str(exc)) from None
         try:
-            self.map = np.memmap(fd_path(fd, self.path), dtype=np.uint8, mode="r")
+            # Copy-on-write: the weights may be rearranged for the kernels (GGUFMatrix); such
+            # pages become this process's own, the file is never written.
+            self.map = np.memmap(fd_path(fd, self.path), dtype=np.uint8, mode="c")
         except (OSError, ValueError) as exc:
             raise GGUFFormatError(f"cannot map {self.path.name}: {exc}") from None
         finally:

@@ -27,6 +27,7 @@ run float32 PyTorch (correct, without the bandwidth saving).
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -60,9 +61,16 @@ def row_bytes(ggml_type: int, cols: int) -> int:
 
 
 class GGUFMatrix:
-    """One weight matrix as the file stores it: (rows, row_bytes) raw bytes of `ggml_type`."""
+    """One weight matrix as the file stores it: (rows, row_bytes) raw bytes of `ggml_type`.
 
-    def __init__(self, blocks: torch.Tensor, ggml_type: int, rows: int, cols: int):
+    A build of the kernels may read some types faster with each row's blocks rearranged
+    (gguf_blocks.c, "VNNI": 16 blocks at a time, same bytes): kernel_type() rearranges them in
+    place, once, for the build about to read them — and back to the file's order for a build
+    (or gguf's numpy code) that reads the file's order. Only a private copy-on-write map
+    (`writable`) is ever rearranged; the file itself is never written."""
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, rows: int, cols: int,
+                 writable: bool = False):
         if ggml_type not in TYPES:
             raise ConfigError(f"GGUF type {ggml_type} is not one the block kernels read "
                               f"(they read {', '.join(TYPES.values())})")
@@ -71,10 +79,33 @@ class GGUFMatrix:
             raise ConfigError(f"{TYPES[ggml_type]} matrix of {rows}×{cols}: expected "
                               f"{expected[0]}×{expected[1]} bytes, found {tuple(blocks.shape)}")
         self.blocks, self.type, self.rows, self.cols = blocks, ggml_type, rows, cols
+        self.code = ggml_type            # the order the bytes are in now: a type code of a build
+        self._writable, self._packer, self._lock = writable, None, threading.Lock()
 
     @property
     def type_name(self) -> str:
         return TYPES[self.type]
+
+    def kernel_type(self, lib) -> int:
+        """The type code to hand `lib` (a kernel build, or None for gguf's numpy code) with these
+        blocks, after putting them in the order that reader expects."""
+        want = self.type
+        if lib is not None and self._writable:
+            packed = lib.gguf_packed_type(self.type)
+            want = packed if packed >= 0 else self.type
+        if want != self.code:
+            with self._lock:
+                threads = torch.get_num_threads()
+                args = (self.blocks.data_ptr(), self.rows, self.cols, threads)
+                if want != self.code and self.code != self.type:      # back to the file's order
+                    if self._packer.gguf_pack(self.code, *args) != self.type:
+                        raise RuntimeError(f"gguf_pack could not restore a {self.type_name} matrix")
+                    self.code = self.type
+                if want != self.code:
+                    if lib.gguf_pack(self.type, *args) != want:
+                        raise RuntimeError(f"gguf_pack refused a {self.type_name} matrix")
+                    self.code, self._packer = want, lib
+        return self.code
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The matrix (its rows `rows`, in that order, if given) as float32, exactly as
@@ -86,6 +117,7 @@ class GGUFMatrix:
             self._dequantize_into(out, rows)
             return out
         import gguf
+        self.kernel_type(None)                             # the file's order, for numpy
         dense = gguf.quants.dequantize(self.blocks.numpy(), gguf.GGMLQuantizationType(self.type))
         dense = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
         return dense if rows is None else dense[rows.long()]
@@ -93,8 +125,9 @@ class GGUFMatrix:
     def _dequantize_into(self, out: torch.Tensor, rows: torch.Tensor | None) -> None:
         n = out.shape[0]
         idx = None if rows is None else rows.to(torch.int32).contiguous()
-        status = kernels.library().gguf_dequant(
-            self.type, self.blocks.data_ptr(), None if idx is None else idx.data_ptr(),
+        lib = kernels.library()
+        status = lib.gguf_dequant(
+            self.kernel_type(lib), self.blocks.data_ptr(), None if idx is None else idx.data_ptr(),
             out.data_ptr(), n, self.cols, torch.get_num_threads())
         if status:
             raise RuntimeError(f"gguf_dequant refused a {self.type_name} matrix")
@@ -125,7 +158,7 @@ class GGUFLinear(nn.Module):
             # One token: the product straight from the blocks.
             xv = x.reshape(-1).contiguous()
             y = torch.empty(self.out_features, dtype=torch.float32)
-            status = lib.gguf_gemv(self.matrix.type, self.blocks.data_ptr(),
+            status = lib.gguf_gemv(self.matrix.kernel_type(lib), self.blocks.data_ptr(),
                                    None if self.rows is None else self.rows.data_ptr(),
                                    xv.data_ptr(), None if self.bias is None else
                                    self.bias.data_ptr(), y.data_ptr(), self.out_features,
@@ -204,11 +237,11 @@ def _matrix(tensor, rows: int, cols: int, what: str) -> GGUFMatrix:
         raise ConfigError(f"{what}: {data.nbytes} bytes in the file, {nbytes} expected "
                           f"(truncated or inconsistent GGUF)")
     with warnings.catch_warnings():
-        # The map is read-only and stays so: nothing ever writes to a weight. (PyTorch warns
-        # because it cannot mark a tensor read-only.)
+        # A read-only map stays so (PyTorch warns because it cannot mark a tensor read-only);
+        # GGUFFile's copy-on-write map is writable, and only ever rearranged (kernel_type).
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         raw = torch.from_numpy(data.reshape(-1).view(np.uint8)).view(rows, nbytes // rows)
-    return GGUFMatrix(raw, ggml_type, rows, cols)
+    return GGUFMatrix(raw, ggml_type, rows, cols, writable=data.flags.writeable)
 
 
 def _floats(tensor, numel: int, what: str) -> torch.Tensor:
@@ -292,6 +325,11 @@ def load_block_model(path: str | Path, reader=None) -> Transformer:
     model.rope_cos = torch.empty(0)
     model.init_rope()
     model.gguf_path = str(path)            # (each block tensor keeps the memory map alive)
+    lib = kernels.library()
+    if lib is not None:                    # the order this machine's kernels read fastest
+        for matrix in {id(m.matrix): m.matrix for m in model.modules()
+                       if isinstance(m, (GGUFLinear, GGUFEmbedding))}.values():
+            matrix.kernel_type(lib)
     return model.eval()
 
 

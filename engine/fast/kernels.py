@@ -122,6 +122,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.gguf_gemv.argtypes = [I] + [P] * 5 + [I64, I64, I]
     lib.gguf_dequant.argtypes = [I] + [P] * 3 + [I64, I64, I]
     lib.gguf_row_bytes.argtypes = [I, I64]
+    lib.gguf_packed_type.restype = lib.gguf_pack.restype = I
+    lib.gguf_packed_type.argtypes = [I]
+    lib.gguf_pack.argtypes = [I, P, I64, I64, I]
 
 
 def _open_library(flags: list[str]) -> ctypes.CDLL:

@@ -217,6 +217,106 @@ def test_block_kernels_against_gguf_dequantize(variant, qtype):
         assert np.all(np.abs(y - ref) <= 1e-5 * scale + 1e-6), (rows, cols)
 
 
+# ----------------------------------------------------------------------------- packed rows
+PACKABLE = [T.Q8_0, T.Q4_0, T.Q4_1]
+
+
+def packed_lib():
+    lib = lib_for("native")
+    if lib.gguf_packed_type(int(T.Q4_1)) < 0:
+        pytest.skip("this CPU has no AVX-512 VNNI: its kernels read every row in the file's order")
+    return lib
+
+
+def gemv(lib, code, blocks, x, rows=None, bias=None):
+    n = blocks.shape[0] if rows is None else len(rows)
+    y = np.empty(n, np.float32)
+    assert lib.gguf_gemv(code, blocks.ctypes.data, None if rows is None else rows.ctypes.data,
+                         x.ctypes.data, None if bias is None else bias.ctypes.data,
+                         y.ctypes.data, n, x.size, 2) == 0
+    return y
+
+
+@pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
+def test_packed_rows_are_the_same_blocks_and_the_same_products(qtype):
+    """gguf_pack rearranges each row's whole groups of 16 blocks (the VNNI kernels' order) and
+    back, byte for byte; dequantising packed rows is still bit-exact; their products (x as exact
+    integer digits) are within float32 rounding of a float64 reference, and no less accurate
+    than the float code's on the file's order."""
+    lib = packed_lib()
+    rng = np.random.default_rng(int(qtype))
+    errors = {"packed": [], "file": []}
+    # one group; a group + a tail in the file's order (the embedded model's 576 columns);
+    # three groups (1536); two groups + one; a tail alone
+    for rows, nb in ((3, 16), (5, 18), (4, 48), (2, 33), (3, 1)):
+        cols = 32 * nb
+        file = random_blocks(qtype, rows, cols, rng)
+        want = gguf.quants.dequantize(file, qtype).astype(np.float32)
+        packed = file.copy()
+        code = lib.gguf_pack(int(qtype), packed.ctypes.data, rows, cols, 2)
+        assert code == lib.gguf_packed_type(int(qtype)) and code != int(qtype)
+        assert (packed != file).any() == (nb >= 16)                    # whole groups only
+        assert lib.gguf_row_bytes(code, cols) == file.shape[1]
+        np.testing.assert_array_equal(np.sort(packed, axis=1), np.sort(file, axis=1))
+        got = np.empty((rows, cols), np.float32)
+        assert lib.gguf_dequant(code, packed.ctypes.data, None, got.ctypes.data, rows, cols,
+                                2) == 0
+        np.testing.assert_array_equal(got, want)                       # bit-exact
+        order = np.ascontiguousarray(rng.permutation(rows), dtype=np.int32)
+        bias = rng.normal(size=rows).astype(np.float32)
+        for _ in range(20):
+            x = (rng.normal(size=cols) * rng.choice([0.1, 1, 30], size=cols)).astype(np.float32)
+            ref = want[order].astype(np.float64) @ x.astype(np.float64) + bias
+            scale = np.abs(want[order]).astype(np.float64) @ np.abs(x.astype(np.float64))
+            for name, (c, b) in (("packed", (code, packed)), ("file", (int(qtype), file))):
+                y = gemv(lib, c, b, x, order, bias)
+                assert np.all(np.abs(y - ref) <= 1e-5 * scale + 1e-6), (name, rows, cols)
+                errors[name] += list(np.abs(y - ref) / scale)
+        back = packed.copy()
+        assert lib.gguf_pack(code, back.ctypes.data, rows, cols, 2) == int(qtype)
+        np.testing.assert_array_equal(back, file)
+    assert np.mean(errors["packed"]) <= np.mean(errors["file"])
+
+
+def test_packed_rows_keep_inf_nan_and_vanishing_activations_as_the_float_code_does():
+    """x that has no exact digits (inf, NaN, blocks below 2^-90) goes through the float code on
+    the same packed bytes: the file order's numbers (to float32 rounding), NaN and inf too."""
+    lib = packed_lib()
+    rng = np.random.default_rng(7)
+    rows, cols = 6, 32 * 18
+    file = random_blocks(T.Q4_1, rows, cols, rng)
+    packed = file.copy()
+    code = lib.gguf_pack(int(T.Q4_1), packed.ctypes.data, rows, cols, 2)
+    for poke in ("inf", "nan", "tiny", "zero block", "zeros"):
+        x = rng.normal(size=cols).astype(np.float32)
+        if poke == "inf":
+            x[40] = np.inf
+        elif poke == "nan":
+            x[300] = np.nan
+        elif poke == "tiny":
+            x[64:96] = 1e-35
+        elif poke == "zero block":
+            x[:32] = 0
+        else:
+            x[:] = 0
+        y_packed, y_file = gemv(lib, code, packed, x), gemv(lib, int(T.Q4_1), file, x)
+        np.testing.assert_allclose(y_packed, y_file, rtol=1e-5, atol=1e-6)  # NaN where NaN
+        assert np.isfinite(y_packed).all() == (poke not in ("inf", "nan"))
+
+
+@pytest.mark.parametrize("variant", ["avx2", "portable"])
+def test_builds_without_vnni_neither_pack_nor_read_packed_rows(variant):
+    lib = lib_for(variant)
+    packed_code = int(T.Q4_1) | 256
+    assert lib.gguf_packed_type(int(T.Q4_1)) == -1
+    assert lib.gguf_row_bytes(packed_code, 512) == -1
+    w = np.zeros((1, 320), np.uint8)
+    assert lib.gguf_pack(int(T.Q4_1), w.ctypes.data, 1, 512, 1) == -1
+    x, y = np.zeros(512, np.float32), np.zeros(1, np.float32)
+    assert lib.gguf_gemv(packed_code, w.ctypes.data, None, x.ctypes.data, None, y.ctypes.data,
+                         1, 512, 1) == -1
+
+
 def test_row_bytes_refuses_what_the_kernels_cannot_read():
     lib = lib_for("native")
     assert lib.gguf_row_bytes(int(T.Q4_K), 300) == -1          # not whole 256-weight blocks
@@ -300,6 +400,55 @@ def test_generate_with_gguf_weights_gives_the_float32_tokens(files, tokenizer, s
     assert is_block_model(variant) and prepare(ref, FastPathConfig(weights="gguf")) is variant
     # Bytes per token: 4-bit blocks (+ their scales) instead of float32.
     assert decode_bytes(variant) < decode_bytes(ref) / 3
+
+
+@needs_kernels
+def test_packed_blocks_give_the_float32_tokens_and_follow_the_build_that_reads_them(
+        tmp_path, monkeypatch):
+    """A model with the embedded model's widths (576 columns: one group of 16 blocks + 2;
+    1536: three groups) is loaded packed where the kernels read packed rows, decodes the
+    float32 model's tokens, and its blocks go back to the file's order for a build (or gguf's
+    numpy code) that reads that order, and packed again — while the file is never written."""
+    import hashlib
+    model = tiny_model("llama", dim=576, ffn_dim=1536, n_heads=9, n_kv_heads=3, head_dim=64)
+    path = write_gguf(tmp_path / "wide.gguf", model, T.Q4_1, T.Q8_0)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ref = float_model(path)
+    prompt = [5, 17, 99, 3]
+    want, want_tokens, _ = step_all(ref, prompt, 24, c_step=False, record=False)
+    blocks = load_block_model(path)
+    up, emb = blocks.layers[0].mlp.w_up.matrix, blocks.tok_emb.matrix
+    packed = kernels.library().gguf_packed_type(int(T.Q4_1)) >= 0
+
+    def check(c_step, code_up, code_emb):
+        got, tokens, _ = step_all(blocks, prompt, 24, c_step=c_step, record=False)
+        assert tokens == want_tokens
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert (up.code, emb.code) == (code_up, code_emb)
+    on_load = (int(T.Q4_1) | 256, int(T.Q8_0) | 256) if packed else (int(T.Q4_1), int(T.Q8_0))
+    assert (up.code, emb.code) == on_load
+    check(True, *on_load)
+    check(False, *on_load)
+    if lib_for_maybe("avx2"):
+        monkeypatch.setenv("MINILLM_KERNELS", "avx2")
+        check(True, int(T.Q4_1), int(T.Q8_0))
+        monkeypatch.delenv("MINILLM_KERNELS")
+        check(True, *on_load)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "library", lambda variant=None: None)
+        with torch.inference_mode():
+            ids = torch.tensor([[1, 2, 250]])
+            assert torch.equal(blocks.tok_emb(ids), ref.tok_emb(ids))
+            torch.testing.assert_close(blocks.layers[0].mlp.w_up(ref.tok_emb(ids)),
+                                       ref.layers[0].mlp.w_up(ref.tok_emb(ids)),
+                                       atol=1e-5, rtol=1e-5)
+        assert (up.code, emb.code) == (int(T.Q4_1), int(T.Q8_0))
+    check(True, *on_load)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def lib_for_maybe(variant):
+    return kernels.library(variant) is not None
 
 
 @needs_kernels
