@@ -618,44 +618,51 @@ static void group_order(int type, const uint8_t *src, uint8_t *dst, int back)
     }
 }
 
-/* x of `groups` · 16 whole blocks → the digits (DIGITS, 8 chunks, 16 blocks, 4 columns per
- * group), Q8_0's chain starts (−128·ΣD per block and digit) and each block's unit 2^(e−30).
- * Returns -1 when a block cannot be written so — an inf or NaN, or a block so small
+/* Block b of x (32 floats) → its digits in the layout above (per group: DIGITS, 8 chunks, 16
+ * blocks, 4 columns), its unit 2^(e−30) and, with `corr` (Q8_0), each digit's chain start
+ * −128·ΣD. Returns -1 when the block cannot be written so — an inf or NaN, or a block so small
  * (max |x| < 2^-90) that its unit would be subnormal — and the float code then runs instead. */
-static int digits_prepare(const float *x, int64_t groups, int8_t *dig, int32_t *corr,
-                          float *unit)
+static int digits_block(const float *x, int64_t b, int8_t *dig, int32_t *corr, float *unit)
 {
-    const __m512i half = _mm512_set1_epi32(128), byte = _mm512_set1_epi32(255);
-    for (int64_t b = 0; b < 16 * groups; b++, x += 32) {
-        const int64_t g = b / 16, j = b % 16;
-        const __m512 a = _mm512_loadu_ps(x), c = _mm512_loadu_ps(x + 16);
-        const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
-        int e = 0;
-        if (!(m <= 3.4028235e38f))                      /* inf or NaN */
-            return -1;
-        if (m > 0.0f && (frexpf(m, &e), e < -90))
-            return -1;
-        unit[b] = ldexpf(1.0f, e - UNIT_BITS);
-        const __m512 shift = _mm512_set1_ps((float)(UNIT_BITS - e));
-        __m512i u = _mm512_cvtps_epi32(_mm512_scalef_ps(a, shift));    /* exact scaling, */
-        __m512i v = _mm512_cvtps_epi32(_mm512_scalef_ps(c, shift));    /* rounded to nearest */
+    /* In two's complement, X + 0x808080 has the balanced digits in its bytes: D0 + 128, D1 +
+     * 128, D2 + 128 (unsigned) and D3 (signed) — one add and an XOR of the low three bytes
+     * give all four. A byte shuffle then gathers each digit's bytes of four columns into one
+     * dword, and a scatter puts each dword in its place: (digit, chunk, block j). */
+    const __m512i bias = _mm512_set1_epi32(0x808080), low3 = _mm512_set1_epi32(0x808080);
+    const __m512i by_digit = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13,
+                                                                  2, 6, 10, 14, 3, 7, 11, 15));
+    const __m512i where = _mm512_setr_epi32(0, 128, 256, 384, 16, 144, 272, 400,
+                                            32, 160, 288, 416, 48, 176, 304, 432);
+    const int64_t g = b / 16, j = b % 16;
+    const __m512 a = _mm512_loadu_ps(x), c = _mm512_loadu_ps(x + 16);
+    const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+    uint32_t bits;
+    memcpy(&bits, &m, 4);
+    const int biased = (int)(bits >> 23);              /* m ≥ 0: its exponent field */
+    if (biased == 255 || (m > 0.0f && biased < 127 - 90))        /* inf / NaN, or tiny */
+        return -1;
+    const int e = m > 0.0f ? biased - 126 : 0;                    /* m < 2^e */
+    const uint32_t unit_bits = (uint32_t)(e - UNIT_BITS + 127) << 23;
+    memcpy(unit + b, &unit_bits, 4);
+    const __m512 shift = _mm512_set1_ps((float)(UNIT_BITS - e));
+    const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_scalef_ps(a, shift)), bias);
+    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_scalef_ps(c, shift)), bias);
+    int8_t *out = dig + g * DIGITS * 512 + 4 * j;       /* (exact scaling, rounded to nearest) */
+    _mm512_i32scatter_epi32(out, where, _mm512_shuffle_epi8(_mm512_xor_si512(u, low3), by_digit),
+                            4);
+    _mm512_i32scatter_epi32(out + 256, where,
+                            _mm512_shuffle_epi8(_mm512_xor_si512(v, low3), by_digit), 4);
+    if (corr)                                          /* Q8_0: −128·ΣD per digit */
         for (int d = 0; d < DIGITS; d++) {
-            __m512i du = u, dv = v;
-            if (d < DIGITS - 1) {                       /* balanced digit in [−128, 127] */
-                du = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(u, half), byte), half);
-                dv = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, half), byte), half);
-                u = _mm512_srai_epi32(_mm512_sub_epi32(u, du), 8);
-                v = _mm512_srai_epi32(_mm512_sub_epi32(v, dv), 8);
+            __m512i du = _mm512_srai_epi32(u, 24), dv = _mm512_srai_epi32(v, 24);
+            if (d < DIGITS - 1) {
+                const __m512i byte = _mm512_set1_epi32(255), half = _mm512_set1_epi32(128);
+                du = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 8 * d), byte), half);
+                dv = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 8 * d), byte), half);
             }
-            corr[(g * DIGITS + d) * 16 + j] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(du, dv));
-            uint8_t bytes[32];
-            _mm_storeu_si128((__m128i *)bytes, _mm512_cvtepi32_epi8(du));
-            _mm_storeu_si128((__m128i *)(bytes + 16), _mm512_cvtepi32_epi8(dv));
-            int8_t *out = dig + (g * DIGITS + d) * 512 + 4 * j;
-            for (int k = 0; k < 8; k++)
-                memcpy(out + 64 * k, bytes + 4 * k, 4);
+            corr[(g * DIGITS + d) * 16 + j] =
+                -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(du, dv));
         }
-    }
     return 0;
 }
 
@@ -834,6 +841,22 @@ typedef struct {
     int64_t n;
 } GemvPart;
 
+/* Scratch for a product's prepared input, kept by the calling thread from one call to the next
+ * and grown when needed (a malloc and a free per product were ~10 % of a small product's time).
+ * NULL when it cannot be allocated. */
+static void *scratch(size_t bytes)
+{
+    static __thread void *buf;
+    static __thread size_t have;
+    if (bytes > have) {
+        free(buf);
+        have = (bytes + 4095) / 4096 * 4096;
+        if (!(buf = aligned_alloc(64, have)))
+            have = 0;
+    }
+    return buf;
+}
+
 /* Rows are asked for this far ahead of the one being read: a thread's share of one of these
  * matrices is a few hundred KB, too short a run for the hardware prefetcher to reach full speed
  * on its own (measured: a 2-thread step of the embedded model 8–10 % faster). */
@@ -865,34 +888,34 @@ int gguf_gemv_parts(const GemvPart *p, int parts, const float *x, int64_t cols, 
     /* The prepared input, in one 64-byte-aligned allocation: Σx per block, and for the AVX-512
      * rows x with its second halves / 16 and the offset pairs (+ 8 lanes of zeros to read). */
     const int64_t nb = cols / 32, a = (nb + 15) / 16 * 16, c16 = (cols + 15) / 16 * 16;
-    float *xs = aligned_alloc(64, sizeof(float) * (size_t)(a + c16 + 2 * a + 16));
+    const size_t floats = sizeof(float) * (size_t)(a + c16 + 2 * a + 16);
+#ifdef PACKED
+    int packed = 0, q8 = 0, failed = 0;
+    for (int j = 0; j < parts; j++) {
+        packed |= (p[j].type & GG_PACKED) != 0;
+        q8 |= p[j].type == (GG_Q8_0 | GG_PACKED);
+    }
+    const int64_t groups = packed ? nb / 16 : 0;
+    const size_t digit_bytes = (size_t)groups * (DIGITS * 512 + DIGITS * 64 + 64 + 64);
+#else
+    const size_t digit_bytes = 0;
+#endif
+    float *xs = scratch(floats + digit_bytes);
     if (!xs)
         return -1;
     block_sums(x, cols, xs);
     Input in = {x, xs, NULL, NULL, NULL, NULL, NULL, NULL};
 #ifdef PACKED
-    /* Packed rows: x's digits for the whole groups of 16 blocks (packed_row). */
+    /* Packed rows: x's digits for the whole groups of 16 blocks (packed_row), written by the
+     * threads together (one block each in turn) before any of them reads a row. */
     int8_t *dig = NULL;
-    int packed = 0;
-    for (int j = 0; j < parts; j++)
-        packed |= (p[j].type & GG_PACKED) != 0;
-    const int64_t groups = nb / 16;
-    if (packed && groups) {
-        dig = aligned_alloc(64, (size_t)groups * (DIGITS * 512 + DIGITS * 64 + 64 + 64));
-        if (!dig) {
-            free(xs);
-            return -1;
-        }
-        int32_t *corr = (int32_t *)(dig + groups * DIGITS * 512);
-        float *unit = (float *)(corr + groups * DIGITS * 16), *xs8 = unit + groups * 16;
-        for (int64_t b = 0; b < 16 * groups; b++)
-            xs8[b] = -8.0f * xs[b];
-        if (digits_prepare(x, groups, dig, corr, unit) == 0) {
-            in.dig = dig;
-            in.corr = corr;
-            in.unit = unit;
-            in.xs8 = xs8;
-        }
+    int32_t *corr = NULL;
+    float *unit = NULL, *xs8 = NULL;
+    if (groups) {
+        dig = (int8_t *)xs + floats;                        /* (floats: a multiple of 64) */
+        corr = (int32_t *)(dig + groups * DIGITS * 512);
+        unit = (float *)(corr + groups * DIGITS * 16);
+        xs8 = unit + groups * 16;
     }
 #endif
 #ifdef WIDE
@@ -907,22 +930,40 @@ int gguf_gemv_parts(const GemvPart *p, int parts, const float *x, int64_t cols, 
     in.xq = xq;
     in.xo = xo;
 #endif
-    #pragma omp parallel for schedule(static) num_threads(threads) if (total * cols >= 32768)
-    for (int64_t i = 0; i < total; i++) {
-        int j = 0;
-        int64_t r = i;
-        while (r >= p[j].n)                     /* which product row i belongs to */
-            r -= p[j++].n;
-        const uint8_t *row = p[j].w + (p[j].rows ? (int64_t)p[j].rows[r] : r) * rb[j];
-        const int64_t ahead = r + 1 + AHEAD_BYTES / rb[j];
-        if (ahead < p[j].n)
-            prefetch(p[j].w + (p[j].rows ? (int64_t)p[j].rows[ahead] : ahead) * rb[j], rb[j]);
-        p[j].y[r] = dot_row(p[j].type, row, &in, cols) + (p[j].bias ? p[j].bias[r] : 0.0f);
-    }
+    #pragma omp parallel num_threads(threads) if (total * cols >= 32768)
+    {
+        Input mine = in;
 #ifdef PACKED
-    free(dig);
+        if (groups) {
+            #pragma omp for schedule(static)
+            for (int64_t b = 0; b < 16 * groups; b++) {
+                xs8[b] = -8.0f * xs[b];
+                if (digits_block(x + 32 * b, b, dig, q8 ? corr : NULL, unit)) {
+                    #pragma omp atomic write
+                    failed = 1;                 /* (any thread; read after the barrier) */
+                }
+            }
+            if (!failed) {
+                mine.dig = dig;
+                mine.corr = corr;
+                mine.unit = unit;
+                mine.xs8 = xs8;
+            }
+        }
 #endif
-    free(xs);
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < total; i++) {
+            int j = 0;
+            int64_t r = i;
+            while (r >= p[j].n)                     /* which product row i belongs to */
+                r -= p[j++].n;
+            const uint8_t *row = p[j].w + (p[j].rows ? (int64_t)p[j].rows[r] : r) * rb[j];
+            const int64_t ahead = r + 1 + AHEAD_BYTES / rb[j];
+            if (ahead < p[j].n)
+                prefetch(p[j].w + (p[j].rows ? (int64_t)p[j].rows[ahead] : ahead) * rb[j], rb[j]);
+            p[j].y[r] = dot_row(p[j].type, row, &mine, cols) + (p[j].bias ? p[j].bias[r] : 0.0f);
+        }
+    }
     return 0;
 }
 
