@@ -599,23 +599,20 @@ enum { DIGITS = 4, UNIT_BITS = 30 };
 
 /* One group of 16 blocks of a packable type: from the file's order to the packed one (or back,
  * with `back`), from `src` to `dst` (not overlapping). */
-static void group_order(int type, const uint8_t *src, uint8_t *dst, int back)
+static INLINE void group_order(const int type, const uint8_t *src, uint8_t *dst, const int back)
 {
     const int64_t bb = block_bytes(type), skip = type == GG_Q4_1 ? 4 : 2;
     const int64_t chunks = type == GG_Q8_0 ? 8 : 4, qbytes = 64 * chunks;
+#define MOVE(file, packed, n) (back ? memcpy(dst + (file), src + (packed), n) \
+                                    : memcpy(dst + (packed), src + (file), n))
     for (int64_t j = 0; j < 16; j++) {
-        int64_t file[10], packed[10], len[10], n = 0;     /* each piece of block j */
-        for (int64_t k = 0; k < chunks; k++, n++) {            /* 4 bytes of q */
-            file[n] = j * bb + skip + 4 * k, packed[n] = 64 * k + 4 * j, len[n] = 4;
-        }
-        file[n] = j * bb, packed[n] = qbytes + 2 * j, len[n++] = 2;               /* d */
-        if (type == GG_Q4_1) {
-            file[n] = j * bb + 2, packed[n] = qbytes + 32 + 2 * j, len[n++] = 2;  /* m */
-        }
-        for (int64_t i = 0; i < n; i++)
-            memcpy(dst + (back ? file[i] : packed[i]), src + (back ? packed[i] : file[i]),
-                   (size_t)len[i]);
+        for (int64_t k = 0; k < chunks; k++)
+            MOVE(j * bb + skip + 4 * k, 64 * k + 4 * j, 4);           /* 4 bytes of q */
+        MOVE(j * bb, qbytes + 2 * j, 2);                               /* d */
+        if (type == GG_Q4_1)
+            MOVE(j * bb + 2, qbytes + 32 + 2 * j, 2);                  /* m */
     }
+#undef MOVE
 }
 
 /* Block b of x (32 floats) → its digits in the layout above (per group: DIGITS, 8 chunks, 16
@@ -985,7 +982,12 @@ static void dequant_row(int type, const uint8_t *row, float *out, int64_t cols)
         const int64_t bb = block_bytes(base), groups = cols / 512;
         uint8_t file[16 * 34];
         for (int64_t g = 0; g < groups; g++, row += 16 * bb, out += 512) {
-            group_order(base, row, file, 1);
+            if (base == GG_Q4_1)                /* (each format its own inlined copy) */
+                group_order(GG_Q4_1, row, file, 1);
+            else if (base == GG_Q4_0)
+                group_order(GG_Q4_0, row, file, 1);
+            else
+                group_order(GG_Q8_0, row, file, 1);
             dequant_row(base, file, out, 512);
         }
         if (cols > 512 * groups)
