@@ -366,7 +366,8 @@ def test_block_model_equals_float32_model_at_every_position(files, family, qtype
 @needs_kernels
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_prompt_logits_are_the_float32_models_bit_for_bit(files, family):
-    """A prompt multiplies dequantised tiles in a GEMM: the float32 model's numbers exactly."""
+    """A short prompt multiplies dequantised tiles in F.linear, as the float32 model does: its
+    numbers exactly. (From ONEDNN_ROWS tokens on, oneDNN multiplies them: the next test.)"""
     path, ref = files(family, T.Q4_1, T.Q4_1)
     blocks = load_block_model(path)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
@@ -379,6 +380,26 @@ def test_prompt_logits_are_the_float32_models_bit_for_bit(files, family):
                 x = layer(x, (m.rope_cos[:8], m.rope_sin[:8]), attn)
             hidden[name] = m.norm(x)
     assert torch.equal(hidden["blocks"], hidden["ref"])
+
+
+@needs_kernels
+@pytest.mark.parametrize("c_step", [True, False])
+def test_long_prompts_multiply_in_onednn_within_float32_rounding(files, monkeypatch, c_step):
+    """A prompt of ONEDNN_ROWS tokens or more runs its products in oneDNN (where it works):
+    another order of additions than the float32 model's MKL, so logits within 1e-4 at every
+    position after it, and the same greedy tokens."""
+    from engine import packed_linear
+    from engine.fast.gguf_weights import ONEDNN_ROWS
+    calls = []
+    real = packed_linear.onednn_works
+    monkeypatch.setattr(packed_linear, "onednn_works", lambda: calls.append(1) or real())
+    path, ref = files("llama", T.Q4_1)
+    blocks = load_block_model(path)
+    prompt = [(7 * i + 3) % 250 for i in range(ONEDNN_ROWS + 16)]
+    want, want_tokens, _ = step_all(ref, prompt, 12, c_step=False, record=False)
+    got, tokens, _ = step_all(blocks, prompt, 12, c_step=c_step, record=False)
+    assert calls and tokens == want_tokens
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @needs_kernels
