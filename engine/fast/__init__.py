@@ -79,9 +79,9 @@ def prepare(model: Transformer, fast: FastPathConfig) -> Transformer:
 def gguf_variant(model: Transformer) -> Transformer:
     """The block-format model of the GGUF file `model` was loaded from (for `--weights gguf`
     beside a float32 model: the app's `f` cycle, races, the bench)."""
-    from .gguf_weights import load_block_model
+    from .gguf_weights import arrange_for_kernels, load_block_model
     check_gguf(model)
-    return load_block_model(model.gguf_path)
+    return arrange_for_kernels(load_block_model(model.gguf_path))
 
 
 def check_gguf(model: Transformer) -> None:

@@ -29,7 +29,8 @@ from engine.config import ConfigError, FastPathConfig, GenerationConfig
 from engine.decoding import CachedAttention, forward_step, make_cache, run_to_end
 from engine.fast import STEPS, decode_bytes, kernels, prepare
 from engine.fast.gguf_file import GGUFFile, GGUFFormatError
-from engine.fast.gguf_weights import GGUFLinear, is_block_model, load_block_model
+from engine.fast.gguf_weights import (GGUFLinear, arrange_for_kernels, is_block_model,
+                                      load_block_model)
 from engine.loader import ModelLoadError
 from engine.bench import markdown
 from engine.model import Transformer
@@ -427,7 +428,7 @@ def test_generate_with_gguf_weights_gives_the_float32_tokens(files, tokenizer, s
 def test_packed_blocks_give_the_float32_tokens_and_follow_the_build_that_reads_them(
         tmp_path, monkeypatch):
     """A model with the embedded model's widths (576 columns: one group of 16 blocks + 2;
-    1536: three groups) is loaded packed where the kernels read packed rows, decodes the
+    1536: three groups) is arranged packed where the kernels read packed rows, decodes the
     float32 model's tokens, and its blocks go back to the file's order for a build (or gguf's
     numpy code) that reads that order, and packed again — while the file is never written."""
     import hashlib
@@ -439,6 +440,8 @@ def test_packed_blocks_give_the_float32_tokens_and_follow_the_build_that_reads_t
     want, want_tokens, _ = step_all(ref, prompt, 24, c_step=False, record=False)
     blocks = load_block_model(path)
     up, emb = blocks.layers[0].mlp.w_up.matrix, blocks.tok_emb.matrix
+    assert (up.code, emb.code) == (int(T.Q4_1), int(T.Q8_0))      # the file's order, until …
+    arrange_for_kernels(blocks)                                    # … load_gguf_blocks does this
     packed = kernels.library().gguf_packed_type(int(T.Q4_1)) >= 0
 
     def check(c_step, code_up, code_emb):
