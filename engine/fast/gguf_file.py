@@ -17,6 +17,7 @@ C kernels will later read these bytes without checking anything:
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from array import array
@@ -145,6 +146,7 @@ class GGUFFile:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise GGUFFormatError(f"{self.path.name}: bad general.alignment {alignment!r}")
         start = -(-self.pos // alignment) * alignment
+        self.data_start = start
         self.tensors: list[Tensor] = []
         for name, dims, ggml_type, offset in table:
             try:
@@ -164,6 +166,19 @@ class GGUFFile:
                                       f"(truncated?)")
             self.tensors.append(Tensor(name, qtype, np.array(dims, dtype=np.uint64),
                                        self.map[begin:begin + nbytes]))
+
+    def release_header(self) -> None:
+        """Let this process's memory drop the pages of the header and metadata (for the embedded
+        model 1.8 MB, mostly the vocabulary) once the tokenizer has been built from them: they
+        are read from the file again if asked for. Only whole pages before the first tensor's —
+        pages that are never rearranged (GGUFMatrix), so nothing of ours is lost."""
+        end = self.data_start // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping = getattr(self.map, "_mmap", None)
+        if end and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mapping.madvise(mmap.MADV_DONTNEED, 0, end)
+            except (OSError, ValueError):      # an advice, not a requirement
+                pass
 
     # ------------------------------------------------------------------ bounded reads
     def _bytes(self, n: int) -> bytes:

@@ -385,7 +385,9 @@ def load_gguf_blocks(spec: str | None = None, device: str = "cpu", dtype: str = 
     tok, add_bos = tokenizer_from_gguf(reader)
     cfg = model.cfg
     check_tokenizer(cfg, tok.get_vocab_size(), path.name)
-    arrange_for_kernels(model)
+    reader.release_header()
+    del reader          # its decoded metadata (~10 MB for the embedded vocabulary) goes now,
+    arrange_for_kernels(model)          # before packing makes every weight page resident
     if progress:
         progress("ready", 1.0)
     return LoadedModel(model=model, tokenizer=Tokenizer(tok, cfg.bos_token_id, cfg.eos_token_ids,
