@@ -51,7 +51,7 @@ class Model(ctypes.Structure):
                                     "rope_cos", "rope_sin", "k_cache", "v_cache")]
                 + [("block", ctypes.c_int64)]
                 + [("gtype", P), ("head_gtype", ctypes.c_int32), ("emb_gtype", ctypes.c_int32),
-                   ("q_rows", P), ("k_rows", P)])
+                   ("q_outs", P), ("k_outs", P)])
 
 
 def why_not(model: Transformer) -> str | None:
@@ -187,7 +187,12 @@ class CDecoder:
             types = torch.tensor(gtypes, dtype=torch.int32)
             self._keep.append(types)
             m.gtype = types.data_ptr()
-            m.q_rows, m.k_rows = (None if t is None else t.data_ptr() for t in qk_maps)
+            # The row maps inverted (stored row r makes output outs[r]): C then reads Q's and
+            # K's rows in the order they are stored.
+            outs = [None if t is None else torch.empty_like(t).index_put_(
+                (t.long(),), torch.arange(len(t), dtype=torch.int32)) for t in qk_maps]
+            self._keep += outs
+            m.q_outs, m.k_outs = (None if t is None else t.data_ptr() for t in outs)
         self.struct = m
 
     def _array(self, values: list) -> int:

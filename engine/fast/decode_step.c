@@ -50,10 +50,10 @@ typedef struct {
     int64_t block;                             /* tokens per cache block (contiguous: capacity) */
     /* GGUF blocks (format 3, gguf_blocks.c): each matrix's ggml type, per layer in the order
      * q k v o gate up down; the head's and the embedding's (-1: float32); and for Llama the
-     * stored row that makes each output of Q and K (llama.cpp interleaves them), or NULL. */
+     * output of Q and K that each stored row makes (llama.cpp interleaves them), or NULL. */
     const int32_t *gtype;                      /* (n_layers, 7) */
     int32_t head_gtype, emb_gtype;
-    const int32_t *q_rows, *k_rows;
+    const int32_t *q_outs, *k_outs;
 } Model;
 
 /* The GGUF type of projection j (q k v o gate up down = 0…6) of layer l. */
@@ -384,9 +384,9 @@ int decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table
         rmsnorm(h, x, m->attn_norm[l], D, m->eps);
         if (m->format == 3) {                   /* GGUF blocks: Q, K, V in one pass */
             GemvPart qkv[3] = {
-                {GTYPE(m, l, 0), m->wq[l], m->q_rows, m->bq[l], q, H * hd},
-                {GTYPE(m, l, 1), m->wk[l], m->k_rows, m->bk[l], k, KV * hd},
-                {GTYPE(m, l, 2), m->wv[l], NULL, m->bv[l], v, KV * hd}};
+                {GTYPE(m, l, 0), m->wq[l], NULL, m->bq[l], q, H * hd, m->q_outs},
+                {GTYPE(m, l, 1), m->wk[l], NULL, m->bk[l], k, KV * hd, m->k_outs},
+                {GTYPE(m, l, 2), m->wv[l], NULL, m->bv[l], v, KV * hd, NULL}};
             gguf_gemv_parts(qkv, 3, h, D, threads);
         } else {
             matvec(q, h, m->wq[l], m->sq[l], m->bq[l], H * hd, D, m->format, 0, NULL, threads);
@@ -417,8 +417,8 @@ int decode_step(const Model *m, int64_t token, int64_t pos, const int32_t *table
         /* feed-forward (SwiGLU) */
         rmsnorm(h, x, m->mlp_norm[l], D, m->eps);
         if (m->format == 3) {                   /* GGUF blocks: gate and up in one pass */
-            GemvPart gu[2] = {{GTYPE(m, l, 4), m->wgate[l], NULL, NULL, gate, F},
-                              {GTYPE(m, l, 5), m->wup[l], NULL, NULL, up, F}};
+            GemvPart gu[2] = {{GTYPE(m, l, 4), m->wgate[l], NULL, NULL, gate, F, NULL},
+                              {GTYPE(m, l, 5), m->wup[l], NULL, NULL, up, F, NULL}};
             gguf_gemv_parts(gu, 2, h, D, threads);
         } else {
             matvec(gate, h, m->wgate[l], m->sgate[l], NULL, F, D, m->format, 0, NULL, threads);

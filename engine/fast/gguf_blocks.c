@@ -827,7 +827,10 @@ static void block_sums(const float *x, int64_t cols, float *xs)
 }
 
 /* One of the products gguf_gemv_parts computes: y[i] = W[rows ? rows[i] : i] · x (+ bias[i]),
- * i < n, W in `type`'s blocks. (A ctypes Structure in Python mirrors nothing here: only C calls
+ * i < n, W in `type`'s blocks — or, given `outs` (a permutation, the inverse of such a row map),
+ * y[outs[r]] = W[r] · x: the same outputs with the rows read in the order they are stored, as
+ * the prefetchers like them (llama.cpp's interleaved Q/K rows, read through the map, cost the
+ * Q/K/V pass ~12 %). (A ctypes Structure in Python mirrors nothing here: only C calls
  * this with several parts; gguf_gemv is the one-part door.) */
 typedef struct {
     int type;
@@ -836,6 +839,7 @@ typedef struct {
     const float *bias;
     float *y;
     int64_t n;
+    const int32_t *outs;     /* or, for a permutation: stored row r makes output outs[r] */
 } GemvPart;
 
 /* Scratch for a product's prepared input, kept by the calling thread from one call to the next
@@ -958,7 +962,8 @@ int gguf_gemv_parts(const GemvPart *p, int parts, const float *x, int64_t cols, 
             const int64_t ahead = r + 1 + AHEAD_BYTES / rb[j];
             if (ahead < p[j].n)
                 prefetch(p[j].w + (p[j].rows ? (int64_t)p[j].rows[ahead] : ahead) * rb[j], rb[j]);
-            p[j].y[r] = dot_row(p[j].type, row, &mine, cols) + (p[j].bias ? p[j].bias[r] : 0.0f);
+            const int64_t o = p[j].outs ? p[j].outs[r] : r;
+            p[j].y[o] = dot_row(p[j].type, row, &mine, cols) + (p[j].bias ? p[j].bias[o] : 0.0f);
         }
     }
     return 0;
@@ -969,7 +974,7 @@ int gguf_gemv_parts(const GemvPart *p, int parts, const float *x, int64_t cols, 
 int gguf_gemv(int type, const uint8_t *w, const int32_t *rows, const float *x, const float *bias,
               float *y, int64_t n, int64_t cols, int threads)
 {
-    GemvPart part = {type, w, rows, bias, y, n};
+    GemvPart part = {type, w, rows, bias, y, n, NULL};
     return gguf_gemv_parts(&part, 1, x, cols, threads);
 }
 
