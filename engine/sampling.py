@@ -70,8 +70,8 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor,
            gen: torch.Generator) -> int:
     """Pick the next token id from float32 logits (vocab,)."""
     logits = apply_repetition_penalty(logits.float().cpu(), seen, cfg.repetition_penalty)
-    if cfg.greedy:
-        return int(torch.argmax(logits))
+    if cfg.greedy:          # NumPy's argmax: the same index (the first maximum, or the first
+        return int(logits.detach().numpy().argmax())  # NaN), ~10× faster for one vector here
     logits = logits / cfg.temperature
     logits = top_k_filter(logits, cfg.top_k)
     logits = top_p_filter(logits, cfg.top_p)
