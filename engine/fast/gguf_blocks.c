@@ -23,7 +23,10 @@
  * on the same numbers as the float32 model, only the order of the additions differs. Nothing is
  * rounded that the float32 path does not round (llama.cpp, by contrast, also rounds each
  * activation vector to 8 bits so that it can use integer dot products; that is why its text
- * drifts away from the float32 one). Per block the work is arranged as
+ * drifts away from the float32 one). On a CPU with AVX-512 VNNI the products do run in integers,
+ * but with x written as four exact 8-bit digits per value ("VNNI" below): rounded, if at all,
+ * 2^31 times below its block's largest value — below what float32 itself rounds away in the
+ * block's sum. Per block the work is arranged as
  *
  *     Σ_i (d·q_i + m) · x_i  =  d · Σ_i q_i·x_i  +  m · Σ_i x_i
  *
@@ -33,17 +36,19 @@
  *   gguf_gemv     y[i] = W[row i] · x (+ bias[i])   one token: the decode step's products
  *   gguf_dequant  out[i, :] = W[row i, :]           bit-exact gguf.quants.dequantize: a prompt's
  *                                                  tiles for a float32 GEMM, embedding rows
+ *   gguf_pack     a matrix's rows rearranged in place for the VNNI kernels, or back
  *
  * Both take an optional row map: output i reads stored row rows[i] (NULL: row i). That is how
  * llama.cpp's interleaved Q/K rows are read in Hugging Face order without copying them, and how
  * the embedding picks the rows of a prompt's tokens.
  *
- * Two builds of the same arithmetic: with AVX2 + FMA (+F16C) the blocks are unpacked with
+ * Builds of the same arithmetic: with AVX2 + FMA (+F16C) the blocks are unpacked with
  * intrinsics, 32 weights at a time; the portable build (no intrinsics, no OpenMP:
  * -DMINILLM_PORTABLE, or any CPU without AVX2, such as an ARM Mac) writes each block as eight
  * independent float lanes, a loop shape a compiler vectorises by itself (NEON, SSE) without
  * reordering any sum. Where the CPU also has AVX-512, Q4_0 / Q4_1 rows take a third, 16-lane
- * arrangement with fewer instructions per block ("AVX-512: 16 lanes" below).
+ * arrangement with fewer instructions per block ("AVX-512: 16 lanes" below), and with AVX-512
+ * VNNI too, Q4_0 / Q4_1 / Q8_0 rows rearranged by gguf_pack take integer products ("VNNI").
  * Included by decode_step.c after gemv.c (which defines VECTOR and hsum).
  */
 #include <stdint.h>

@@ -10,16 +10,20 @@ logits within 1e-4 at every position, the same greedy tokens.
 
     GGUFLinear      a projection (or the LM head): y = W x with W in blocks. One token → the C
                     product straight from the blocks; a prompt → the matrix dequantised into a
-                    reused float32 scratch and one GEMM (the same numbers as the float32 model's,
-                    bit for bit, so the prompt's logits are that model's)
+                    reused float32 scratch and one GEMM: F.linear, as the float32 model (its
+                    numbers bit for bit) — or, from ONEDNN_ROWS tokens on, oneDNN (2× faster
+                    here, another order of additions)
     GGUFEmbedding   the token embedding: only the rows of the tokens asked for are dequantised
     load_block_model(path)   the Transformer, its projections pointing into the file's pages
+    arrange_for_kernels(model)   each matrix put in the order this machine's kernels read
 
 Nothing is copied at load time: norms and biases (a few KB) become float32 tensors, every other
-weight stays a view of the memory-mapped file, and pages the OS has cached are shared with any
-other process reading the same file. llama.cpp stores Llama's Q and K rows with each head's
-rotary halves interleaved; instead of reordering them, the products read row `rows[i]` for
-output i (the loader's own un-permutation, applied to row numbers).
+weight stays a view of the file's copy-on-write memory map. Where the kernels read rows
+rearranged (AVX-512 VNNI: 16 blocks at a time, GGUFMatrix.kernel_type), the rows are rearranged
+in place once: those pages become this process's own — same size, the file is never written.
+llama.cpp stores Llama's Q and K rows with each head's rotary halves interleaved; instead of
+reordering them, the products read row `rows[i]` for output i (the loader's own
+un-permutation, applied to row numbers; the C step inverts it and reads them in stored order).
 
 Without a C compiler the same modules dequantise each matrix once, with gguf's numpy code, and
 run float32 PyTorch (correct, without the bandwidth saving).
