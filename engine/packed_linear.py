@@ -31,14 +31,13 @@ is available; everything else runs the model as it is.
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .fast import shallow_copy
+from .fast import onednn, shallow_copy
+from .fast.onednn import onednn_works, reorder      # (onednn_works: also this module's word)
 from .fast.fuse import fuse_projections
 from .model import RMSNorm, Transformer
 
@@ -60,16 +59,15 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, rows: int = ROWS):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self.packed = reorder(linear.weight.detach(), rows)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[-2]                                         # x: (…, rows, in)
         if rows >= MIN_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return onednn.linear(x, self.packed, self.bias)
         zeros = x.new_zeros(*x.shape[:-2], MIN_ROWS - rows, x.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise(torch.cat((x, zeros), dim=-2), self.packed,
-                                               self.bias, "none", [], "")  # (…, 4, out)
+        y = onednn.linear(torch.cat((x, zeros), dim=-2), self.packed, self.bias)  # (…, 4, out)
         return y[..., :rows, :]
 
     def extra_repr(self) -> str:
@@ -84,21 +82,6 @@ def can_pack(model: Transformer) -> bool:
     leaves = [m for block in model.layers for m in block.modules() if not list(m.children())]
     plain = all(type(m) is nn.Linear or isinstance(m, (RMSNorm, nn.LayerNorm)) for m in leaves)
     return plain and type(model.lm_head) is nn.Linear and onednn_works()
-
-
-@functools.cache
-def onednn_works() -> bool:
-    """Whether oneDNN is built in and a trial product agrees with F.linear (asked once)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        w = torch.linspace(-1, 1, 24).reshape(6, 4)                 # a trial product
-        x = torch.linspace(-2, 2, 12).reshape(3, 4)
-        linear = nn.Linear(4, 6, bias=False)
-        linear.weight = nn.Parameter(w, requires_grad=False)
-        return torch.allclose(PackedLinear(linear)(x), F.linear(x, w), atol=1e-5)
-    except (RuntimeError, AttributeError):                          # no such op, no kernel
-        return False
 
 
 def pack_linears(model: Transformer, rows: int = ROWS) -> Transformer:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import Transformer
-from . import kernels
+from . import kernels, onednn
 from .quant import reused_float32
 
 # ggml type → name, for the types gguf_blocks.c reads (others are refused with their name).
@@ -179,12 +179,10 @@ class GGUFLinear(nn.Module):
         w = self.weight_for_prompt()
         rows = x.numel() // self.in_features
         if rows >= ONEDNN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
-            from ..packed_linear import onednn_works
-            if onednn_works():
+            if onednn.onednn_works():
                 # A long prompt: the freshly dequantised matrix reordered into oneDNN's blocks
                 # for this many rows (~5 % of the product's time) and multiplied there.
-                packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+                return onednn.linear(x, onednn.reorder(w, rows), self.bias)
         return F.linear(x, w, self.bias)
 
     def weight_for_prompt(self) -> torch.Tensor:
