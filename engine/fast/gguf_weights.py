@@ -70,6 +70,9 @@ def row_bytes(ggml_type: int, cols: int) -> int:
     return cols // per_block * nbytes
 
 
+_NOT_YET = object()                     # GGUFMatrix._arranged_for before any reader asked
+
+
 class GGUFMatrix:
     """One weight matrix as the file stores it: (rows, row_bytes) raw bytes of `ggml_type`.
 
@@ -91,6 +94,7 @@ class GGUFMatrix:
         self.blocks, self.type, self.rows, self.cols = blocks, ggml_type, rows, cols
         self.code = ggml_type            # the order the bytes are in now: a type code of a build
         self._writable, self._packer, self._lock = writable, None, threading.Lock()
+        self._arranged_for = _NOT_YET    # the reader (kernel build or None) `code` was set for
 
     @property
     def type_name(self) -> str:
@@ -99,6 +103,8 @@ class GGUFMatrix:
     def kernel_type(self, lib) -> int:
         """The type code to hand `lib` (a kernel build, or None for gguf's numpy code) with these
         blocks, after putting them in the order that reader expects."""
+        if lib is self._arranged_for:    # every product after the first: no call into C
+            return self.code
         want = self.type
         if lib is not None and self._writable:
             packed = lib.gguf_packed_type(self.type)
@@ -115,6 +121,7 @@ class GGUFMatrix:
                     if lib.gguf_pack(self.type, *args) != want:
                         raise RuntimeError(f"gguf_pack refused a {self.type_name} matrix")
                     self.code, self._packer = want, lib
+        self._arranged_for = lib
         return self.code
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
