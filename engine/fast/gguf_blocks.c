@@ -630,7 +630,7 @@ static int digits_block(const float *x, int64_t b, int8_t *dig, int32_t *corr, f
      * 128, D2 + 128 (unsigned) and D3 (signed) — one add and an XOR of the low three bytes
      * give all four. A byte shuffle then gathers each digit's bytes of four columns into one
      * dword, and a scatter puts each dword in its place: (digit, chunk, block j). */
-    const __m512i bias = _mm512_set1_epi32(0x808080), low3 = _mm512_set1_epi32(0x808080);
+    const __m512i offset = _mm512_set1_epi32(0x808080);    /* added, then XORed away */
     const __m512i by_digit = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13,
                                                                   2, 6, 10, 14, 3, 7, 11, 15));
     const __m512i where = _mm512_setr_epi32(0, 128, 256, 384, 16, 144, 272, 400,
@@ -647,13 +647,13 @@ static int digits_block(const float *x, int64_t b, int8_t *dig, int32_t *corr, f
     const uint32_t unit_bits = (uint32_t)(e - UNIT_BITS + 127) << 23;
     memcpy(unit + b, &unit_bits, 4);
     const __m512 shift = _mm512_set1_ps((float)(UNIT_BITS - e));
-    const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_scalef_ps(a, shift)), bias);
-    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_scalef_ps(c, shift)), bias);
+    const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_scalef_ps(a, shift)), offset);
+    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_scalef_ps(c, shift)), offset);
     int8_t *out = dig + g * DIGITS * 512 + 4 * j;       /* (exact scaling, rounded to nearest) */
-    _mm512_i32scatter_epi32(out, where, _mm512_shuffle_epi8(_mm512_xor_si512(u, low3), by_digit),
+    _mm512_i32scatter_epi32(out, where, _mm512_shuffle_epi8(_mm512_xor_si512(u, offset), by_digit),
                             4);
     _mm512_i32scatter_epi32(out + 256, where,
-                            _mm512_shuffle_epi8(_mm512_xor_si512(v, low3), by_digit), 4);
+                            _mm512_shuffle_epi8(_mm512_xor_si512(v, offset), by_digit), 4);
     if (corr)                                          /* Q8_0: −128·ΣD per digit */
         for (int d = 0; d < DIGITS; d++) {
             __m512i du = _mm512_srai_epi32(u, 24), dv = _mm512_srai_epi32(v, 24);
